@@ -1,0 +1,232 @@
+"""One small training loop that every chapter reuses, on CPU or GPU.
+
+A chapter supplies the model, a stream of batches and a `loss_fn(model, batch)`; the loop
+does the rest: AdamW with weight decay only on weight matrices, warm-up then cosine
+decay, gradient clipping, a progress bar, periodic evaluation, and on a GPU bf16
+autocast with no host-device synchronisation between log steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mllm_scratch.runtime import choose_device
+
+
+@dataclass
+class TrainConfig:
+    """How long and how fast to train; tiny CPU defaults."""
+
+    steps: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float | None = 1.0
+    record_every: int = 10  # average the loss over this many steps into the history (the learning curve)
+    log_every: int = 100  # print a log line every this many steps (0: never)
+    eval_every: int = 0  # call `evaluate` every this many steps (0: only at the end)
+    amp: bool = True  # bf16 autocast on a GPU that supports it; ignored on CPU
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.record_every < 1:
+            raise ValueError(f"record_every must be at least 1, got {self.record_every}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be between 0 and steps={self.steps}, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class History:
+    """What happened during training: the loss curve and every evaluation."""
+
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    seconds: float = 0.0
+    examples: int = 0
+
+    @property
+    def final_eval(self) -> dict[str, float]:
+        return self.evals[-1][1] if self.evals else {}
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds else 0.0
+
+
+def no_weight_decay(param: nn.Parameter) -> nn.Parameter:
+    """Mark a parameter (a temperature, a gate, a position table) as exempt from weight decay."""
+    param._no_weight_decay = True  # type: ignore[attr-defined]
+    return param
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.01, device: torch.device | None = None
+) -> torch.optim.AdamW:
+    """AdamW that decays weight matrices only: not biases, norms, or parameters marked `no_weight_decay`."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters: unfreeze something before training")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device is not None and device.type == "cuda"  # one kernel for the whole update on a GPU
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from `lr` to `lr * min_lr_ratio`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to `device`; leave strings and numbers alone."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU that supports it; a no-op elsewhere (CPU results stay exact)."""
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    collate_fn: Callable | None = None,
+    drop_last: bool = True,
+    device: torch.device | None = None,
+) -> Iterator[Any]:
+    """An endless stream of batches from `dataset`, reshuffled (reproducibly) every epoch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if len(dataset) < batch_size and drop_last:  # type: ignore[arg-type]
+        raise ValueError(f"dataset has {len(dataset)} examples, fewer than one batch of {batch_size}")  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(seed)
+    pin = device is not None and device.type == "cuda"  # page-locked memory makes the copy asynchronous
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        collate_fn=collate_fn, drop_last=drop_last, pin_memory=pin,
+    )
+    while True:
+        yield from loader
+
+
+def train(
+    model: nn.Module,
+    data: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    config: TrainConfig | None = None,
+    *,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: torch.device | str | None = None,
+    batch_size_of: Callable[[Any], int] | None = None,
+) -> History:
+    """Train `model` for `config.steps` steps of `loss_fn(model, batch)` over batches from `data`.
+
+    `evaluate(model)` returns metrics; it runs in eval mode without gradients every
+    `eval_every` steps and at the end. Returns the `History`.
+    """
+    config = config or TrainConfig()
+    device = choose_device(device) if not isinstance(device, torch.device) else device
+    model.to(device)
+    optimizer = optimizer or make_optimizer(model, config.lr, config.weight_decay, device)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # groups may have their own rates (e.g. pretrained parts)
+    history = History()
+    stream = iter(data)
+    progress = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.steps, desc="train", leave=False)
+
+    def run_eval(step: int) -> None:
+        if evaluate is None:
+            return
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), autocast(device, config.amp):
+            metrics = {k: float(v) for k, v in evaluate(model).items()}
+        model.train(was_training)
+        history.evals.append((step, metrics))
+        if config.log_every:
+            print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    model.train()
+    running = torch.zeros((), device=device)  # summed on the device: no sync until we log
+    since_log = 0
+    start = time.perf_counter()
+    for step in range(config.steps):
+        scale = lr_at(step, config) / config.lr
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * scale
+        batch = to_device(next(stream), device)
+        with autocast(device, config.amp):
+            loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        running += loss.detach().float()
+        since_log += 1
+        if batch_size_of is not None:
+            history.examples += batch_size_of(batch)
+        done = step + 1
+        if done % config.record_every == 0 or done == config.steps:
+            mean = (running / since_log).item()  # the only host-device sync, once per record_every steps
+            history.steps.append(done)
+            history.loss.append(mean)
+            running.zero_()
+            since_log = 0
+            if config.log_every and (done % config.log_every == 0 or done == config.steps):
+                print(f"step {done:5d} | loss {mean:.4f} | lr {optimizer.param_groups[0]['lr']:.2e}")
+            if progress is not None:
+                progress.set_postfix(loss=f"{mean:.3f}")
+        if progress is not None:
+            progress.update(1)
+        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+            run_eval(done)
+    if progress is not None:
+        progress.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    history.seconds = time.perf_counter() - start
+    run_eval(config.steps)
+    model.eval()
+    return history

@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from mllm_scratch.train import TrainConfig, batches, lr_at, make_optimizer, no_weight_decay, to_device, train
+
+
+def test_loss_falls_on_a_learnable_problem():
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    model = nn.Linear(4, 1)
+    data = batches(TensorDataset(x, y), 32, seed=0)
+    loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]).squeeze(-1), b[1])  # noqa: E731
+    evaluate = lambda m: {"mse": nn.functional.mse_loss(m(x).squeeze(-1), y)}  # noqa: E731
+    cfg = TrainConfig(steps=200, lr=0.05, warmup_steps=10, log_every=0, progress=False, weight_decay=0.0)
+    hist = train(model, data, loss_fn, cfg, evaluate=evaluate, device="cpu", batch_size_of=lambda b: len(b[0]))
+    assert hist.loss[-1] < 0.01 * hist.loss[0]
+    assert hist.final_eval["mse"] < 0.01
+    assert hist.examples == 200 * 32 and hist.examples_per_second > 0
+    assert hist.steps[-1] == 200 and len(hist.steps) == 20
+    assert not model.training
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_weight_decay_skips_biases_norms_and_marked_parameters():
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    model.scale = no_weight_decay(nn.Parameter(torch.ones(2, 2)))
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer(model, lr=1e-3)
+
+
+def test_batches_are_reproducible_and_endless():
+    ds = TensorDataset(torch.arange(10))
+    a = [b[0].tolist() for _, b in zip(range(7), batches(ds, 3, seed=1))]
+    b = [b[0].tolist() for _, b in zip(range(7), batches(ds, 3, seed=1))]
+    assert a == b and len(a) == 7
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        next(batches(ds, 11))
+
+
+def test_to_device_keeps_structure():
+    batch = {"x": torch.ones(2), "text": ["a", "b"], "pair": (torch.zeros(1), 3)}
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved["text"] == ["a", "b"] and moved["pair"][1] == 3 and isinstance(moved["pair"], tuple)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="warmup_steps must be between 0 and steps=10"):
+        TrainConfig(steps=10, warmup_steps=20)
