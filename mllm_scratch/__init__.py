@@ -1,6 +1,7 @@
 """Multimodal LLMs From Scratch: the finished modules the book's chapters build."""
 
 from mllm_scratch.attention import KVCache, MultiHeadAttention, causal_mask, reference_attention
+from mllm_scratch.images import load_image, sample_photo
 from mllm_scratch.patches import PatchEmbedding, conv_to_linear, linear_to_conv, num_patches, patchify, unpatchify
 from mllm_scratch.runtime import (
     choose_device,
@@ -10,11 +11,42 @@ from mllm_scratch.runtime import (
     setup_notebook,
     versions,
 )
+from mllm_scratch.shapeworld import (
+    CaptionDataset,
+    ShapeClassificationDataset,
+    ShapeWorldConfig,
+    TextDataset,
+    VideoQADataset,
+    VQADataset,
+    caption,
+    generate_clip,
+    generate_scene,
+    render,
+    render_clip,
+    to_tensor,
+)
+from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, batches, make_optimizer, no_weight_decay, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CaptionDataset",
+    "ShapeClassificationDataset",
+    "ShapeWorldConfig",
+    "TextDataset",
+    "Tokenizer",
+    "VQADataset",
+    "VideoQADataset",
+    "caption",
+    "generate_clip",
+    "generate_scene",
+    "load_image",
+    "load_tokenizer",
+    "render",
+    "render_clip",
+    "sample_photo",
+    "to_tensor",
     "History",
     "KVCache",
     "MultiHeadAttention",
