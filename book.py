@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "lab":
         if not args.no_setup:
             setup()
-        return subprocess.run([sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={CHAPTERS}"]).returncode
+        cmd = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={CHAPTERS}"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-root")  # containers often run as root; JupyterLab refuses without this
+        say(" ".join(cmd[1:]))
+        return subprocess.run(cmd).returncode
     elif args.command == "test":
         if not args.no_setup:
             setup()
