@@ -29,7 +29,8 @@ def show_image(image: torch.Tensor, ax=None, patch_size: int | None = None, titl
             for k in range((h // patch_size) * cols):
                 r, c = divmod(k, cols)
                 ax.text((c + 0.5) * patch_size, (r + 0.5) * patch_size, str(k), color="white",
-                        ha="center", va="center", fontsize=7)
+                        ha="center", va="center", fontsize=7,
+                        bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.8, "linewidth": 0})
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
