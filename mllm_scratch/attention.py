@@ -127,8 +127,12 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.append(k, v)  # keys now cover every position so far
         tq, tk = q.shape[2], k.shape[2]
 
-        mask = self._combine_masks(attn_mask, key_padding_mask, causal, x.shape[0], tq, tk, x.device)
         dropout_p = self.dropout if self.training else 0.0
+        if causal and tq == tk and attn_mask is None and key_padding_mask is None:
+            # A square causal mask alone: the kernel's own causal path skips the masked half.
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], tq, self.dim))
+        mask = self._combine_masks(attn_mask, key_padding_mask, causal, x.shape[0], tq, tk, x.device)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:
@@ -140,6 +144,26 @@ class MultiHeadAttention(nn.Module):
             out = out * has_key
         out = out.transpose(1, 2).reshape(x.shape[0], tq, self.dim)  # (b, Tq, dim)
         return self.out_proj(out)
+
+    @torch.no_grad()
+    def attention_weights(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """The softmax weights `forward` uses, (batch, heads, Tq, Tk), for plots; fully masked rows are zeros."""
+        source = x if context is None else context
+        q = self._split_heads(self.q_proj(x))  # (b, heads, Tq, head_dim)
+        k = self._split_heads(self.k_proj(source))  # (b, heads, Tk, head_dim)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (b, heads, Tq, Tk)
+        mask = self._combine_masks(attn_mask, key_padding_mask, causal, x.shape[0], q.shape[2], k.shape[2], x.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
     @staticmethod
     def _combine_masks(

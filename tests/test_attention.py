@@ -142,3 +142,33 @@ def test_clear_errors():
         MultiHeadAttention(16, 2)(torch.randn(1, 3, 16), attn_mask=torch.zeros(3, 3))
     with pytest.raises(ValueError, match=r"key_padding_mask must be boolean of shape \(batch, keys\) = \(1, 3\)"):
         MultiHeadAttention(16, 2)(torch.randn(1, 3, 16), key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_attention_weights_are_what_forward_uses():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    w = mha.attention_weights(x, key_padding_mask=keep, causal=True)
+    assert w.shape == (2, 4, 5, 5)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 5))
+    assert w[1, :, :, 3:].abs().max() == 0 and w.triu(1).abs().max() == 0
+    v = mha._split_heads(mha.v_proj(x))
+    by_weights = mha.out_proj((w @ v).transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(by_weights, mha(x, key_padding_mask=keep, causal=True))
+    none = mha.attention_weights(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert not none.isnan().any() and none.abs().max() == 0  # fully masked rows: zeros
+
+
+def test_causal_fast_path_equals_explicit_causal_mask():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4).eval()
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    fast = mha(x, causal=True)  # no other mask: the kernel's is_causal path
+    explicit = mha(x, attn_mask=causal_mask(7))  # the boolean-mask path
+    torch.testing.assert_close(fast, explicit)
+    g_fast, = torch.autograd.grad(fast.sum(), x)
+    g_explicit, = torch.autograd.grad(explicit.sum(), x)
+    torch.testing.assert_close(g_fast, g_explicit)
+    keep = torch.ones(2, 7, dtype=torch.bool)  # all real: causal + padding must give the same numbers
+    torch.testing.assert_close(mha(x, causal=True, key_padding_mask=keep), fast)
