@@ -1,0 +1,451 @@
+"""GPT: a decoder-only Transformer language model, the text backbone every VLM in the book starts from.
+
+    ids -> token embedding + learned position embedding
+        -> depth x pre-norm causal TransformerBlock (the same block class as the ViT)
+        -> final LayerNorm -> linear head -> next-token logits
+
+Mirrors GPT-2 (Radford et al., 2019); Llama swaps LayerNorm for RMSNorm, GELU for SwiGLU
+and learned positions for RoPE, but the skeleton is this one. Chapter 04 builds it by
+hand, pretrains it on ShapeWorld descriptions and ships the weights
+(`pretrained_gpt()`), so later chapters start from a model that already writes
+ShapeWorld English.
+
+Hooks for the multimodal chapters, so that they wrap this model instead of forking it:
+
+- `model.embed(ids)` gives token embeddings, and `model(inputs_embeds=...)` accepts
+  embeddings instead of ids: chapter 06 splices projected image features in at
+  <|image|> (position embeddings are added inside, for the whole spliced sequence).
+- The forward pass is four public steps that a wrapper can call in its own loop:
+
+      x = model.input_states(ids)                       # embeddings + positions
+      for i, block in enumerate(model.blocks):          # an nn.ModuleList
+          x = block(x, causal=True, ...)                # insert your layers between blocks here
+      logits = model.to_logits(x)                       # final norm, then head
+
+  or, without writing the loop, `model.hidden_states(..., after_block=fn)` calls
+  `x = fn(i, x)` after block i (chapter 07's gated cross-attention).
+- `attn_mask` and `key_padding_mask` (boolean, True = may attend) pass through to
+  every block, as `MultiHeadAttention` defines them.
+- `caches` (one `KVCache` per block, from `model.new_caches()`) make generation
+  incremental: `generate(..., use_cache=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm_scratch.attention import KVCache
+from mllm_scratch.checkpoints import (
+    DEFAULT_DIR,
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_strict,
+    rebuild_command,
+)
+from mllm_scratch.shapeworld import TextDataset
+from mllm_scratch.text import PackedTextDataset, pack_texts
+from mllm_scratch.tokenizer import Tokenizer, load_tokenizer, ranks_to_bytes
+from mllm_scratch.train import History, TrainConfig, batches, train
+from mllm_scratch.vit import TransformerBlock
+
+# ----------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT; the defaults pretrain on ShapeWorld text on one CPU thread in about a minute."""
+
+    vocab_size: int = 512  # the shipped tokenizer's ids: load_tokenizer().vocab_size
+    context_length: int = 128  # longest sequence (text plus spliced image tokens) the position table covers
+    dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = True  # the output head reuses the token embedding matrix (GPT-2)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class GPT(nn.Module):
+    """Decoder-only Transformer: ids (or input embeddings) (batch, T) -> next-token logits (batch, T, vocab_size)."""
+
+    def __init__(self, config: GPTConfig | None = None):
+        super().__init__()
+        self.config = config = config or GPTConfig()
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_emb = nn.Embedding(config.context_length, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config.dim, config.num_heads, config.mlp_ratio, config.dropout, config.bias)
+            for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.head.weight = self.tok_emb.weight  # one (vocab_size, dim) matrix reads and writes tokens
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * depth)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Each block adds two outputs to the residual stream; keep its variance from growing with depth.
+        for block in self.blocks:
+            for proj in (block.attn.out_proj, block.mlp.fc2):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.depth))
+
+    def new_caches(self) -> list[KVCache]:
+        """One empty KV cache per block, for incremental decoding."""
+        return [KVCache() for _ in self.blocks]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings only (no positions): (batch, T) -> (batch, T, dim)."""
+        if ids.dim() != 2:
+            raise ValueError(f"ids must have shape (batch, tokens), got {tuple(ids.shape)}")
+        if ids.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+        # Checked on the CPU only: on a GPU the check would wait for the device at every step.
+        if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids must be in 0..{self.config.vocab_size - 1}, got min {int(ids.min())} and max {int(ids.max())}"
+            )
+        return self.tok_emb(ids)  # (batch, T, dim)
+
+    def input_states(
+        self, ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """Step 1 of the forward pass: token (or given) embeddings plus the positions start_pos.. -> (batch, T, dim)."""
+        if (ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of ids (batch, T) and inputs_embeds (batch, T, dim)")
+        x = self.embed(ids) if ids is not None else inputs_embeds
+        if x.dim() != 3 or x.shape[-1] != self.config.dim:
+            raise ValueError(f"inputs_embeds must have shape (batch, tokens, {self.config.dim}), got {tuple(x.shape)}")
+        t = x.shape[1]
+        if start_pos + t > self.config.context_length:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + t - 1} exceed context_length {self.config.context_length}: "
+                "crop the sequence (generate() slides a window for you)"
+            )
+        positions = torch.arange(start_pos, start_pos + t, device=x.device)  # (T,)
+        return self.dropout(x + self.pos_emb(positions))  # (batch, T, dim)
+
+    def hidden_states(
+        self,
+        ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Steps 1 and 2: the residual stream after the last block, before the final norm -> (batch, T, dim).
+
+        attn_mask: boolean (T, T_keys) or broadcastable to (batch, heads, T, T_keys), True = may attend,
+        combined with the causal mask. key_padding_mask: (batch, T_keys), False = padding. With
+        caches, T_keys counts the cached positions too. after_block(i, x) -> x runs after block i.
+        """
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"caches must hold one KVCache per block ({len(self.blocks)}), got {len(caches)}")
+        start_pos = len(caches[0]) if caches else 0  # new tokens continue where the cache ends
+        x = self.input_states(ids, inputs_embeds=inputs_embeds, start_pos=start_pos)  # (batch, T, dim)
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            x = block(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=True, cache=cache)
+            if after_block is not None:
+                x = after_block(i, x)
+        return x  # (batch, T, dim)
+
+    def to_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Step 3: final LayerNorm, then the head -> (batch, T, vocab_size)."""
+        return self.head(self.norm(hidden))
+
+    def forward(
+        self,
+        ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (batch, T, vocab_size): logits[:, t] predicts token t + 1."""
+        hidden = self.hidden_states(
+            ids, inputs_embeds=inputs_embeds, attn_mask=attn_mask, key_padding_mask=key_padding_mask, caches=caches
+        )
+        return self.to_logits(hidden)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of logits (batch, T, vocab) against targets (batch, T); ignore_index marks unscored positions."""
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree on (batch, T)")
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+def lm_loss(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The `loss_fn` for `train`: next-token loss of a (inputs, targets) batch."""
+    inputs, targets = batch
+    return next_token_loss(model(inputs), targets)
+
+
+@torch.no_grad()
+def evaluate_lm(model: GPT, dataset: PackedTextDataset, batch_size: int = 64) -> float:
+    """Mean cross-entropy (nats per token) over every target of `dataset`; exp() of it is the perplexity."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        pairs = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        inputs = torch.stack([p[0] for p in pairs]).to(device)
+        targets = torch.stack([p[1] for p in pairs]).to(device)
+        logits = model(inputs)
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"))
+        count += targets.numel()
+    model.train(was_training)
+    return total / count
+
+
+# ----------------------------------------------------------------------------------
+# Generation
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from last-position logits (batch, vocab) -> (batch,): greedy if temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # ties go to the lowest id
+    logits = logits.float() / temperature  # < 1 sharpens the distribution, > 1 flattens it
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (batch, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # only the k most likely tokens survive
+    probs = torch.softmax(logits, dim=-1)  # (batch, vocab)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (batch,)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue `ids` ((T,) or (batch, T)) by up to max_new_tokens tokens; returns prompt + new tokens.
+
+    temperature 0 is greedy; otherwise tokens are sampled (from the top_k most likely if
+    given), reproducibly when a seeded `generator` (on the model's device) is passed. A row that has produced
+    eos_id continues with eos_id (padding); generation stops when every row has.
+    With use_cache, each step feeds only the newest token and reuses every earlier
+    token's keys and values; past context_length both paths slide a window over the
+    last context_length tokens (learned positions cannot shift, so the cache is rebuilt
+    each step there). Cached and uncached generation pick the same tokens.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    single = ids.dim() == 1
+    out = ids[None] if single else ids  # (batch, T)
+    if out.dim() != 2 or out.shape[1] < 1:
+        raise ValueError(f"ids must have shape (T,) or (batch, T) with T >= 1, got {tuple(ids.shape)}")
+    window = model.config.context_length
+    was_training = model.training
+    model.eval()
+    caches: list[KVCache] | None = None
+    finished = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(out[:, -window:])  # the whole (cropped) sequence, every step
+        elif caches is not None and len(caches[0]) < window:
+            logits = model(out[:, -1:], caches=caches)  # only the newest token: (batch, 1, vocab)
+        else:  # first step, or the window is full: (re)fill the caches from the last `window` tokens
+            caches = model.new_caches()
+            logits = model(out[:, -window:], caches=caches)
+        next_id = sample_next(logits[:, -1], temperature, top_k, generator)  # (batch,)
+        if eos_id is not None:
+            next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+            finished |= next_id == eos_id
+        out = torch.cat([out, next_id[:, None]], dim=1)  # (batch, T + 1)
+        if eos_id is not None and bool(finished.all()):
+            break
+    model.train(was_training)
+    return out[0] if single else out
+
+
+# ----------------------------------------------------------------------------------
+# Pretraining on ShapeWorld descriptions: the recipe the notebook and the shipped checkpoint share
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """Everything that determines the pretrained GPT: data, model shape, optimisation and seed."""
+
+    train_texts: int = 20_000  # ShapeWorld "train" descriptions: about 0.42 M tokens, one pass
+    val_texts: int = 1_000  # held-out "val" descriptions for perplexity
+    batch_size: int = 16  # windows of model.context_length tokens: 2048 tokens a step
+    steps: int = 200
+    lr: float = 4e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    model: GPTConfig = field(default_factory=GPTConfig)
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The `TrainConfig` of this recipe (overrides change only logging and progress)."""
+        base = dict(
+            steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+            weight_decay=self.weight_decay, grad_clip=self.grad_clip, record_every=10, log_every=100,
+        )
+        return TrainConfig(**{**base, **overrides})
+
+
+def text_datasets(recipe: PretrainRecipe, tokenizer: Tokenizer) -> tuple[PackedTextDataset, PackedTextDataset]:
+    """Packed (train, val) language-modelling datasets of ShapeWorld descriptions, windows of context_length."""
+    if tokenizer.vocab_size != recipe.model.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but GPTConfig.vocab_size is {recipe.model.vocab_size}: "
+            "set vocab_size=tokenizer.vocab_size"
+        )
+    out = []
+    for split, size in (("train", recipe.train_texts), ("val", recipe.val_texts)):
+        texts = TextDataset(split, size)
+        stream = pack_texts([texts[i] for i in range(size)], tokenizer)  # (num_tokens,)
+        out.append(PackedTextDataset(stream, recipe.model.context_length))
+    return out[0], out[1]
+
+
+def pretrain_gpt(
+    recipe: PretrainRecipe | None = None,
+    tokenizer: Tokenizer | None = None,
+    *,
+    log_every: int = 100,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[GPT, History]:
+    """Pretrain a GPT on ShapeWorld descriptions with `recipe`; returns the model (eval mode) and its History.
+
+    Deterministic on one thread: the weights depend only on the recipe (the model is
+    initialised from recipe.seed, batches are shuffled by their own seeded generator).
+    `scripts/build_checkpoints.py gpt` runs exactly this.
+    """
+    recipe = recipe or PretrainRecipe()
+    tokenizer = tokenizer or load_tokenizer()
+    train_set, val_set = text_datasets(recipe, tokenizer)
+    torch.manual_seed(recipe.seed)
+    model = GPT(recipe.model)
+    history = train(
+        model,
+        batches(train_set, recipe.batch_size, seed=recipe.seed),
+        lm_loss,
+        recipe.train_config(log_every=log_every, progress=progress),
+        evaluate=lambda m: {"val_loss": evaluate_lm(m, val_set)},
+        device=device,
+        batch_size_of=lambda b: b[0].numel(),  # tokens, so History.examples_per_second is tokens/s
+    )
+    return model, history
+
+
+# ----------------------------------------------------------------------------------
+# The shipped checkpoint
+
+CHECKPOINT_NAME = "gpt"
+DEFAULT_CHECKPOINT = DEFAULT_DIR / f"{CHECKPOINT_NAME}.pt"
+
+
+def tokenizer_sha256(tokenizer: Tokenizer | None = None) -> str:
+    """sha256 of a tokenizer's ranks (default: the shipped one), recorded in the GPT's manifest: new ranks mean new ids."""
+    tokenizer = tokenizer or load_tokenizer()
+    return hashlib.sha256(ranks_to_bytes(tokenizer.ranks)).hexdigest()  # = ranks_sha256 in the tokenizer's manifest
+
+
+def pretrained_gpt(path: str | Path | None = None, *, config: GPTConfig | None = None) -> GPT:
+    """The GPT pretrained by `scripts/build_checkpoints.py gpt` (eval mode, CPU), verified before it is built.
+
+    Checks the file's sha256 against its manifest, its config against `config` (for the
+    shipped checkpoint: the current `PretrainRecipe`, so a changed recipe is caught) and
+    the tokenizer it was trained with; raises CheckpointError naming the file and the
+    rebuild command otherwise.
+    """
+    default = path is None
+    path = Path(DEFAULT_CHECKPOINT if default else path)
+    rebuild = rebuild_command(CHECKPOINT_NAME)
+    if not default and path.resolve() != DEFAULT_CHECKPOINT.resolve():
+        rebuild += f" --out {path.parent}"
+    recipe = PretrainRecipe()
+    if config is None and default:
+        config = recipe.model
+    saved, state_dict, manifest = load_checkpoint(
+        path, expected_config=None if config is None else asdict(config), rebuild=rebuild
+    )
+    if default and manifest.get("recipe") != asdict(recipe):
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another recipe than PretrainRecipe() in mllm_scratch/gpt.py "
+            f"(the recipe changed since it was built); rebuild it with: {rebuild}"
+        )
+    if "tokenizer_sha256" in manifest and manifest["tokenizer_sha256"] != tokenizer_sha256():
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another tokenizer (sha256 {manifest['tokenizer_sha256'][:12]}..., "
+            f"the shipped one is {tokenizer_sha256()[:12]}...); rebuild it with: {rebuild}"
+        )
+    try:
+        model = GPT(GPTConfig(**saved))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} holds an invalid GPTConfig ({err}); rebuild it with: {rebuild}") from None
+    load_state_dict_strict(model, state_dict, path, rebuild)
+    return model.eval()
+
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "GPT",
+    "GPTConfig",
+    "PretrainRecipe",
+    "evaluate_lm",
+    "generate",
+    "lm_loss",
+    "next_token_loss",
+    "pretrain_gpt",
+    "pretrained_gpt",
+    "sample_next",
+    "text_datasets",
+]

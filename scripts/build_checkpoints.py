@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Train the book's shipped checkpoints and write them to data/checkpoints/.
+
+    python scripts/build_checkpoints.py gpt            # chapter 04's pretrained GPT
+    python scripts/build_checkpoints.py all            # every registered target, in order
+    python scripts/build_checkpoints.py --list         # what can be built
+    python scripts/build_checkpoints.py --verify       # load every shipped checkpoint through its loader
+    python scripts/build_checkpoints.py gpt --out DIR  # write DIR/gpt.pt + DIR/gpt.json instead
+
+Each target trains with exactly the recipe its chapter uses, on one CPU thread with
+fixed seeds and deterministic kernels, so a rebuild on the same machine and PyTorch
+reproduces the weights bit for bit (another CPU or PyTorch may differ in the last
+bits: the manifest records the PyTorch version, and the chapters compare metrics, not
+bytes). A later chapter adds its model with one decorated function:
+
+    @target("clip", "chapter 05's CLIP", loader="mllm_scratch.clip:pretrained_clip")
+    def build_clip(out: Path) -> dict: ...   # train, save_checkpoint(out / "clip.pt", ...), return the manifest
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # so the script runs from a checkout without installing the package
+
+
+from mllm_scratch.checkpoints import DEFAULT_DIR, save_checkpoint  # noqa: E402
+from mllm_scratch.runtime import setup_notebook  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Target:
+    """One shipped checkpoint: how to build it into a directory, and the loader that verifies it."""
+
+    name: str
+    description: str
+    build: Callable[[Path], dict]
+    loader: str  # "module:function", called as function(path) to verify a build
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def target(name: str, description: str, loader: str) -> Callable[[Callable[[Path], dict]], Callable[[Path], dict]]:
+    """Register `build(out_dir) -> manifest` as the target `name`."""
+
+    def register(build: Callable[[Path], dict]) -> Callable[[Path], dict]:
+        if name in TARGETS or name == "all":
+            raise ValueError(f"checkpoint target {name!r} is registered twice (or is reserved)")
+        TARGETS[name] = Target(name, description, build, loader)
+        return build
+
+    return register
+
+
+def load_with(t: Target, path: Path):
+    module, func = t.loader.split(":")
+    return getattr(importlib.import_module(module), func)(path)
+
+
+# ----------------------------------------------------------------------------------
+# Targets
+
+
+@target("gpt", "chapter 04's GPT pretrained on ShapeWorld descriptions", loader="mllm_scratch.gpt:pretrained_gpt")
+def build_gpt(out: Path) -> dict:
+    from mllm_scratch.gpt import PretrainRecipe, evaluate_lm, pretrain_gpt, text_datasets, tokenizer_sha256
+    from mllm_scratch.text import unigram_cross_entropy
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    recipe = PretrainRecipe()
+    tokenizer = load_tokenizer()
+    model, history = pretrain_gpt(recipe, tokenizer, log_every=50, progress=False, device="cpu")
+    train_set, val_set = text_datasets(recipe, tokenizer)
+    val_loss = evaluate_lm(model, val_set)
+    unigram = unigram_cross_entropy(train_set.targets, val_set.targets, tokenizer.vocab_size)
+    metrics = {
+        "val_loss": round(val_loss, 4),
+        "val_perplexity": round(math.exp(val_loss), 4),
+        "unigram_perplexity": round(math.exp(unigram), 4),
+        "final_train_loss": round(history.loss[-1], 4),
+        "train_seconds": round(history.seconds, 1),
+    }
+    print(f"gpt: val perplexity {metrics['val_perplexity']:.3f} (unigram baseline {metrics['unigram_perplexity']:.2f})")
+    return save_checkpoint(
+        out / "gpt.pt",
+        model,
+        asdict(recipe.model),
+        name="gpt",
+        recipe=asdict(recipe),
+        metrics=metrics,
+        extra={
+            "trained_by": "mllm_scratch.gpt.pretrain_gpt(PretrainRecipe()) on one CPU thread, deterministic",
+            "tokenizer_sha256": tokenizer_sha256(tokenizer),  # the one trained with, not a later file
+            "loader": "mllm_scratch.gpt.pretrained_gpt",
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("targets", nargs="*", help=f"what to build: {', '.join(TARGETS)} or all")
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"output directory (default: {DEFAULT_DIR.relative_to(ROOT)})")
+    parser.add_argument("--list", action="store_true", help="list the targets and exit")
+    parser.add_argument("--verify", action="store_true", help="load each target's checkpoint in --out through its loader")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for t in TARGETS.values():
+            print(f"{t.name:8s} {t.description}")
+        return 0
+    names = list(TARGETS) if args.targets == ["all"] or (args.verify and not args.targets) else args.targets
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        parser.error(f"unknown target(s) {unknown}: expected some of {list(TARGETS)} or all" if unknown else "name a target (or all)")
+    for name in names:
+        t = TARGETS[name]
+        path = args.out / f"{name}.pt"
+        if args.verify:
+            load_with(t, path)
+            print(f"{name}: {path} verified")
+            continue
+        # The recipe's conditions: one thread, fixed seeds, deterministic kernels, CPU.
+        setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
+        start = time.perf_counter()
+        manifest = t.build(args.out)
+        load_with(t, path)  # what we ship must load through the loader the chapters use
+        print(f"{name}: wrote {path} ({manifest['bytes'] / 2**20:.2f} MiB, sha256 {manifest['sha256'][:16]}...) "
+              f"in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

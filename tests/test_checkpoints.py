@@ -1,0 +1,100 @@
+"""The shared checkpoint helper: atomic save, sha256 manifest, clear errors on every kind of mismatch."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mllm_scratch.checkpoints import (
+    CheckpointError,
+    atomic_write,
+    config_differences,
+    load_checkpoint,
+    load_state_dict_strict,
+    manifest_path,
+    save_checkpoint,
+    sha256_file,
+)
+
+
+def small_model(width: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, width), nn.ReLU(), nn.Linear(width, 2))
+
+
+def test_round_trip_and_manifest(tmp_path):
+    model = small_model()
+    path = tmp_path / "toy.pt"
+    manifest = save_checkpoint(path, model, {"width": 4}, name="toy", recipe={"steps": 1}, metrics={"acc": 1.0})
+    assert manifest == json.loads(manifest_path(path).read_text())
+    assert manifest["sha256"] == sha256_file(path) and manifest["bytes"] == path.stat().st_size
+    assert manifest["parameters"] == 4 * 3 + 4 + 2 * 4 + 2 and manifest["rebuild"] == "python scripts/build_checkpoints.py toy"
+    config, state_dict, _ = load_checkpoint(path, expected_config={"width": 4})
+    assert config == {"width": 4}
+    fresh = load_state_dict_strict(small_model(), {k: v for k, v in state_dict.items()}, path)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_saving_twice_gives_the_same_bytes(tmp_path):
+    model = small_model()
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    save_checkpoint(a, model, {"width": 4}, name="toy")
+    save_checkpoint(b, model, {"width": 4}, name="toy")
+    assert sha256_file(a) == sha256_file(b)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"old")
+
+    def explode(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, explode)
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_sha_mismatch_names_the_file_and_the_rebuild_command(tmp_path):
+    path = tmp_path / "toy.pt"
+    save_checkpoint(path, small_model(), {"width": 4}, name="toy")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"toy\.pt has sha256 .* rebuild it with: make toy"):
+        load_checkpoint(path, rebuild="make toy")
+
+
+def test_config_mismatches_are_listed(tmp_path):
+    path = tmp_path / "toy.pt"
+    save_checkpoint(path, small_model(), {"width": 4, "depth": 1}, name="toy")
+    with pytest.raises(CheckpointError, match=r"another config: width: 4 in the file, 8 expected"):
+        load_checkpoint(path, expected_config={"width": 8, "depth": 1})
+    assert config_differences({"a": 1}, {"a": 1, "b": 2}) == ["b: '<missing>' in the file, 2 expected"]
+
+
+def test_manifest_config_must_match_the_file(tmp_path):
+    path = tmp_path / "toy.pt"
+    save_checkpoint(path, small_model(), {"width": 4}, name="toy")
+    man = json.loads(manifest_path(path).read_text())
+    man["config"] = {"width": 5}
+    manifest_path(path).write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match="differs from its manifest: width: 4 in the file, 5 expected"):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_are_reported(tmp_path):
+    path = tmp_path / "toy.pt"
+    save_checkpoint(path, small_model(width=4), {"width": 4}, name="toy")
+    _, state_dict, _ = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"does not fit the model \(shape mismatch 0\.weight: \(4, 3\) in the file, \(8, 3\)"):
+        load_state_dict_strict(small_model(width=8), state_dict, path)
+
+
+def test_path_must_end_in_pt(tmp_path):
+    with pytest.raises(ValueError, match="should end in .pt"):
+        save_checkpoint(tmp_path / "toy.bin", small_model(), {}, name="toy")
