@@ -422,9 +422,17 @@ def pretrained_gpt(path: str | Path | None = None, *, config: GPTConfig | None =
             f"checkpoint {path} was trained with another recipe than PretrainRecipe() in mllm_scratch/gpt.py "
             f"(the recipe changed since it was built); rebuild it with: {rebuild}"
         )
-    if "tokenizer_sha256" in manifest and manifest["tokenizer_sha256"] != tokenizer_sha256():
+    # Token ids mean nothing without the tokenizer that produced them: a checkpoint that
+    # does not record it is refused, not trusted.
+    trained_with = manifest.get("tokenizer_sha256")
+    if trained_with is None:
         raise CheckpointError(
-            f"checkpoint {path} was trained with another tokenizer (sha256 {manifest['tokenizer_sha256'][:12]}..., "
+            f"checkpoint {path}'s manifest does not record the tokenizer it was trained with "
+            f"(no 'tokenizer_sha256'); rebuild it with: {rebuild}"
+        )
+    if trained_with != tokenizer_sha256():
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another tokenizer (sha256 {trained_with[:12]}..., "
             f"the shipped one is {tokenizer_sha256()[:12]}...); rebuild it with: {rebuild}"
         )
     try:

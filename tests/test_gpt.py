@@ -27,6 +27,8 @@ from mllm_scratch.text import PackedTextDataset, pack_texts, unigram_cross_entro
 
 TINY = GPTConfig(vocab_size=50, context_length=16, dim=32, depth=2, num_heads=4)
 
+TOKENIZER = {"tokenizer_sha256": tokenizer_sha256()}  # what a real GPT checkpoint records
+
 
 def tiny_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
@@ -294,7 +296,7 @@ def test_unigram_cross_entropy_matches_counts():
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    save_checkpoint(path, model, asdict(model.config), name="gpt")
+    save_checkpoint(path, model, asdict(model.config), name="gpt", extra=TOKENIZER)
     loaded = pretrained_gpt(path)
     ids = torch.randint(0, 50, (2, 5))
     with torch.no_grad():
@@ -306,7 +308,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_checkpoint_saved_with_another_config_fails_clearly(tmp_path):
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    save_checkpoint(path, model, asdict(model.config), name="gpt")
+    save_checkpoint(path, model, asdict(model.config), name="gpt", extra=TOKENIZER)
     with pytest.raises(CheckpointError, match=r"gpt\.pt was saved with another config: dim: 32 in the file, 64 expected") as err:
         pretrained_gpt(path, config=GPTConfig(**{**asdict(TINY), "dim": 64}))
     assert "build_checkpoints.py gpt" in str(err.value)
@@ -316,7 +318,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_config_fails_clearly(tmp_path):
     model = tiny_model()
     path = tmp_path / "gpt.pt"
     lying = {**asdict(model.config), "depth": 3}  # claims three blocks, holds two
-    save_checkpoint(path, model, lying, name="gpt")
+    save_checkpoint(path, model, lying, name="gpt", extra=TOKENIZER)
     with pytest.raises(CheckpointError, match=r"gpt\.pt does not fit the model \(missing \['blocks\.2\."):
         pretrained_gpt(path)
 
@@ -325,7 +327,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_config_fails_clearly(tmp_path):
 def test_corrupt_checkpoint_fails_clearly(tmp_path, damage):
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    save_checkpoint(path, model, asdict(model.config), name="gpt")
+    save_checkpoint(path, model, asdict(model.config), name="gpt", extra=TOKENIZER)
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -337,12 +339,23 @@ def test_corrupt_checkpoint_fails_clearly(tmp_path, damage):
     assert f"python scripts/build_checkpoints.py gpt --out {tmp_path}" in str(err.value)
 
 
+def test_checkpoint_that_does_not_record_its_tokenizer_is_refused(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "gpt.pt"
+    save_checkpoint(path, model, asdict(model.config), name="gpt")  # no tokenizer_sha256 in the manifest
+    with pytest.raises(CheckpointError, match=r"does not record the tokenizer it was trained with"):
+        pretrained_gpt(path)
+    save_checkpoint(path, model, asdict(model.config), name="gpt", extra={"tokenizer_sha256": "0" * 64})
+    with pytest.raises(CheckpointError, match=r"trained with another tokenizer \(sha256 000000000000"):
+        pretrained_gpt(path)
+
+
 def test_missing_files_fail_clearly(tmp_path):
     with pytest.raises(CheckpointError, match=r"nothing\.pt does not exist; build it with: python scripts/build_checkpoints.py gpt"):
         pretrained_gpt(tmp_path / "nothing.pt")
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    save_checkpoint(path, model, asdict(model.config), name="gpt")
+    save_checkpoint(path, model, asdict(model.config), name="gpt", extra=TOKENIZER)
     manifest_path(path).write_text("{not json")
     with pytest.raises(CheckpointError, match=r"manifest .*gpt\.json is corrupt"):
         pretrained_gpt(path)
