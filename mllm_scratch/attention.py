@@ -93,6 +93,11 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         return x.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, heads, t, head_dim)
 
+    def _queries_keys(self, x: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self._split_heads(self.q_proj(x))  # (b, heads, Tq, head_dim)
+        k = self._split_heads(self.k_proj(source))  # (b, heads, Tk, head_dim)
+        return q, k
+
     def forward(
         self,
         x: torch.Tensor,
@@ -120,8 +125,7 @@ class MultiHeadAttention(nn.Module):
                 )
             if cache is not None or causal:
                 raise ValueError("cache and causal apply to self-attention only; cross-attention keys are not positions in x")
-        q = self._split_heads(self.q_proj(x))  # (b, heads, Tq, head_dim)
-        k = self._split_heads(self.k_proj(source))  # (b, heads, Tk, head_dim)
+        q, k = self._queries_keys(x, source)  # (b, heads, Tq, head_dim), (b, heads, Tk, head_dim)
         v = self._split_heads(self.v_proj(source))
         if cache is not None:
             k, v = cache.append(k, v)  # keys now cover every position so far
@@ -131,17 +135,17 @@ class MultiHeadAttention(nn.Module):
         if causal and tq == tk and attn_mask is None and key_padding_mask is None:
             # A square causal mask alone: the kernel's own causal path skips the masked half.
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], tq, self.dim))
-        mask = self._combine_masks(attn_mask, key_padding_mask, causal, x.shape[0], tq, tk, x.device)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:
-            # A query with no key to attend to (text before any image, a padded row) must give
-            # zeros, not NaN: let it attend everywhere, then zero its output.
-            has_key = mask.any(dim=-1, keepdim=True)  # (b|1, heads|1, Tq, 1)
-            safe = mask | ~has_key
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=dropout_p)
-            out = out * has_key
+            mask = self._combine_masks(attn_mask, key_padding_mask, causal, x.shape[0], tq, tk, x.device)
+            if mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:
+                # A query with no key to attend to (text before any image, a padded row) must
+                # give zeros, not NaN: let it attend everywhere, then zero its output.
+                has_key = mask.any(dim=-1, keepdim=True)  # (b|1, heads|1, Tq, 1)
+                safe = mask | ~has_key
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=dropout_p)
+                out = out * has_key
         out = out.transpose(1, 2).reshape(x.shape[0], tq, self.dim)  # (b, Tq, dim)
         return self.out_proj(out)
 
@@ -156,9 +160,7 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
     ) -> torch.Tensor:
         """The softmax weights `forward` uses, (batch, heads, Tq, Tk), for plots; fully masked rows are zeros."""
-        source = x if context is None else context
-        q = self._split_heads(self.q_proj(x))  # (b, heads, Tq, head_dim)
-        k = self._split_heads(self.k_proj(source))  # (b, heads, Tk, head_dim)
+        q, k = self._queries_keys(x, x if context is None else context)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (b, heads, Tq, Tk)
         mask = self._combine_masks(attn_mask, key_padding_mask, causal, x.shape[0], q.shape[2], k.shape[2], x.device)
         if mask is not None:
