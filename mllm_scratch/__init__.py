@@ -2,6 +2,19 @@
 
 from mllm_scratch.attention import KVCache, MultiHeadAttention, causal_mask, reference_attention
 from mllm_scratch.checkpoints import CheckpointError
+from mllm_scratch.clip import (
+    CLIP,
+    CLIPConfig,
+    CLIPRecipe,
+    clip_loss,
+    pretrain_clip,
+    pretrained_clip,
+    pretrained_image_tower,
+    retrieval_recall,
+    siglip_loss,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
 from mllm_scratch.gpt import GPT, GPTConfig, PretrainRecipe, generate, lm_loss, pretrain_gpt, pretrained_gpt
 from mllm_scratch.images import load_image, sample_photo
 from mllm_scratch.patches import PatchEmbedding, conv_to_linear, linear_to_conv, num_patches, patchify, unpatchify
@@ -44,6 +57,17 @@ from mllm_scratch.vit import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "CLIPRecipe",
+    "clip_loss",
+    "pretrain_clip",
+    "pretrained_clip",
+    "pretrained_image_tower",
+    "retrieval_recall",
+    "siglip_loss",
+    "zero_shot_accuracy",
+    "zero_shot_classifier",
     "CheckpointError",
     "GPT",
     "GPTConfig",

@@ -105,6 +105,13 @@ def build_gpt(out: Path) -> dict:
     )
 
 
+@target("clip", "chapter 05's CLIP (its ViT is the image tower of chapters 06-09)", loader="mllm_scratch.clip:pretrained_clip")
+def build_clip(out: Path) -> dict:
+    from mllm_scratch.clip import build_checkpoint
+
+    return build_checkpoint(out)
+
+
 # ----------------------------------------------------------------------------------
 
 

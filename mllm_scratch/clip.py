@@ -1,0 +1,567 @@
+"""CLIP: an image tower and a text tower trained to agree, with a contrastive loss, in one shared space.
+
+    images (N, 3, H, W) -> ViT -> pooled [CLS] (N, vision.dim) -> Linear -> L2-normalise -> (N, embed_dim)
+    captions (N, T)     -> GPT blocks -> hidden state at <|endoftext|> (N, text.dim) -> Linear -> L2-normalise
+    logits (N, N) = exp(t) * image_embeddings @ text_embeddings.T      t: a learnable log scale
+
+The symmetric InfoNCE loss (`clip_loss`) asks each image to pick its own caption out of
+the batch and each caption its own image: cross-entropy over the rows of the logit
+matrix and over its columns, both with the diagonal as the target. Chance is ln(N).
+SigLIP's sigmoid loss (`siglip_loss`) instead scores every (image, caption) pair as an
+independent yes/no question, with a learnable bias. Mirrors CLIP (Radford et al., 2021),
+OpenCLIP and SigLIP (Zhai et al., 2023); chapter 05 builds it by hand.
+
+The text tower is the package GPT (chapter 04) used as an encoder: causal attention means
+the <|endoftext|> token is the only one that has read the whole caption, and padding after
+it can never change it, so no padding mask is needed.
+
+`pretrained_clip()` loads the CLIP that `python scripts/build_checkpoints.py clip` trains
+with `CLIPRecipe()` (exactly the recipe of the chapter); `pretrained_image_tower()` gives
+its ViT, whose per-patch features the VLM chapters feed to a language model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from mllm_scratch.checkpoints import (
+    DEFAULT_DIR,
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_strict,
+    rebuild_command,
+)
+from mllm_scratch.gpt import GPT, GPTConfig, tokenizer_sha256
+from mllm_scratch.train import History, TrainConfig, batches, no_weight_decay, train
+from mllm_scratch.vit import VisionTransformer, ViTConfig
+
+LOSSES = ("infonce", "sigmoid")
+
+# ----------------------------------------------------------------------------------
+# The model
+
+
+def _vision_default() -> ViTConfig:
+    return ViTConfig(image_size=32, patch_size=4, dim=48, depth=3, num_heads=4, pool="cls")
+
+
+def _text_default() -> GPTConfig:
+    # Captions are at most 10 tokens plus <|endoftext|>; a narrow, shallow tower is enough for them.
+    return GPTConfig(vocab_size=512, context_length=32, dim=64, depth=2, num_heads=4)
+
+
+@dataclass
+class CLIPConfig:
+    """Shape of a CLIP: its two towers, the shared embedding width and the temperature (and SigLIP bias)."""
+
+    vision: ViTConfig = field(default_factory=_vision_default)
+    text: GPTConfig = field(default_factory=_text_default)
+    embed_dim: int = 64
+    eot_id: int = 500  # <|endoftext|> of the shipped tokenizer: the text tower pools there
+    loss: Literal["infonce", "sigmoid"] = "infonce"  # which loss the logits are made for
+    init_logit_scale: float | None = None  # None: log(1/0.07) for InfoNCE (CLIP), log(10) for sigmoid (SigLIP)
+    max_logit_scale: float = 100.0  # exp(logit_scale) is clamped here (CLIP)
+    init_logit_bias: float = -10.0  # SigLIP only: starts every pair at "probably not a match"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = ViTConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = GPTConfig(**self.text)
+        if not isinstance(self.embed_dim, int) or isinstance(self.embed_dim, bool) or self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be a positive int, got {self.embed_dim!r}")
+        if not 0 <= self.eot_id < self.text.vocab_size:
+            raise ValueError(f"eot_id {self.eot_id} is not a token id of the text tower (vocab_size {self.text.vocab_size})")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.max_logit_scale <= 0:
+            raise ValueError(f"max_logit_scale must be positive, got {self.max_logit_scale}")
+        if self.init_logit_scale is None:
+            self.init_logit_scale = math.log(1 / 0.07) if self.loss == "infonce" else math.log(10.0)
+        if math.exp(self.init_logit_scale) > self.max_logit_scale:
+            raise ValueError(
+                f"init_logit_scale {self.init_logit_scale} starts above the clamp: exp() of it must be <= {self.max_logit_scale}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (what the checkpoint stores)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CLIPConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CLIPConfig fields {unknown}: expected some of {sorted(known)}")
+        return cls(**data)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Scale each row to unit length, so a dot product is a cosine similarity."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+class CLIP(nn.Module):
+    """Two towers and a learnable temperature: (images, caption ids) -> (N_images, N_texts) logits."""
+
+    def __init__(self, config: CLIPConfig | None = None):
+        super().__init__()
+        self.config = config = config or CLIPConfig()
+        self.vision = VisionTransformer(config.vision)
+        self.text = GPT(config.text)
+        self.image_proj = nn.Linear(config.vision.dim, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(config.text.dim, config.embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=config.vision.dim**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=config.text.dim**-0.5)
+        # The temperature is learned as a log scale (always positive, multiplicative steps);
+        # decaying it towards 0 would mean "towards scale 1", which nobody wants.
+        self.logit_scale = no_weight_decay(nn.Parameter(torch.tensor(float(config.init_logit_scale))))
+        if config.loss == "sigmoid":
+            self.logit_bias = no_weight_decay(nn.Parameter(torch.tensor(float(config.init_logit_bias))))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at max_logit_scale: the 1/temperature that multiplies the cosines."""
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the stored log scale in place (CLIP does it every step; here every forward), so Adam cannot push it past the cap."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Images (N, C, H, W) -> embeddings (N, embed_dim), unit length unless normalize=False."""
+        pooled = self.vision(images).pooled  # (N, vision.dim): the [CLS] token
+        emb = self.image_proj(pooled)  # (N, embed_dim)
+        return l2_normalize(emb) if normalize else emb
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Index of the first <|endoftext|> in each row of ids (N, T) -> (N,); a row without one is an error."""
+        is_eot = ids == self.config.eot_id  # (N, T)
+        has = is_eot.any(dim=1)
+        if ids.device.type == "cpu" and not bool(has.all()):
+            bad = int((~has).nonzero()[0])
+            raise ValueError(
+                f"caption {bad} has no <|endoftext|> (id {self.config.eot_id}): the text tower pools there; "
+                "tokenize with mllm_scratch.clip.tokenize_captions"
+            )
+        return is_eot.int().argmax(dim=1)  # (N,): argmax returns the first maximum
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Caption ids (N, T), each ending in <|endoftext|> then padding -> embeddings (N, embed_dim)."""
+        hidden = self.text.hidden_states(ids)  # (N, T, text.dim), causal: padding after eot never reaches it
+        hidden = self.text.norm(hidden)  # the GPT's final LayerNorm, as before its head
+        pooled = hidden[torch.arange(ids.shape[0], device=ids.device), self.eot_positions(ids)]  # (N, text.dim)
+        emb = self.text_proj(pooled)  # (N, embed_dim)
+        return l2_normalize(emb) if normalize else emb
+
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities (N_images, N_texts), plus the bias for a sigmoid-loss CLIP."""
+        self.clamp_logit_scale_()
+        logits = self.logit_scale.exp() * image_emb @ text_emb.T  # (N_images, N_texts)
+        if self.config.loss == "sigmoid":
+            logits = logits + self.logit_bias
+        return logits
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """logits_per_image (N_images, N_texts); its transpose is logits_per_text."""
+        return self.logits(self.encode_image(images), self.encode_text(ids))
+
+
+def _check_square(logits: torch.Tensor, name: str) -> int:
+    if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"{name} needs a square (N, N) logit matrix of N matching pairs, got shape {tuple(logits.shape)}")
+    n = logits.shape[0]
+    if n < 2:
+        raise ValueError(
+            f"{name} needs a batch of at least 2 pairs, got {n}: with one pair there are no negatives "
+            "(a 1x1 InfoNCE matrix gives loss 0 whatever the embeddings)"
+        )
+    return n
+
+
+def clip_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE on logits (N, N) whose diagonal holds the matching pairs: mean of image->text and text->image CE."""
+    n = _check_square(logits, "clip_loss")
+    targets = torch.arange(n, device=logits.device)  # pair i matches pair i
+    logits = logits.float()
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def siglip_loss(logits: torch.Tensor) -> torch.Tensor:
+    """SigLIP: every entry of logits (N, N) is a binary match/no-match decision; summed over pairs, averaged over N."""
+    n = _check_square(logits, "siglip_loss")
+    labels = 2 * torch.eye(n, device=logits.device) - 1  # +1 on the diagonal, -1 elsewhere
+    return -F.logsigmoid(labels * logits.float()).sum() / n
+
+
+def batch_loss(model: CLIP, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The `loss_fn` for `train`: the loss the model's config names, on an (images, ids) batch."""
+    images, ids = batch
+    logits = model(images, ids)
+    return clip_loss(logits) if model.config.loss == "infonce" else siglip_loss(logits)
+
+
+# ----------------------------------------------------------------------------------
+# Data: ShapeWorld image-caption pairs
+
+
+def tokenize_captions(texts: Sequence[str], tokenizer, context_length: int | None = None) -> torch.Tensor:
+    """Captions -> ids (N, T): each caption's tokens, <|endoftext|>, then <|pad|> up to the longest."""
+    if not len(texts):
+        raise ValueError("texts is empty: expected at least one caption")
+    rows = [ids + [tokenizer.eot_id] for ids in tokenizer.encode_batch(list(texts))]
+    longest = max(len(r) for r in rows)
+    if context_length is not None and longest > context_length:
+        raise ValueError(f"a caption is {longest} tokens with <|endoftext|>, longer than context_length {context_length}")
+    out = torch.full((len(rows), longest), tokenizer.pad_id, dtype=torch.long)  # (N, T)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def caption_pairs(split: str, size: int, config=None, *, distinct: bool = False):
+    """(images (N, 3, H, W), captions) from ShapeWorld's CaptionDataset; distinct=True keeps the first N unique captions."""
+    from mllm_scratch.shapeworld import CaptionDataset
+
+    data = CaptionDataset(split, size if not distinct else min(100 * size, 100_000), config)
+    images, texts, seen = [], [], set()
+    for i in range(len(data)):
+        image, text = data[i]
+        if distinct and text in seen:
+            continue
+        seen.add(text)
+        images.append(image)
+        texts.append(text)
+        if len(texts) == size:
+            break
+    if len(texts) < size:
+        raise ValueError(f"only {len(texts)} distinct captions found in split {split!r}, fewer than size {size}")
+    return torch.stack(images), texts
+
+
+@dataclass(frozen=True)
+class CLIPRecipe:
+    """Everything that determines the chapter's (and the shipped) CLIP: data, model, optimisation, seed."""
+
+    train_pairs: int = 20_000  # ShapeWorld "train" scenes of one object, no rendered text (chapter 05 says why)
+    min_objects: int = 1
+    max_objects: int = 1
+    batch_size: int = 64
+    steps: int = 600
+    lr: float = 3e-3
+    warmup_steps: int = 25
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    model: CLIPConfig = field(default_factory=CLIPConfig)
+
+    def scene_config(self):
+        """The ShapeWorldConfig of the training (and evaluation) scenes."""
+        from mllm_scratch.shapeworld import ShapeWorldConfig
+
+        return ShapeWorldConfig(min_objects=self.min_objects, max_objects=self.max_objects, text_probability=0.0)
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The `TrainConfig` of this recipe (overrides change only logging and progress, or the budget for a sidebar)."""
+        base = dict(
+            steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+            weight_decay=self.weight_decay, grad_clip=self.grad_clip, record_every=10, log_every=100,
+        )
+        return TrainConfig(**{**base, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_dataset(recipe: CLIPRecipe, tokenizer) -> TensorDataset:
+    """The recipe's training pairs as a TensorDataset of (images (3, H, W), ids (T,))."""
+    if tokenizer.eot_id != recipe.model.eot_id or tokenizer.vocab_size != recipe.model.text.vocab_size:
+        raise ValueError(
+            f"the tokenizer (eot_id {tokenizer.eot_id}, vocab_size {tokenizer.vocab_size}) does not match the CLIPConfig "
+            f"(eot_id {recipe.model.eot_id}, vocab_size {recipe.model.text.vocab_size})"
+        )
+    images, texts = caption_pairs("train", recipe.train_pairs, recipe.scene_config())
+    ids = tokenize_captions(texts, tokenizer, recipe.model.text.context_length)  # (N, T)
+    return TensorDataset(images, ids)
+
+
+def pretrain_clip(
+    recipe: CLIPRecipe | None = None,
+    tokenizer=None,
+    *,
+    dataset: TensorDataset | None = None,
+    model: CLIP | None = None,
+    evaluate=None,
+    log_every: int = 100,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    **overrides,
+) -> tuple[CLIP, History]:
+    """Train a CLIP with `recipe` on ShapeWorld pairs; returns the model (eval mode) and its History.
+
+    Deterministic on one thread: the weights depend only on the recipe (the model is
+    initialised from recipe.seed unless `model` is given; batches are shuffled by their own
+    seeded generator). `scripts/build_checkpoints.py clip` runs exactly `pretrain_clip(CLIPRecipe())`.
+    """
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    recipe = recipe or CLIPRecipe()
+    tokenizer = tokenizer or load_tokenizer()
+    dataset = dataset if dataset is not None else train_dataset(recipe, tokenizer)
+    if model is None:
+        torch.manual_seed(recipe.seed)
+        model = CLIP(recipe.model)
+    history = train(
+        model,
+        batches(dataset, recipe.batch_size, seed=recipe.seed),
+        batch_loss,
+        recipe.train_config(log_every=log_every, progress=progress, **overrides),
+        evaluate=evaluate,
+        device=device,
+        batch_size_of=lambda b: len(b[0]),
+    )
+    return model, history
+
+
+# ----------------------------------------------------------------------------------
+# Using it: zero-shot classification and retrieval
+
+
+@torch.no_grad()
+def embed_images(model: CLIP, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Unit image embeddings (N, embed_dim), computed in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([model.encode_image(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def embed_texts(model: CLIP, texts: Sequence[str], tokenizer, batch_size: int = 256) -> torch.Tensor:
+    """Unit text embeddings (N, embed_dim) of captions or prompts, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = tokenize_captions(texts, tokenizer, model.config.text.context_length)
+    out = torch.cat([model.encode_text(ids[i : i + batch_size].to(device)) for i in range(0, len(ids), batch_size)])
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def zero_shot_classifier(model: CLIP, prompts: Sequence[str] | Sequence[Sequence[str]], tokenizer) -> torch.Tensor:
+    """One unit vector per class (num_classes, embed_dim) from its prompt, or the mean of its prompts (CLIP's prompt ensembling)."""
+    if not len(prompts):
+        raise ValueError("prompts is empty: expected one prompt (or a list of prompts) per class")
+    per_class = [[p] if isinstance(p, str) else list(p) for p in prompts]
+    if any(not group for group in per_class):
+        raise ValueError("every class needs at least one prompt, got an empty list")
+    flat = [p for group in per_class for p in group]
+    emb = embed_texts(model, flat, tokenizer)  # (num_prompts, embed_dim)
+    out, start = [], 0
+    for group in per_class:
+        out.append(l2_normalize(emb[start : start + len(group)].mean(dim=0)))  # average on the sphere, re-normalise
+        start += len(group)
+    return torch.stack(out)  # (num_classes, embed_dim)
+
+
+@torch.no_grad()
+def zero_shot_predict(model: CLIP, classifier: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Class index (N,) of each image: the class embedding with the highest cosine similarity."""
+    return (embed_images(model, images) @ classifier.to(images.device).T).argmax(dim=1)
+
+
+def zero_shot_accuracy(model: CLIP, classifier: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of images whose zero-shot prediction equals their label."""
+    return float((zero_shot_predict(model, classifier, images).cpu() == labels.cpu()).float().mean())
+
+
+def retrieval_recall(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5), queries: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Recall@k both ways for N matching pairs (row i of each is pair i): is the partner among the k most similar?
+
+    `queries` (indices) scores only those pairs as queries; every pair stays a candidate.
+    """
+    if image_emb.shape != text_emb.shape or image_emb.dim() != 2:
+        raise ValueError(f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} must both be (N, dim)")
+    sims = image_emb.float() @ text_emb.float().T  # (N images, N texts)
+    n = sims.shape[0]
+    target = torch.arange(n, device=sims.device)
+    out = {}
+    for name, s in (("image_to_text", sims), ("text_to_image", sims.T)):
+        # rank of the partner = how many candidates score strictly higher (ties count in the partner's favour)
+        rank = (s > s[target, target][:, None]).sum(dim=1)  # (N,)
+        if queries is not None:
+            rank = rank[queries]
+        for k in ks:
+            out[f"{name}_R@{k}"] = float((rank < k).float().mean())
+    return out
+
+
+def retrieval_chance(n: int, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Recall@k of a random ranking of n candidates with one right answer: k / n."""
+    return {k: min(k, n) / n for k in ks}
+
+
+# ----------------------------------------------------------------------------------
+# The shipped checkpoint
+
+CHECKPOINT_NAME = "clip"
+DEFAULT_CHECKPOINT = DEFAULT_DIR / f"{CHECKPOINT_NAME}.pt"
+
+
+def pretrained_clip(path: str | Path | None = None, *, config: CLIPConfig | None = None) -> CLIP:
+    """The CLIP trained by `scripts/build_checkpoints.py clip` (eval mode, CPU), verified before it is built.
+
+    Checks the file's sha256 against its manifest, its config against `config` (for the
+    shipped checkpoint: `CLIPRecipe().model`, so a changed recipe is caught), the recipe
+    and the tokenizer; raises CheckpointError naming the file and the rebuild command otherwise.
+    """
+    default = path is None
+    path = Path(DEFAULT_CHECKPOINT if default else path)
+    rebuild = rebuild_command(CHECKPOINT_NAME)
+    if not default and path.resolve() != DEFAULT_CHECKPOINT.resolve():
+        rebuild += f" --out {path.parent}"
+    recipe = CLIPRecipe()
+    if config is None and default:
+        config = recipe.model
+    saved, state_dict, manifest = load_checkpoint(
+        path, expected_config=None if config is None else config.to_dict(), rebuild=rebuild
+    )
+    if default and manifest.get("recipe") != recipe.to_dict():
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another recipe than CLIPRecipe() in mllm_scratch/clip.py "
+            f"(the recipe changed since it was built); rebuild it with: {rebuild}"
+        )
+    if "tokenizer_sha256" in manifest and manifest["tokenizer_sha256"] != tokenizer_sha256():
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another tokenizer (sha256 {manifest['tokenizer_sha256'][:12]}...); "
+            f"rebuild it with: {rebuild}"
+        )
+    try:
+        model = CLIP(CLIPConfig.from_dict(saved))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} holds an invalid CLIPConfig ({err}); rebuild it with: {rebuild}") from None
+    load_state_dict_strict(model, state_dict, path, rebuild)
+    return model.eval()
+
+
+def pretrained_image_tower(path: str | Path | None = None) -> VisionTransformer:
+    """The shipped CLIP's ViT (eval mode): images -> ViTOutput(patches (N, 64, 48), pooled (N, 48))."""
+    return pretrained_clip(path).vision.eval()
+
+
+def build_checkpoint(out: Path) -> dict:
+    """Train `CLIPRecipe()` and save it as out/clip.pt + out/clip.json (what `build_checkpoints.py clip` calls)."""
+    from mllm_scratch.checkpoints import save_checkpoint
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    recipe = CLIPRecipe()
+    tokenizer = load_tokenizer()
+    model, history = pretrain_clip(recipe, tokenizer, log_every=100, progress=False, device="cpu")
+    metrics = evaluate_clip(model, tokenizer, recipe)
+    metrics.update(final_train_loss=round(history.loss[-1], 4), train_seconds=round(history.seconds, 1))
+    print("clip:", metrics)
+    return save_checkpoint(
+        Path(out) / f"{CHECKPOINT_NAME}.pt",
+        model,
+        recipe.model.to_dict(),
+        name=CHECKPOINT_NAME,
+        recipe=recipe.to_dict(),
+        metrics=metrics,
+        extra={
+            "trained_by": "mllm_scratch.clip.pretrain_clip(CLIPRecipe()) on one CPU thread, deterministic",
+            "tokenizer_sha256": tokenizer_sha256(),
+            "loader": "mllm_scratch.clip.pretrained_clip",
+        },
+    )
+
+
+def colour_shape_prompts(config=None) -> list[list[str]]:
+    """Per colour-shape class ("red circle", ...): its prompts in ShapeWorld's caption words, one per size."""
+    from mllm_scratch.shapeworld import SIZES, class_names
+
+    return [[f"a {size} {name}." for size in SIZES] for name in class_names("colour_shape", config)]
+
+
+def single_object_test_set(split: str, size: int):
+    """(images, colour-shape labels) of single-object scenes of `split` (no rendered text)."""
+    from mllm_scratch.shapeworld import ShapeClassificationDataset, ShapeWorldConfig
+
+    data = ShapeClassificationDataset(split, size, ShapeWorldConfig(max_objects=1, text_probability=0.0), task="colour_shape")
+    images, labels = zip(*(data[i] for i in range(size)))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def retrieval_sets(recipe: CLIPRecipe | None = None) -> dict[str, tuple[torch.Tensor, list[str], torch.Tensor]]:
+    """Retrieval galleries with one image per distinct caption: "test" (every trained caption, from the
+    test split) and "compositional" (those plus the held-out ones, queried with the held-out ones only).
+    Returns {name: (images, captions, query indices)}."""
+    recipe = recipe or CLIPRecipe()
+    config = recipe.scene_config()
+    n_test = 2 * len(config.train_pairs())  # every trained (colour, shape) in both sizes
+    n_held = 2 * len(config.held_out)
+    test_images, test_texts = caption_pairs("test", n_test, config, distinct=True)
+    held_images, held_texts = caption_pairs("compositional", n_held, config, distinct=True)
+    return {
+        "test": (test_images, test_texts, torch.arange(n_test)),
+        "compositional": (
+            torch.cat([test_images, held_images]), test_texts + held_texts, torch.arange(n_test, n_test + n_held)
+        ),
+    }
+
+
+def evaluate_clip(model: CLIP, tokenizer, recipe: CLIPRecipe | None = None, size: int = 500) -> dict[str, float]:
+    """Zero-shot colour-shape accuracy (30 classes) and retrieval recall@1/@5, on the test and compositional splits."""
+    classifier = zero_shot_classifier(model, colour_shape_prompts(), tokenizer)
+    out: dict[str, float] = {}
+    for split in ("test", "compositional"):
+        images, labels = single_object_test_set(split, size)
+        out[f"{split}_zero_shot_acc"] = round(zero_shot_accuracy(model, classifier, images, labels), 4)
+    for split, (images, texts, queries) in retrieval_sets(recipe).items():
+        recall = retrieval_recall(embed_images(model, images), embed_texts(model, texts, tokenizer), queries=queries)
+        out.update({f"{split}_{k}": round(v, 4) for k, v in recall.items()})
+    return out
+
+
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "CLIPRecipe",
+    "DEFAULT_CHECKPOINT",
+    "batch_loss",
+    "caption_pairs",
+    "clip_loss",
+    "colour_shape_prompts",
+    "embed_images",
+    "embed_texts",
+    "evaluate_clip",
+    "l2_normalize",
+    "pretrain_clip",
+    "pretrained_clip",
+    "pretrained_image_tower",
+    "retrieval_chance",
+    "retrieval_recall",
+    "retrieval_sets",
+    "siglip_loss",
+    "single_object_test_set",
+    "tokenize_captions",
+    "train_dataset",
+    "zero_shot_accuracy",
+    "zero_shot_classifier",
+    "zero_shot_predict",
+]

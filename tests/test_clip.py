@@ -1,0 +1,249 @@
+"""CLIP (chapter 05): the losses against independent computations, the temperature, the towers, the shipped checkpoint."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import TensorDataset
+
+from mllm_scratch.checkpoints import CheckpointError, manifest_path, sha256_file
+from mllm_scratch.clip import (
+    CLIP,
+    DEFAULT_CHECKPOINT,
+    CLIPConfig,
+    CLIPRecipe,
+    batch_loss,
+    clip_loss,
+    pretrained_clip,
+    pretrained_image_tower,
+    retrieval_recall,
+    siglip_loss,
+    tokenize_captions,
+    zero_shot_classifier,
+)
+from mllm_scratch.gpt import GPTConfig
+from mllm_scratch.tokenizer import load_tokenizer
+from mllm_scratch.train import TrainConfig, batches, make_optimizer, train
+from mllm_scratch.vit import ViTConfig, VisionTransformer
+
+TINY = CLIPConfig(
+    vision=ViTConfig(image_size=32, patch_size=8, dim=16, depth=1, num_heads=2),
+    text=GPTConfig(vocab_size=512, context_length=16, dim=16, depth=1, num_heads=2),
+    embed_dim=8,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def random_batch(n: int, seed: int = 0, eot: int = 500):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 32, 32, generator=g)
+    ids = torch.randint(0, 500, (n, 6), generator=g)
+    ids[:, 4] = eot
+    ids[:, 5] = 501  # padding after <|endoftext|>
+    return images, ids
+
+
+# ---------------------------------------------------------------- losses
+
+
+def infonce_by_hand(logits: torch.Tensor) -> torch.Tensor:
+    """-1/(2N) sum_i [log softmax_row(i)_ii + log softmax_col(i)_ii], written out with explicit sums."""
+    logits = logits.double()
+    n = logits.shape[0]
+    total = 0.0
+    for i in range(n):
+        row = logits[i, i] - torch.log(torch.exp(logits[i]).sum())
+        col = logits[i, i] - torch.log(torch.exp(logits[:, i]).sum())
+        total = total - row - col
+    return total / (2 * n)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 12), seed=st.integers(0, 10_000), scale=st.floats(0.1, 30.0))
+def test_clip_loss_matches_independent_computations(n, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(n, n, generator=g)
+    target = torch.arange(n)
+    expected_ce = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    torch.testing.assert_close(clip_loss(logits), expected_ce)
+    torch.testing.assert_close(clip_loss(logits).double(), infonce_by_hand(logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 7, 64])
+def test_clip_loss_is_ln_n_for_uninformative_embeddings(n):
+    model = CLIP(TINY)
+    same = F.normalize(torch.randn(1, TINY.embed_dim), dim=-1).expand(n, -1)  # every image and caption identical
+    loss = clip_loss(model.logits(same, same))
+    torch.testing.assert_close(loss, torch.tensor(math.log(n)))
+
+
+def test_batch_of_one_is_rejected():
+    with pytest.raises(ValueError, match="at least 2 pairs, got 1"):
+        clip_loss(torch.randn(1, 1))
+    with pytest.raises(ValueError, match="at least 2 pairs, got 1"):
+        siglip_loss(torch.randn(1, 1))
+    with pytest.raises(ValueError, match=r"square \(N, N\).*\(3, 4\)"):
+        clip_loss(torch.randn(3, 4))
+
+
+def siglip_by_hand(logits: torch.Tensor) -> torch.Tensor:
+    """-1/N sum_ij log sigmoid(z_ij * logit_ij), z = +1 for matches, -1 otherwise, written with log(1 + exp)."""
+    logits = logits.double()
+    n = logits.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            total = total + torch.log1p(torch.exp(-z * logits[i, j]))
+    return total / n
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 10), seed=st.integers(0, 10_000))
+def test_siglip_loss_matches_independent_computation(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = 10 * torch.randn(n, n, generator=g) - 5
+    torch.testing.assert_close(siglip_loss(logits).double(), siglip_by_hand(logits), rtol=1e-5, atol=1e-5)
+    labels = torch.eye(n)
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / n
+    torch.testing.assert_close(siglip_loss(logits), bce)
+
+
+def test_siglip_initialisation_follows_the_paper():
+    model = CLIP(CLIPConfig(vision=TINY.vision, text=TINY.text, embed_dim=8, loss="sigmoid"))
+    assert model.logit_scale.item() == pytest.approx(math.log(10))
+    assert model.logit_bias.item() == -10.0
+    clip = CLIP(TINY)
+    assert clip.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert not hasattr(clip, "logit_bias")
+
+
+# ---------------------------------------------------------------- temperature
+
+
+def test_temperature_clamp_holds_after_training_steps():
+    torch.manual_seed(0)
+    model = CLIP(TINY)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1e6))  # far past the cap
+    images, ids = random_batch(8)
+    config = TrainConfig(steps=3, lr=0.5, warmup_steps=0, log_every=0, progress=False)
+    train(model, batches(TensorDataset(images, ids), 4, seed=0), batch_loss, config, device="cpu")
+    assert model.scale.item() <= 100.0 + 1e-4
+    logits = model(images, ids)  # every forward clamps the stored log scale first
+    assert model.logit_scale.item() <= math.log(100.0) + 1e-6
+    assert logits.abs().max().item() <= 100.0 + 1e-3  # cosines are in [-1, 1]
+
+
+def test_temperature_is_excluded_from_weight_decay():
+    model = CLIP(CLIPConfig(vision=TINY.vision, text=TINY.text, embed_dim=8, loss="sigmoid"))
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.logit_scale) in no_decay and id(model.logit_bias) in no_decay
+    assert getattr(model.logit_scale, "_no_weight_decay", False)
+    assert id(model.image_proj.weight) in decay and id(model.text_proj.weight) in decay
+
+
+# ---------------------------------------------------------------- towers
+
+
+def test_text_tower_pools_at_endoftext_and_ignores_padding(tokenizer):
+    torch.manual_seed(0)
+    model = CLIP(TINY).eval()
+    short = tokenize_captions(["a small red circle."], tokenizer)  # no padding
+    padded = tokenize_captions(["a small red circle.", "a large blue square and a small green cross."], tokenizer)
+    assert padded.shape[1] > short.shape[1] and padded[0, short.shape[1]] == tokenizer.pad_id
+    torch.testing.assert_close(model.encode_text(short)[0], model.encode_text(padded)[0])
+    other = padded.clone()
+    other[0, short.shape[1]:] = 7  # anything after <|endoftext|> is never seen by it
+    torch.testing.assert_close(model.encode_text(other)[0], model.encode_text(padded)[0])
+    with pytest.raises(ValueError, match="no <\\|endoftext\\|>"):
+        model.encode_text(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_embeddings_are_unit_vectors_and_logits_are_scaled_cosines():
+    torch.manual_seed(0)
+    model = CLIP(TINY)
+    images, ids = random_batch(5)
+    img, txt = model.encode_image(images), model.encode_text(ids)
+    assert img.shape == txt.shape == (5, 8)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(model(images, ids), (1 / 0.07) * img @ txt.T)
+
+
+def test_a_few_steps_lower_the_loss_below_chance():
+    torch.manual_seed(0)
+    model = CLIP(TINY)
+    images, ids = random_batch(8)
+    ids[:, :4] = torch.arange(8)[:, None] * 10 + torch.arange(4)  # 8 distinct captions
+    config = TrainConfig(steps=60, lr=1e-2, warmup_steps=0, log_every=0, progress=False)
+    history = train(model, batches(TensorDataset(images, ids), 8, seed=0), batch_loss, config, device="cpu")
+    assert history.loss[0] > 0.9 * math.log(8) - 0.3
+    assert history.loss[-1] < 0.6 * math.log(8)
+
+
+def test_zero_shot_classifier_and_recall(tokenizer):
+    torch.manual_seed(0)
+    model = CLIP(TINY)
+    clf = zero_shot_classifier(model, ["a small red circle.", ["a small blue square.", "a large blue square."]], tokenizer)
+    assert clf.shape == (2, 8)
+    torch.testing.assert_close(clf.norm(dim=-1), torch.ones(2))
+    emb = F.normalize(torch.randn(6, 4), dim=-1)
+    perfect = retrieval_recall(emb, emb)
+    assert perfect == {k: 1.0 for k in perfect} and len(perfect) == 4
+    shifted = retrieval_recall(emb, emb.roll(1, dims=0), ks=(1,))
+    assert shifted["image_to_text_R@1"] <= 1 / 6 + 1e-9
+
+
+def test_config_round_trip_and_errors():
+    config = CLIPRecipe().model
+    assert CLIPConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="loss must be one of"):
+        CLIPConfig(loss="softmax")
+    with pytest.raises(ValueError, match="unknown CLIPConfig fields"):
+        CLIPConfig.from_dict({**config.to_dict(), "heads": 3})
+
+
+# ---------------------------------------------------------------- the shipped checkpoint
+
+
+def test_shipped_checkpoint_loads_with_matching_sha_and_config():
+    manifest = json.loads(manifest_path(DEFAULT_CHECKPOINT).read_text())
+    assert sha256_file(DEFAULT_CHECKPOINT) == manifest["sha256"]
+    assert manifest["config"] == CLIPRecipe().model.to_dict()
+    assert manifest["recipe"] == CLIPRecipe().to_dict()
+    assert DEFAULT_CHECKPOINT.stat().st_size < 3 * 2**20
+    model = pretrained_clip()
+    assert model.config == CLIPRecipe().model and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    tower = pretrained_image_tower()
+    assert isinstance(tower, VisionTransformer)
+    out = tower(torch.zeros(2, 3, 32, 32))
+    assert out.patches.shape == (2, 64, 48) and out.pooled.shape == (2, 48)
+    assert manifest["metrics"]["test_zero_shot_acc"] > 0.4
+
+
+def test_mismatched_config_or_corrupt_file_fails_clearly(tmp_path: Path):
+    copy = tmp_path / "clip.pt"
+    shutil.copy(DEFAULT_CHECKPOINT, copy)
+    shutil.copy(manifest_path(DEFAULT_CHECKPOINT), manifest_path(copy))
+    wrong = CLIPConfig(embed_dim=32)
+    with pytest.raises(CheckpointError, match="embed_dim: 64 in the file, 32 expected"):
+        pretrained_clip(copy, config=wrong)
+    assert pretrained_clip(copy).config == CLIPRecipe().model  # its own config: fine
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256.*build_checkpoints.py clip"):
+        pretrained_clip(copy)
