@@ -403,8 +403,10 @@ def retrieval_recall(
     target = torch.arange(n, device=sims.device)
     out = {}
     for name, s in (("image_to_text", sims), ("text_to_image", sims.T)):
-        # rank of the partner = how many candidates score strictly higher (ties count in the partner's favour)
-        rank = (s > s[target, target][:, None]).sum(dim=1)  # (N,)
+        # rank of the partner = how many other candidates score at least as high. Ties count
+        # against the partner, so a collapsed model (all embeddings equal) scores 0, not 1.
+        at_least = s >= s[target, target][:, None]  # (N, N), the partner itself included
+        rank = at_least.sum(dim=1) - 1  # (N,)
         if queries is not None:
             rank = rank[queries]
         for k in ks:

@@ -204,6 +204,8 @@ def test_zero_shot_classifier_and_recall(tokenizer):
     assert perfect == {k: 1.0 for k in perfect} and len(perfect) == 4
     shifted = retrieval_recall(emb, emb.roll(1, dims=0), ks=(1,))
     assert shifted["image_to_text_R@1"] <= 1 / 6 + 1e-9
+    collapsed = torch.ones(6, 4) / 2  # every image and text embedding the same: nothing is retrieved
+    assert retrieval_recall(collapsed, collapsed, ks=(1, 5)) == {k: 0.0 for k in perfect}
 
 
 def test_config_round_trip_and_errors():
