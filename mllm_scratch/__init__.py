@@ -44,6 +44,19 @@ from mllm_scratch.text import PackedTextDataset, pack_texts, perplexity, unigram
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, batches, make_optimizer, no_weight_decay, train
 
+from mllm_scratch.vlm import (
+    UnifiedVLM,
+    VLMCollator,
+    VLMConfig,
+    VLMRecipe,
+    build_vlm,
+    caption_accuracy,
+    load_vlm,
+    save_vlm,
+    train_vlm,
+    vlm_loss,
+    vqa_accuracy,
+)
 from mllm_scratch.vit import (
     TransformerBlock,
     ViTClassifier,
@@ -57,6 +70,17 @@ from mllm_scratch.vit import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "UnifiedVLM",
+    "VLMCollator",
+    "VLMConfig",
+    "VLMRecipe",
+    "build_vlm",
+    "caption_accuracy",
+    "load_vlm",
+    "save_vlm",
+    "train_vlm",
+    "vlm_loss",
+    "vqa_accuracy",
     "CLIP",
     "CLIPConfig",
     "CLIPRecipe",

@@ -112,6 +112,13 @@ def build_clip(out: Path) -> dict:
     return build_checkpoint(out)
 
 
+@target("vlm", "chapter 06's unified VLM (CLIP tower + MLP projector + GPT, two stages)", loader="mllm_scratch.vlm:load_vlm")
+def build_vlm(out: Path) -> dict:
+    from mllm_scratch.vlm import build_checkpoint
+
+    return build_checkpoint(out)
+
+
 # ----------------------------------------------------------------------------------
 
 

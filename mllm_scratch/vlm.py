@@ -1,0 +1,604 @@
+"""The unified-embedding decoder (method A): image tokens spliced into the text sequence of an unchanged LM.
+
+    image (3, H, W) -> image tower -> per-patch features (N, d_img)
+                    -> projector (linear, or LLaVA-1.5's 2-layer MLP) -> N image tokens (N, d_lm)
+    "<|image|>" x N + question            -> token embeddings (T, d_lm)
+    splice: the N image tokens replace the N <|image|> embeddings
+    -> the chapter-04 GPT (`inputs_embeds`) -> next-token logits; loss on answer tokens only
+
+Mirrors LLaVA (Liu et al., 2023; a CLIP tower, a projector, stage 1 projector-only on
+captions, stage 2 with the LM unfrozen on instructions), NVLM-D and Molmo, and with
+`encoder="patches"` Fuyu (Adept, 2023): raw pixel patches, one linear layer, no image
+encoder at all. The VLM *composes* an image tower and a `GPT`; it never forks them.
+Which parts train is a flag (`set_trainable`), not a rewrite.
+
+Conventions: a batch holds N copies of `<|image|>` per image (the collator expands
+them), so the splice is a masked scatter that checks the count; labels are the input
+ids with -100 on every position that is not scored (image, prompt, padding).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset
+
+from mllm_scratch.checkpoints import (
+    DEFAULT_DIR,
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_strict,
+    rebuild_command,
+    save_checkpoint,
+)
+from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss
+from mllm_scratch.patches import patchify
+from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
+from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
+from mllm_scratch.train import History, TrainConfig, autocast, batches, train
+from mllm_scratch.vit import ViTConfig, VisionTransformer
+
+IGNORE_INDEX = -100  # label of a position the loss skips (image, prompt, padding)
+
+# ----------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class VLMConfig:
+    """Shape of a unified VLM: which image tower, which projector, the LM's shape and the <|image|> id."""
+
+    encoder: Literal["vit", "patches"] = "vit"  # "patches": Fuyu, raw pixels straight into the projector
+    vision: ViTConfig = field(default_factory=ViTConfig)  # the tower (or, for "patches", just its image/patch size)
+    lm: GPTConfig = field(default_factory=GPTConfig)
+    projector: Literal["linear", "mlp"] = "mlp"
+    image_id: int = 502  # <|image|> of the shipped tokenizer
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = ViTConfig(**self.vision)
+        if isinstance(self.lm, dict):
+            self.lm = GPTConfig(**self.lm)
+        if self.encoder not in ("vit", "patches"):
+            raise ValueError(f"encoder must be 'vit' or 'patches', got {self.encoder!r}")
+        if self.projector not in ("linear", "mlp"):
+            raise ValueError(f"projector must be 'linear' or 'mlp', got {self.projector!r}")
+        if not 0 <= self.image_id < self.lm.vocab_size:
+            raise ValueError(f"image_id {self.image_id} is not a token id of the LM (0..{self.lm.vocab_size - 1})")
+        if self.num_image_tokens >= self.lm.context_length:
+            raise ValueError(
+                f"{self.num_image_tokens} image tokens leave no room in the LM's context_length {self.lm.context_length}"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image: one per patch."""
+        return self.vision.num_patches
+
+    @property
+    def image_dim(self) -> int:
+        """Width of the per-patch features the projector reads."""
+        v = self.vision
+        return v.dim if self.encoder == "vit" else v.in_channels * v.patch_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PatchEncoder(nn.Module):
+    """Fuyu's 'encoder': no parameters, just the raw pixels of each patch, (B, 3, H, W) -> (B, N, 3 * p * p)."""
+
+    def __init__(self, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return patchify(images, self.patch_size)  # (batch, num_patches, 3 * p * p)
+
+
+def make_projector(kind: str, image_dim: int, lm_dim: int) -> nn.Module:
+    """The connector: 'linear' (LLaVA-1) or 'mlp', Linear-GELU-Linear (LLaVA-1.5)."""
+    if kind == "linear":
+        return nn.Linear(image_dim, lm_dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(image_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+    raise ValueError(f"projector must be 'linear' or 'mlp', got {kind!r}")
+
+
+class VLMBatch(NamedTuple):
+    """A collated batch: images (B, 3, H, W), ids (B, T) with N <|image|> per row, labels (B, T) with -100 = unscored."""
+
+    images: torch.Tensor
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+
+PARTS = ("encoder", "projector", "lm")
+
+
+class UnifiedVLM(nn.Module):
+    """Method A: image tower -> projector -> image tokens spliced at <|image|> -> the unchanged GPT."""
+
+    def __init__(self, config: VLMConfig | None = None, *, encoder: nn.Module | None = None, lm: GPT | None = None):
+        super().__init__()
+        self.config = config = config or VLMConfig()
+        if encoder is None:
+            encoder = VisionTransformer(config.vision) if config.encoder == "vit" else PatchEncoder(config.vision.patch_size)
+        if lm is None:
+            lm = GPT(config.lm)
+        if lm.config != config.lm:
+            raise ValueError(f"the LM's config {lm.config} differs from VLMConfig.lm {config.lm}")
+        self.encoder = encoder  # any module: images (B, 3, H, W) -> (B, N, d_img) or a ViTOutput
+        self.projector = make_projector(config.projector, config.image_dim, config.lm.dim)
+        self.lm = lm
+
+    @property
+    def image_id(self) -> int:
+        return self.config.image_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    # -- which parts train: a flag per part (LLaVA stage 1: projector only; stage 2: projector + LM)
+
+    def set_trainable(self, *, encoder: bool | None = None, projector: bool | None = None, lm: bool | None = None) -> "UnifiedVLM":
+        """Freeze or unfreeze whole parts (None leaves a part as it is); returns self."""
+        for name, flag in (("encoder", encoder), ("projector", projector), ("lm", lm)):
+            if flag is not None:
+                getattr(self, name).requires_grad_(flag)
+        return self
+
+    def trainable(self) -> dict[str, bool]:
+        """Which parts have any trainable parameter (a parameterless Fuyu encoder counts as frozen)."""
+        return {name: any(p.requires_grad for p in getattr(self, name).parameters()) for name in PARTS}
+
+    # -- forward
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> image tokens (B, N, lm_dim) in the LM's embedding space."""
+        features = self.encoder(images)
+        if hasattr(features, "patches"):  # a ViTOutput: keep the per-patch vectors, drop the pooled one
+            features = features.patches
+        if features.dim() != 3 or features.shape[1:] != (self.num_image_tokens, self.config.image_dim):
+            raise ValueError(
+                f"the image tower returned features of shape {tuple(features.shape)}, "
+                f"expected (batch, {self.num_image_tokens}, {self.config.image_dim})"
+            )
+        return self.projector(features)  # (batch, num_image_tokens, lm_dim)
+
+    def splice(self, ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, T, lm_dim) with the image tokens written over the <|image|> positions."""
+        embeds = self.lm.embed(ids)  # (batch, T, lm_dim)
+        slots = ids == self.image_id  # (batch, T)
+        per_row = slots.sum(dim=1)  # (batch,)
+        if images is None:
+            if bool(slots.any()):
+                raise ValueError("ids hold <|image|> tokens but no images were given")
+            return embeds
+        if images.shape[0] != ids.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images for {ids.shape[0]} sequences: expected one image per sequence")
+        n = self.num_image_tokens
+        if bool((per_row != n).any()):
+            raise ValueError(
+                f"each sequence must hold exactly {n} <|image|> tokens (one per image patch), "
+                f"got {per_row.tolist()} per sequence"
+            )
+        tokens = self.image_tokens(images).to(embeds.dtype)  # (batch, n, lm_dim)
+        # Row by row, slot k takes image token k: masked_scatter fills the True positions in order.
+        return embeds.masked_scatter(slots[..., None], tokens)  # (batch, T, lm_dim)
+
+    def forward(self, ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab) of the spliced sequence."""
+        return self.lm(inputs_embeds=self.splice(ids, images))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokenizer: Tokenizer,
+        images: torch.Tensor | None,
+        prompts: Sequence[str],
+        max_new_tokens: int = 8,
+        batch_size: int = 256,
+    ) -> list[str]:
+        """Greedy continuation of `<|image|> x N + prompt` for each (image, prompt); images None = text only.
+
+        Rows are grouped by prompt length, so a batch needs no padding; each group decodes
+        with the GPT's KV caches, stopping at <|endoftext|>. Returns the decoded new text, stripped.
+        """
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: expected one image per prompt")
+        device = next(self.lm.parameters()).device
+        prefix = [self.image_id] * self.num_image_tokens if images is not None else []
+        encoded = [prefix + tokenizer.encode_ordinary(p) for p in prompts]
+        out: list[str] = [""] * len(prompts)
+        groups: dict[int, list[int]] = {}
+        for i, ids in enumerate(encoded):
+            groups.setdefault(len(ids), []).append(i)
+        was_training = self.training
+        self.eval()
+        for length, members in sorted(groups.items()):
+            if length == 0:
+                raise ValueError("an empty prompt without an image has nothing to continue: give a prompt or an image")
+            budget = min(max_new_tokens, self.config.lm.context_length - length)
+            if budget < 1:
+                raise ValueError(f"a prompt of {length} tokens leaves no room in context_length {self.config.lm.context_length}")
+            for start in range(0, len(members), batch_size):
+                rows = members[start : start + batch_size]
+                ids = torch.tensor([encoded[i] for i in rows], device=device)  # (b, length)
+                imgs = None if images is None else images[rows].to(device)
+                new = self._greedy(ids, imgs, budget, tokenizer.eot_id)  # (b, <= budget)
+                for i, row in zip(rows, new.tolist()):
+                    row = row[: row.index(tokenizer.eot_id)] if tokenizer.eot_id in row else row
+                    out[i] = tokenizer.decode(row).strip()
+        self.train(was_training)
+        return out
+
+    def _greedy(self, ids: torch.Tensor, images: torch.Tensor | None, steps: int, eot_id: int) -> torch.Tensor:
+        caches = self.lm.new_caches()
+        with autocast(ids.device):
+            logits = self.lm(inputs_embeds=self.splice(ids, images), caches=caches)  # the prompt, once
+        chosen = []
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for step in range(steps):
+            next_id = logits[:, -1].argmax(dim=-1)  # (b,)
+            next_id = torch.where(finished, torch.full_like(next_id, eot_id), next_id)
+            chosen.append(next_id)
+            finished |= next_id == eot_id
+            if bool(finished.all()) or step == steps - 1:
+                break
+            with autocast(ids.device):
+                logits = self.lm(next_id[:, None], caches=caches)  # only the new token: (b, 1, vocab)
+        return torch.stack(chosen, dim=1)  # (b, new)
+
+
+def vlm_loss(model: UnifiedVLM, batch: VLMBatch) -> torch.Tensor:
+    """The `loss_fn` for `train`: next-token loss on the scored (answer / caption) tokens only."""
+    logits = model(batch.ids, batch.images)  # (B, T, vocab)
+    return next_token_loss(logits[:, :-1], batch.labels[:, 1:], ignore_index=IGNORE_INDEX)  # position t predicts t + 1
+
+
+# ----------------------------------------------------------------------------------
+# Data: prompt + target -> ids and labels
+
+
+class VLMCollator:
+    """Collate ShapeWorld items into a `VLMBatch`: N <|image|>, then prompt, then target + <|endoftext|>, right-padded.
+
+    Items are (image, caption) from `CaptionDataset` (no prompt; the caption is the target)
+    or (image, question, answer, skill) from `VQADataset` (target " answer"). No space
+    follows the image tokens: a question starts a line in the corpus the tokenizer learned.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, num_image_tokens: int):
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+
+    def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        """(ids, labels) of one example: labels copy the target ids and <|endoftext|>, -100 elsewhere."""
+        tok = self.tokenizer
+        head = [tok.image_id] * self.num_image_tokens + tok.encode_ordinary(prompt)
+        tail = tok.encode_ordinary(target) + [tok.eot_id]
+        return head + tail, [IGNORE_INDEX] * len(head) + tail
+
+    def __call__(self, items: Sequence[tuple]) -> VLMBatch:
+        pairs = []
+        for item in items:
+            if len(item) == 2:  # (image, caption)
+                pairs.append(self.encode("", item[1]))
+            elif len(item) == 4:  # (image, question, answer, skill)
+                pairs.append(self.encode(item[1], " " + item[2]))
+            else:
+                raise ValueError(f"expected (image, caption) or (image, question, answer, skill) items, got {len(item)} fields")
+        longest = max(len(ids) for ids, _ in pairs)
+        ids = torch.full((len(pairs), longest), self.tokenizer.pad_id, dtype=torch.long)  # right padding
+        labels = torch.full((len(pairs), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, (x, y) in enumerate(pairs):
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+        images = torch.stack([item[0] for item in items])  # (B, 3, H, W)
+        return VLMBatch(images, ids, labels)
+
+
+# ----------------------------------------------------------------------------------
+# Training in two stages (LLaVA): stage 1 aligns the projector on captions, stage 2 tunes projector + LM on QA
+
+
+@dataclass(frozen=True)
+class VLMRecipe:
+    """Everything that determines a trained unified VLM: parts, data, both stages' budgets and rates, seed."""
+
+    encoder: Literal["clip", "vit", "patches"] = "clip"  # clip: chapter 05's pretrained tower; vit: random; patches: Fuyu
+    projector: Literal["linear", "mlp"] = "mlp"
+    caption_pairs: int = 4_000  # stage 1 data: ShapeWorld "train" captions
+    qa_pairs: int = 20_000  # stage 2 data: "train" questions, skills equally common, plus the stage-1 captions
+    batch_size: int = 32
+    stage1_steps: int = 150
+    stage1_lr: float = 3e-3  # the projector, from scratch
+    stage2_steps: int = 1800
+    stage2_lr: float = 2e-3  # the projector (for Fuyu: the only thing that sees pixels)
+    stage2_lm_lr: float = 1e-3  # the pretrained LM (and the encoder, if train_encoder): lower, not to forget
+    train_encoder: bool = True  # stage 2 tunes the tower too, at stage2_lm_lr (NVLM, Molmo); LLaVA keeps it frozen
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def scene_config(self) -> ShapeWorldConfig:
+        return ShapeWorldConfig()
+
+    def train_config(self, stage: int, **overrides) -> TrainConfig:
+        """The stage's `TrainConfig` (overrides change logging and progress, or the budget for a short run)."""
+        steps = self.stage1_steps if stage == 1 else self.stage2_steps
+        lr = self.stage1_lr if stage == 1 else self.stage2_lr
+        base = dict(steps=steps, lr=lr, warmup_steps=min(self.warmup_steps, steps), weight_decay=self.weight_decay,
+                    record_every=10, log_every=100)
+        return TrainConfig(**{**base, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def image_tower(kind: str, seed: int = 0) -> tuple[nn.Module | None, ViTConfig]:
+    """The recipe's image tower and its ViTConfig: chapter 05's CLIP tower, a random ViT, or none (Fuyu)."""
+    if kind == "clip":
+        from mllm_scratch.clip import pretrained_image_tower
+
+        tower = pretrained_image_tower()
+        return tower, tower.config
+    config = ViTConfig()
+    if kind == "vit":
+        torch.manual_seed(seed)
+        return VisionTransformer(config), config
+    if kind == "patches":
+        return None, config
+    raise ValueError(f"encoder must be 'clip', 'vit' or 'patches', got {kind!r}")
+
+
+def build_vlm(recipe: VLMRecipe, tokenizer: Tokenizer | None = None, lm: GPT | None = None) -> UnifiedVLM:
+    """A fresh VLM for `recipe`: its image tower, a new projector (seeded) and chapter 04's pretrained GPT."""
+    from mllm_scratch.gpt import pretrained_gpt
+
+    tokenizer = tokenizer or load_tokenizer()
+    tower, vision = image_tower(recipe.encoder, recipe.seed)
+    lm = lm if lm is not None else pretrained_gpt()
+    config = VLMConfig(
+        encoder="patches" if recipe.encoder == "patches" else "vit", vision=vision, lm=lm.config,
+        projector=recipe.projector, image_id=tokenizer.image_id,
+    )
+    torch.manual_seed(recipe.seed)
+    return UnifiedVLM(config, encoder=tower, lm=lm)
+
+
+def param_groups(model: UnifiedVLM, lr: float, pretrained_lr: float, weight_decay: float = 0.0) -> list[dict]:
+    """AdamW groups: the projector at `lr`, the pretrained parts (LM, encoder) at `pretrained_lr`; frozen ones left out."""
+    groups = []
+    for name in PARTS:
+        rate = lr if name == "projector" else pretrained_lr
+        decay, no_decay = [], []
+        for p in getattr(model, name).parameters():
+            if p.requires_grad:
+                (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+        groups += [{"params": decay, "lr": rate, "weight_decay": weight_decay, "part": name},
+                   {"params": no_decay, "lr": rate, "weight_decay": 0.0, "part": name}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters: unfreeze something before training")
+    return groups
+
+
+def stage_data(recipe: VLMRecipe, stage: int, tokenizer: Tokenizer, num_image_tokens: int, device=None):
+    """The stage's endless batch stream: captions for stage 1, questions and those captions for stage 2."""
+    captions = CaptionDataset("train", recipe.caption_pairs, recipe.scene_config(), cache=True)
+    if stage == 1:
+        data = captions
+    else:  # questions, plus the captions again so the model keeps captioning (LLaVA's stage-2 mix)
+        data = ConcatDataset([VQADataset("train", recipe.qa_pairs, recipe.scene_config(), cache=True), captions])
+    collate = VLMCollator(tokenizer, num_image_tokens)
+    return batches(data, recipe.batch_size, seed=recipe.seed + stage, collate_fn=collate, device=device)
+
+
+def train_stage(
+    model: UnifiedVLM,
+    recipe: VLMRecipe,
+    stage: int,
+    tokenizer: Tokenizer | None = None,
+    *,
+    steps: int | None = None,
+    log_every: int = 100,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> History:
+    """Stage 1: projector only, on captions. Stage 2: projector + LM (lower rate), on QA. `steps` shortens a run."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    tokenizer = tokenizer or load_tokenizer()
+    if stage == 1:
+        model.set_trainable(encoder=False, projector=True, lm=False)
+        groups = param_groups(model, recipe.stage1_lr, recipe.stage1_lr, recipe.weight_decay)
+    else:
+        model.set_trainable(encoder=recipe.train_encoder, projector=True, lm=True)
+        groups = param_groups(model, recipe.stage2_lr, recipe.stage2_lm_lr, recipe.weight_decay)
+    overrides: dict[str, Any] = {"log_every": log_every, "progress": progress}
+    if steps is not None:
+        overrides.update(steps=steps, warmup_steps=min(recipe.warmup_steps, steps))
+    config = recipe.train_config(stage, **overrides)
+    dev = torch.device(device) if device is not None else None
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    data = stage_data(recipe, stage, tokenizer, model.num_image_tokens, dev)
+    history = train(model, data, vlm_loss, config, optimizer=optimizer, device=device,
+                    batch_size_of=lambda b: b.ids.shape[0])
+    model.set_trainable(encoder=False, projector=False, lm=False)
+    return history
+
+
+def train_vlm(
+    recipe: VLMRecipe | None = None,
+    tokenizer: Tokenizer | None = None,
+    *,
+    log_every: int = 100,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[UnifiedVLM, dict[str, History]]:
+    """Build the recipe's VLM and train both stages; returns the model (eval mode) and each stage's History."""
+    recipe = recipe or VLMRecipe()
+    tokenizer = tokenizer or load_tokenizer()
+    model = build_vlm(recipe, tokenizer)
+    histories = {}
+    for stage in (1, 2):
+        histories[f"stage{stage}"] = train_stage(model, recipe, stage, tokenizer, log_every=log_every,
+                                                 progress=progress, device=device)
+    return model.eval(), histories
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation: exact-match answers by skill, captions by attribute, with and without the image
+
+_OBJECT = re.compile(r"(small|large) (\w+) (\w+)")
+_TEXT = re.compile(r"the text says (\w+)")
+
+
+def _images_for(mode: str, images: torch.Tensor, seed: int = 0) -> torch.Tensor | None:
+    if mode == "image":
+        return images
+    if mode == "none":
+        return None
+    if mode == "shuffled":  # every question gets another scene's image: a derangement by rolling a permutation
+        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        return images[perm.roll(1)][torch.argsort(perm)]
+    raise ValueError(f"image mode must be 'image', 'none' or 'shuffled', got {mode!r}")
+
+
+def stack_dataset(dataset) -> tuple[torch.Tensor, list[tuple]]:
+    """All items of a ShapeWorld dataset: images stacked (N, 3, H, W) and the rest of each item."""
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([it[0] for it in items]), [tuple(it[1:]) for it in items]
+
+
+@torch.no_grad()
+def vqa_accuracy(model: UnifiedVLM, tokenizer: Tokenizer, dataset: VQADataset, mode: str = "image") -> dict[str, float]:
+    """Exact-match answer accuracy per skill and overall ('all'); mode 'image', 'none' (text only) or 'shuffled'."""
+    images, rest = stack_dataset(dataset)
+    questions = [r[0] for r in rest]
+    predicted = model.generate(tokenizer, _images_for(mode, images), questions, max_new_tokens=4)
+    correct: dict[str, list[bool]] = {}
+    for (question, answer, skill), guess in zip(rest, predicted):
+        correct.setdefault(skill, []).append(guess == answer)
+    out = {skill: sum(v) / len(v) for skill, v in correct.items()}
+    out["all"] = sum(sum(v) for v in correct.values()) / len(predicted)
+    return out
+
+
+def parse_caption(text: str) -> tuple[list[tuple[str, str, str]], str | None]:
+    """A caption's objects as (size, colour, shape), left to right, and its text (or None)."""
+    match = _TEXT.search(text)
+    return _OBJECT.findall(text), match.group(1) if match else None
+
+
+def caption_scores(predicted: Sequence[str], truth: Sequence[str]) -> dict[str, float]:
+    """Exact match, and per attribute: object count, and size / colour / shape of the i-th object, and the text."""
+    hits = {"exact": 0, "count": 0, "size": 0, "colour": 0, "shape": 0, "text": 0}
+    objects = texts = 0
+    for pred, true in zip(predicted, truth):
+        (p_objs, p_text), (t_objs, t_text) = parse_caption(pred), parse_caption(true)
+        hits["exact"] += pred == true
+        hits["count"] += len(p_objs) == len(t_objs)
+        for i, (size, colour, shape) in enumerate(t_objs):
+            guess = p_objs[i] if i < len(p_objs) else ("", "", "")
+            hits["size"] += guess[0] == size
+            hits["colour"] += guess[1] == colour
+            hits["shape"] += guess[2] == shape
+        objects += len(t_objs)
+        if t_text is not None:
+            texts += 1
+            hits["text"] += p_text == t_text
+    n = len(truth)
+    return {"exact": hits["exact"] / n, "count": hits["count"] / n, "size": hits["size"] / objects,
+            "colour": hits["colour"] / objects, "shape": hits["shape"] / objects,
+            "text": hits["text"] / texts if texts else float("nan")}
+
+
+@torch.no_grad()
+def caption_accuracy(model: UnifiedVLM, tokenizer: Tokenizer, dataset: CaptionDataset, mode: str = "image") -> dict[str, float]:
+    """`caption_scores` of the model's greedy captions of a CaptionDataset."""
+    images, rest = stack_dataset(dataset)
+    predicted = model.generate(tokenizer, _images_for(mode, images), [""] * len(rest) if mode != "none" else ["a"] * len(rest),
+                               max_new_tokens=32)
+    if mode == "none":  # a text-only LM needs a first token to continue from: we give it the caption's first word
+        predicted = ["a " + p for p in predicted]
+    return caption_scores(predicted, [r[0] for r in rest])
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_NAME = "vlm"
+DEFAULT_CHECKPOINT = DEFAULT_DIR / f"{CHECKPOINT_NAME}.pt"
+
+
+def save_vlm(path: str | Path, model: UnifiedVLM, *, recipe: dict | None = None, metrics: dict | None = None,
+             name: str = CHECKPOINT_NAME) -> dict:
+    """Save a VLM (state dict + VLMConfig) and its manifest atomically; returns the manifest."""
+    return save_checkpoint(path, model, model.config.to_dict(), name=name, recipe=recipe, metrics=metrics,
+                           extra={"loader": "mllm_scratch.vlm.load_vlm"})
+
+
+def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
+    """Load a VLM saved by `save_vlm` (default: the shipped one), verified against its manifest; eval mode, CPU."""
+    default = path is None
+    path = Path(DEFAULT_CHECKPOINT if default else path)
+    rebuild = rebuild_command(CHECKPOINT_NAME) if default else f"python -m mllm_scratch train-vlm --out {path}"
+    saved, state_dict, _ = load_checkpoint(path, rebuild=rebuild)
+    try:
+        config = VLMConfig(**saved)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} holds an invalid VLMConfig ({err}); rebuild it with: {rebuild}") from None
+    model = UnifiedVLM(config)
+    load_state_dict_strict(model, state_dict, path, rebuild)
+    return model.set_trainable(encoder=False, projector=False, lm=False).eval()
+
+
+def build_checkpoint(out: Path) -> dict:
+    """Train `VLMRecipe()` and save it as out/vlm.pt + out/vlm.json (what `build_checkpoints.py vlm` calls)."""
+    recipe = VLMRecipe()
+    tokenizer = load_tokenizer()
+    model, histories = train_vlm(recipe, tokenizer, log_every=100, progress=False, device="cpu")
+    metrics: dict[str, Any] = {f"{k}_loss": round(h.loss[-1], 4) for k, h in histories.items()}
+    metrics["train_seconds"] = round(sum(h.seconds for h in histories.values()), 1)
+    for split in ("test", "compositional"):
+        acc = vqa_accuracy(model, tokenizer, VQADataset(split, 600, recipe.scene_config()))
+        metrics[f"{split}_vqa"] = {k: round(v, 4) for k, v in acc.items()}
+        print(f"vlm: {split} VQA " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    return save_vlm(Path(out) / f"{CHECKPOINT_NAME}.pt", model, recipe=recipe.to_dict(), metrics=metrics)
+
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "IGNORE_INDEX",
+    "PatchEncoder",
+    "UnifiedVLM",
+    "VLMBatch",
+    "VLMCollator",
+    "VLMConfig",
+    "VLMRecipe",
+    "build_checkpoint",
+    "build_vlm",
+    "caption_accuracy",
+    "caption_scores",
+    "image_tower",
+    "load_vlm",
+    "make_projector",
+    "param_groups",
+    "parse_caption",
+    "save_vlm",
+    "stage_data",
+    "train_stage",
+    "train_vlm",
+    "vlm_loss",
+    "vqa_accuracy",
+]

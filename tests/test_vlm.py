@@ -1,0 +1,212 @@
+"""The unified VLM (method A): label masking, <|image|> splicing, freezing, and the error for a wrong image-token count."""
+
+import pytest
+import torch
+
+from mllm_scratch.checkpoints import CheckpointError
+from mllm_scratch.gpt import GPTConfig
+from mllm_scratch.shapeworld import CaptionDataset, VQADataset
+from mllm_scratch.tokenizer import load_tokenizer
+from mllm_scratch.train import TrainConfig, batches, train
+from mllm_scratch.vit import ViTConfig
+from mllm_scratch.vlm import (
+    IGNORE_INDEX,
+    UnifiedVLM,
+    VLMCollator,
+    VLMConfig,
+    VLMRecipe,
+    caption_scores,
+    load_vlm,
+    param_groups,
+    save_vlm,
+    train_stage,
+    vlm_loss,
+)
+
+TOK = load_tokenizer()
+VISION = ViTConfig(image_size=32, patch_size=8, dim=16, depth=1, num_heads=2)  # 16 image tokens
+
+
+def tiny_vlm(encoder: str = "vit", projector: str = "mlp", seed: int = 0) -> UnifiedVLM:
+    torch.manual_seed(seed)
+    lm = GPTConfig(vocab_size=TOK.vocab_size, context_length=64, dim=32, depth=1, num_heads=2)
+    return UnifiedVLM(VLMConfig(encoder=encoder, vision=VISION, lm=lm, projector=projector, image_id=TOK.image_id))
+
+
+def vqa_items(n: int = 4) -> list[tuple]:
+    ds = VQADataset("train", 64)
+    return [ds[i] for i in range(n)]
+
+
+def test_labels_score_only_the_answer_and_endoftext():
+    items = vqa_items(6)
+    batch = VLMCollator(TOK, 16)(items)
+    for row, (_, question, answer, _) in enumerate(items):
+        scored = batch.labels[row][batch.labels[row] != IGNORE_INDEX].tolist()
+        assert scored == TOK.encode_ordinary(" " + answer) + [TOK.eot_id]
+        # nothing at an image, prompt or padding position is scored
+        image_or_pad = (batch.ids[row] == TOK.image_id) | (batch.ids[row] == TOK.pad_id)
+        assert (batch.labels[row][image_or_pad] == IGNORE_INDEX).all()
+        prompt_len = 16 + len(TOK.encode_ordinary(question))
+        assert (batch.labels[row, :prompt_len] == IGNORE_INDEX).all()
+
+
+def test_loss_is_the_mean_over_answer_tokens_only():
+    """vlm_loss equals cross-entropy averaged over the answer tokens (and <|endoftext|>) alone, found by hand."""
+    model = tiny_vlm()
+    items = vqa_items(4)
+    batch = VLMCollator(TOK, 16)(items)
+    logits = model(batch.ids, batch.images)
+    losses = []
+    for row, (_, question, answer, _) in enumerate(items):
+        start = 16 + len(TOK.encode_ordinary(question))  # first answer token
+        target = TOK.encode_ordinary(" " + answer) + [TOK.eot_id]
+        for k, token in enumerate(target):  # the logits at position p predict token p + 1
+            losses.append(-torch.log_softmax(logits[row, start + k - 1], dim=-1)[token])
+    torch.testing.assert_close(vlm_loss(model, batch), torch.stack(losses).mean())
+
+
+def test_caption_labels_have_no_prompt():
+    ds = CaptionDataset("train", 8)
+    batch = VLMCollator(TOK, 16)([ds[i] for i in range(3)])
+    for row in range(3):
+        scored = batch.labels[row][batch.labels[row] != IGNORE_INDEX].tolist()
+        assert scored == TOK.encode_ordinary(ds[row][1]) + [TOK.eot_id]
+        assert batch.labels[row, 16] != IGNORE_INDEX  # the caption starts right after the image
+
+
+def test_splice_puts_image_token_k_at_slot_k_for_different_prompt_lengths():
+    model = tiny_vlm()
+    items = vqa_items(6)
+    batch = VLMCollator(TOK, 16)(items)
+    lengths = {len(TOK.encode_ordinary(q)) for _, q, _, _ in items}
+    assert len(lengths) > 1  # the batch really mixes prompt lengths (so it is padded)
+    spliced = model.splice(batch.ids, batch.images)
+    image_tokens = model.image_tokens(batch.images)  # (B, 16, dim)
+    text = model.lm.embed(batch.ids)
+    for row in range(len(items)):
+        slots = (batch.ids[row] == TOK.image_id).nonzero().flatten()
+        assert slots.tolist() == list(range(16))
+        torch.testing.assert_close(spliced[row, slots], image_tokens[row])
+        others = batch.ids[row] != TOK.image_id
+        torch.testing.assert_close(spliced[row, others], text[row, others])
+
+
+def test_splice_anywhere_in_the_sequence():
+    """<|image|> may stand after some text, at different places per row: token k still lands in slot k."""
+    model = tiny_vlm(projector="linear")
+    images = torch.rand(2, 3, 32, 32)
+    a = TOK.encode_ordinary("is there a red circle?")
+    ids = torch.tensor([a[:2] + [TOK.image_id] * 16 + a[2:] + [TOK.pad_id] * 3, a + [TOK.pad_id] * 2 + [TOK.image_id] * 16 + [TOK.pad_id]])
+    spliced = model.splice(ids, images)
+    tokens = model.image_tokens(images)
+    torch.testing.assert_close(spliced[0, 2:18], tokens[0])
+    torch.testing.assert_close(spliced[1, len(a) + 2 : len(a) + 18], tokens[1])
+
+
+def test_wrong_number_of_image_tokens_raises():
+    model = tiny_vlm()
+    batch = VLMCollator(TOK, 15)(vqa_items(2))  # one <|image|> short of the 16 patches
+    with pytest.raises(ValueError, match=r"exactly 16 <\|image\|> tokens .* got \[15, 15\]"):
+        model(batch.ids, batch.images)
+    with pytest.raises(ValueError, match="no images were given"):
+        model(batch.ids, None)
+    with pytest.raises(ValueError, match="one image per sequence"):
+        model(VLMCollator(TOK, 16)(vqa_items(2)).ids, torch.rand(3, 3, 32, 32))
+
+
+def test_stage1_trains_only_the_projector():
+    model = tiny_vlm()
+    model.set_trainable(encoder=False, projector=True, lm=False)
+    assert model.trainable() == {"encoder": False, "projector": True, "lm": False}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = CaptionDataset("train", 16)
+    optimizer = torch.optim.AdamW(param_groups(model, 1e-2, 1e-3), lr=1e-2)
+    train(model, batches(ds, 8, collate_fn=VLMCollator(TOK, 16)), vlm_loss,
+          TrainConfig(steps=2, warmup_steps=0, log_every=0, progress=False), optimizer=optimizer, device="cpu")
+    after = model.state_dict()
+    for name, value in after.items():
+        if name.startswith("projector."):
+            assert not torch.equal(value, before[name]), name
+        else:
+            assert torch.equal(value, before[name]), name  # encoder and LM untouched, bit for bit
+
+
+def test_param_groups_give_pretrained_parts_the_lower_rate():
+    model = tiny_vlm().set_trainable(encoder=False, projector=True, lm=True)
+    groups = param_groups(model, 1e-3, 1e-4)
+    assert {g["part"]: g["lr"] for g in groups} == {"projector": 1e-3, "lm": 1e-4}
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+    model.set_trainable(projector=False, lm=False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        param_groups(model, 1e-3, 1e-4)
+
+
+def test_train_stage_freezes_per_stage():
+    """train_stage itself sets the flags: stage 1 leaves encoder and LM bit-identical."""
+    model = tiny_vlm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = VLMRecipe(encoder="vit", caption_pairs=32, qa_pairs=32, batch_size=8, train_encoder=False)
+    train_stage(model, recipe, 1, TOK, steps=2, log_every=0, progress=False, device="cpu")
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"projector"}
+    train_stage(model, recipe, 2, TOK, steps=2, log_every=0, progress=False, device="cpu")
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"projector", "lm"}
+    train_stage(model, VLMRecipe(encoder="vit", caption_pairs=32, qa_pairs=32, batch_size=8, train_encoder=True),
+                2, TOK, steps=2, log_every=0, progress=False, device="cpu")
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"encoder", "projector", "lm"}
+    assert model.trainable() == {"encoder": False, "projector": False, "lm": False}  # frozen again after a stage
+
+
+def test_fuyu_uses_raw_patches():
+    model = tiny_vlm(encoder="patches", projector="linear")
+    assert sum(p.numel() for p in model.encoder.parameters()) == 0
+    images = torch.rand(2, 3, 32, 32)
+    tokens = model.image_tokens(images)
+    assert tokens.shape == (2, 16, 32)
+    patch = images[0, :, :8, 8:16].reshape(-1)  # the second patch of the first row, channel-first
+    torch.testing.assert_close(tokens[0, 1], model.projector(patch))
+
+
+def test_generate_groups_prompts_and_matches_uncached_greedy():
+    model = tiny_vlm().eval()
+    items = vqa_items(4)
+    images = torch.stack([it[0] for it in items])
+    prompts = [it[1] for it in items]
+    out = model.generate(TOK, images, prompts, max_new_tokens=3)
+    for i, prompt in enumerate(prompts):  # one row at a time, full forward each step
+        ids = torch.tensor([[TOK.image_id] * 16 + TOK.encode_ordinary(prompt)])
+        new = []
+        for _ in range(3):
+            logits = model(ids, images[i : i + 1])
+            nxt = int(logits[0, -1].argmax())
+            if nxt == TOK.eot_id:
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        assert out[i] == TOK.decode(new).strip()
+
+
+def test_caption_scores():
+    s = caption_scores(["a small red circle.", "a large blue square and a small red cross. the text says ab."],
+                       ["a small red circle.", "a large blue square and a small green cross. the text says ab."])
+    assert s["exact"] == 0.5 and s["count"] == 1.0 and s["colour"] == 2 / 3 and s["shape"] == 1.0 and s["text"] == 1.0
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    model = tiny_vlm(encoder="patches")
+    path = tmp_path / "vlm.pt"
+    save_vlm(path, model)
+    loaded = load_vlm(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    assert loaded.config == model.config
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_vlm(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_vlm(tmp_path / "missing.pt")
