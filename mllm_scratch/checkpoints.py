@@ -218,3 +218,46 @@ __all__ = [
     "save_checkpoint",
     "sha256_file",
 ]
+
+
+def load_verified(
+    name: str,
+    path: str | os.PathLike | None,
+    default_path: Path,
+    *,
+    expected_config: dict[str, Any] | None,
+    recipe: dict[str, Any],
+    recipe_owner: str,
+    tokenizer_sha256: str,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path, str]:
+    """Read a pretrained checkpoint (default: the shipped one) and refuse it unless it is the model we think it is.
+
+    Checks the sha256 and config (`load_checkpoint`), the training recipe for the shipped
+    file (a changed recipe means a stale file), and the tokenizer it was trained with.
+    Returns (config dict, state dict, path, rebuild command) for the caller to build its model.
+    """
+    default = path is None
+    path = Path(default_path if default else path)
+    rebuild = rebuild_command(name)
+    if not default and path.resolve() != Path(default_path).resolve():
+        rebuild += f" --out {path.parent}"
+    saved, state_dict, manifest = load_checkpoint(path, expected_config=expected_config, rebuild=rebuild)
+    if default and manifest.get("recipe") != recipe:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another recipe than {recipe_owner} "
+            f"(the recipe changed since it was built); rebuild it with: {rebuild}"
+        )
+    # Token ids mean nothing without the tokenizer that produced them: a checkpoint that
+    # does not record it is refused, not trusted.
+    trained_with = manifest.get("tokenizer_sha256")
+    if trained_with is None:
+        raise CheckpointError(
+            f"checkpoint {path}'s manifest does not record the tokenizer it was trained with "
+            f"(no 'tokenizer_sha256'); rebuild it with: {rebuild}"
+        )
+    if trained_with != tokenizer_sha256:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another tokenizer (sha256 {trained_with[:12]}..., "
+            f"the shipped one is {tokenizer_sha256[:12]}...); rebuild it with: {rebuild}"
+        )
+    return saved, state_dict, path, rebuild

@@ -36,9 +36,8 @@ from torch.utils.data import TensorDataset
 from mllm_scratch.checkpoints import (
     DEFAULT_DIR,
     CheckpointError,
-    load_checkpoint,
     load_state_dict_strict,
-    rebuild_command,
+    load_verified,
 )
 from mllm_scratch.gpt import GPT, GPTConfig, tokenizer_sha256
 from mllm_scratch.train import History, TrainConfig, batches, no_weight_decay, train
@@ -433,27 +432,15 @@ def pretrained_clip(path: str | Path | None = None, *, config: CLIPConfig | None
     shipped checkpoint: `CLIPRecipe().model`, so a changed recipe is caught), the recipe
     and the tokenizer; raises CheckpointError naming the file and the rebuild command otherwise.
     """
-    default = path is None
-    path = Path(DEFAULT_CHECKPOINT if default else path)
-    rebuild = rebuild_command(CHECKPOINT_NAME)
-    if not default and path.resolve() != DEFAULT_CHECKPOINT.resolve():
-        rebuild += f" --out {path.parent}"
     recipe = CLIPRecipe()
-    if config is None and default:
+    if config is None and path is None:
         config = recipe.model
-    saved, state_dict, manifest = load_checkpoint(
-        path, expected_config=None if config is None else config.to_dict(), rebuild=rebuild
+    saved, state_dict, path, rebuild = load_verified(
+        CHECKPOINT_NAME, path, DEFAULT_CHECKPOINT,
+        expected_config=None if config is None else config.to_dict(),
+        recipe=recipe.to_dict(), recipe_owner="CLIPRecipe() in mllm_scratch/clip.py",
+        tokenizer_sha256=tokenizer_sha256(),
     )
-    if default and manifest.get("recipe") != recipe.to_dict():
-        raise CheckpointError(
-            f"checkpoint {path} was trained with another recipe than CLIPRecipe() in mllm_scratch/clip.py "
-            f"(the recipe changed since it was built); rebuild it with: {rebuild}"
-        )
-    if "tokenizer_sha256" in manifest and manifest["tokenizer_sha256"] != tokenizer_sha256():
-        raise CheckpointError(
-            f"checkpoint {path} was trained with another tokenizer (sha256 {manifest['tokenizer_sha256'][:12]}...); "
-            f"rebuild it with: {rebuild}"
-        )
     try:
         model = CLIP(CLIPConfig.from_dict(saved))
     except (TypeError, ValueError) as err:

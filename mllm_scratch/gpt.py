@@ -46,9 +46,8 @@ from mllm_scratch.attention import KVCache
 from mllm_scratch.checkpoints import (
     DEFAULT_DIR,
     CheckpointError,
-    load_checkpoint,
     load_state_dict_strict,
-    rebuild_command,
+    load_verified,
 )
 from mllm_scratch.shapeworld import TextDataset
 from mllm_scratch.text import PackedTextDataset, pack_texts
@@ -406,35 +405,15 @@ def pretrained_gpt(path: str | Path | None = None, *, config: GPTConfig | None =
     the tokenizer it was trained with; raises CheckpointError naming the file and the
     rebuild command otherwise.
     """
-    default = path is None
-    path = Path(DEFAULT_CHECKPOINT if default else path)
-    rebuild = rebuild_command(CHECKPOINT_NAME)
-    if not default and path.resolve() != DEFAULT_CHECKPOINT.resolve():
-        rebuild += f" --out {path.parent}"
     recipe = PretrainRecipe()
-    if config is None and default:
+    if config is None and path is None:
         config = recipe.model
-    saved, state_dict, manifest = load_checkpoint(
-        path, expected_config=None if config is None else asdict(config), rebuild=rebuild
+    saved, state_dict, path, rebuild = load_verified(
+        CHECKPOINT_NAME, path, DEFAULT_CHECKPOINT,
+        expected_config=None if config is None else asdict(config),
+        recipe=asdict(recipe), recipe_owner="PretrainRecipe() in mllm_scratch/gpt.py",
+        tokenizer_sha256=tokenizer_sha256(),
     )
-    if default and manifest.get("recipe") != asdict(recipe):
-        raise CheckpointError(
-            f"checkpoint {path} was trained with another recipe than PretrainRecipe() in mllm_scratch/gpt.py "
-            f"(the recipe changed since it was built); rebuild it with: {rebuild}"
-        )
-    # Token ids mean nothing without the tokenizer that produced them: a checkpoint that
-    # does not record it is refused, not trusted.
-    trained_with = manifest.get("tokenizer_sha256")
-    if trained_with is None:
-        raise CheckpointError(
-            f"checkpoint {path}'s manifest does not record the tokenizer it was trained with "
-            f"(no 'tokenizer_sha256'); rebuild it with: {rebuild}"
-        )
-    if trained_with != tokenizer_sha256():
-        raise CheckpointError(
-            f"checkpoint {path} was trained with another tokenizer (sha256 {trained_with[:12]}..., "
-            f"the shipped one is {tokenizer_sha256()[:12]}...); rebuild it with: {rebuild}"
-        )
     try:
         model = GPT(GPTConfig(**saved))
     except (TypeError, ValueError) as err:
