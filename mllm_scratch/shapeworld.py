@@ -577,22 +577,12 @@ def label(scene: Scene, task: str = "shape", config: ShapeWorldConfig | None = N
 
 
 @dataclass(frozen=True)
-class MovingObject:
-    """A shape in a clip: where it starts, its velocity in pixels per frame and the frame it appears."""
+class MovingObject(ShapeObject):
+    """A shape in a clip: where it starts (x, y), its velocity in pixels per frame and the frame it appears."""
 
-    shape: str
-    colour: str
-    size: str
-    x: int
-    y: int
-    side: int
     dx: int
     dy: int
     appear: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.colour} {self.shape}"
 
     @property
     def direction(self) -> str | None:
