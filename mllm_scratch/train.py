@@ -36,6 +36,7 @@ class TrainConfig:
     log_every: int = 100  # print a log line every this many steps (0: never)
     eval_every: int = 0  # call `evaluate` every this many steps (0: only at the end)
     amp: bool = True  # bf16 autocast on a GPU that supports it; ignored on CPU
+    compile: bool | str = False  # torch.compile the model for the training steps (True: inductor; or a backend name)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -49,6 +50,11 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be between 0 and steps={self.steps}, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if isinstance(self.compile, str) and self.compile not in torch.compiler.list_backends(exclude_tags=()):
+            raise ValueError(
+                f"compile must be True, False or a torch.compile backend ({', '.join(torch.compiler.list_backends())}), "
+                f"got {self.compile!r}"
+            )
 
 
 @dataclass
@@ -187,6 +193,12 @@ def train(
         if config.log_every:
             print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
+    # torch.compile traces the model once (seconds to minutes) and then runs fused kernels; the
+    # compiled wrapper shares the model's parameters, so the optimizer and the caller see one model.
+    step_model = model
+    if config.compile:
+        backend = "inductor" if config.compile is True else config.compile
+        step_model = torch.compile(model, backend=backend)
     model.train()
     running = torch.zeros((), device=device)  # summed on the device: no sync until we log
     since_log = 0
@@ -197,7 +209,7 @@ def train(
             group["lr"] = base * scale
         batch = to_device(next(stream), device)
         with autocast(device, config.amp):
-            loss = loss_fn(model, batch)
+            loss = loss_fn(step_model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
