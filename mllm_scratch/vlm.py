@@ -32,12 +32,12 @@ from torch.utils.data import ConcatDataset
 from mllm_scratch.checkpoints import (
     DEFAULT_DIR,
     CheckpointError,
-    load_checkpoint,
     load_state_dict_strict,
+    load_verified,
     rebuild_command,
     save_checkpoint,
 )
-from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss
+from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, tokenizer_sha256
 from mllm_scratch.patches import patchify
 from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
@@ -542,18 +542,39 @@ DEFAULT_CHECKPOINT = DEFAULT_DIR / f"{CHECKPOINT_NAME}.pt"
 
 
 def save_vlm(path: str | Path, model: UnifiedVLM, *, recipe: dict | None = None, metrics: dict | None = None,
-             name: str = CHECKPOINT_NAME) -> dict:
-    """Save a VLM (state dict + VLMConfig) and its manifest atomically; returns the manifest."""
+             name: str = CHECKPOINT_NAME, tokenizer: Tokenizer | None = None) -> dict:
+    """Save a VLM (state dict + VLMConfig) and its manifest atomically; returns the manifest.
+
+    The manifest records the sha256 of the tokenizer the model was trained with (default:
+    the shipped one): token ids mean nothing without it, and `load_vlm` refuses a mismatch.
+    """
     return save_checkpoint(path, model, model.config.to_dict(), name=name, recipe=recipe, metrics=metrics,
-                           extra={"loader": "mllm_scratch.vlm.load_vlm"})
+                           extra={"tokenizer_sha256": tokenizer_sha256(tokenizer), "loader": "mllm_scratch.vlm.load_vlm"})
 
 
 def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
-    """Load a VLM saved by `save_vlm` (default: the shipped one), verified against its manifest; eval mode, CPU."""
-    default = path is None
-    path = Path(DEFAULT_CHECKPOINT if default else path)
-    rebuild = rebuild_command(CHECKPOINT_NAME) if default else f"python -m mllm_scratch train-vlm --out {path}"
-    saved, state_dict, _ = load_checkpoint(path, rebuild=rebuild)
+    """Load a VLM saved by `save_vlm` (default: the shipped one), verified before it is built; eval mode, CPU.
+
+    Goes through `checkpoints.load_verified`, like `pretrained_gpt` and `pretrained_clip`: the
+    file's sha256 and config against its manifest, the tokenizer it was trained with, and for
+    the shipped file the recipe (a changed `VLMRecipe()` means a stale checkpoint). Raises
+    CheckpointError naming the file and the command that rebuilds it.
+    """
+    own = path is not None and Path(path).resolve() != DEFAULT_CHECKPOINT.resolve()
+    # A checkpoint of the reader's own comes from the command line, not from the book's build script.
+    book_rebuild = f"{rebuild_command(CHECKPOINT_NAME)} --out {Path(path).parent}" if own else ""
+    own_rebuild = f"python -m mllm_scratch train-vlm --out {path}" if own else ""
+    try:
+        saved, state_dict, path, rebuild = load_verified(
+            CHECKPOINT_NAME, path, DEFAULT_CHECKPOINT, expected_config=None,
+            recipe=VLMRecipe().to_dict(), recipe_owner="VLMRecipe() in mllm_scratch/vlm.py",
+            tokenizer_sha256=tokenizer_sha256(),
+        )
+    except CheckpointError as err:
+        if not own:
+            raise
+        raise CheckpointError(str(err).replace(book_rebuild, own_rebuild)) from None
+    rebuild = own_rebuild or rebuild
     try:
         config = VLMConfig(**saved)
     except (TypeError, ValueError) as err:

@@ -1,10 +1,12 @@
 """The unified VLM (method A): label masking, <|image|> splicing, freezing, and the error for a wrong image-token count."""
 
+import json
+
 import pytest
 import torch
 
 from mllm_scratch.checkpoints import CheckpointError
-from mllm_scratch.gpt import GPTConfig
+from mllm_scratch.gpt import GPTConfig, tokenizer_sha256
 from mllm_scratch.shapeworld import CaptionDataset, VQADataset
 from mllm_scratch.tokenizer import load_tokenizer
 from mllm_scratch.train import TrainConfig, batches, train
@@ -210,3 +212,33 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
         load_vlm(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_vlm(tmp_path / "missing.pt")
+
+
+def test_manifest_records_the_tokenizer_and_load_refuses_another(tmp_path):
+    """save_vlm writes the tokenizer's sha256; load_vlm (through load_verified) refuses a missing or different one."""
+    model = tiny_vlm(encoder="patches")
+    path = tmp_path / "vlm.pt"
+    manifest = save_vlm(path, model)
+    assert manifest["tokenizer_sha256"] == tokenizer_sha256() and manifest["loader"] == "mllm_scratch.vlm.load_vlm"
+    man = path.with_suffix(".json")
+    good = json.loads(man.read_text())
+    man.write_text(json.dumps({**good, "tokenizer_sha256": "0" * 64}))
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        load_vlm(path)
+    man.write_text(json.dumps({k: v for k, v in good.items() if k != "tokenizer_sha256"}))
+    with pytest.raises(CheckpointError, match="does not record the tokenizer") as info:
+        load_vlm(path)
+    assert f"train-vlm --out {path}" in str(info.value)  # the reader's own checkpoint: rebuilt by the command line
+
+
+def test_shipped_checkpoint_must_match_the_current_recipe(tmp_path, monkeypatch):
+    """For the default path, a manifest whose recipe is not VLMRecipe() is stale and refused."""
+    import mllm_scratch.vlm as vlm_module
+
+    path = tmp_path / "vlm.pt"
+    save_vlm(path, tiny_vlm(encoder="patches"), recipe={**VLMRecipe().to_dict(), "stage2_steps": 1})
+    monkeypatch.setattr(vlm_module, "DEFAULT_CHECKPOINT", path)
+    with pytest.raises(CheckpointError, match=r"another recipe than VLMRecipe\(\).*build_checkpoints.py vlm"):
+        load_vlm()
+    save_vlm(path, tiny_vlm(encoder="patches"), recipe=VLMRecipe().to_dict())
+    assert load_vlm().config == tiny_vlm(encoder="patches").config
