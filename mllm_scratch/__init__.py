@@ -57,6 +57,21 @@ from mllm_scratch.vlm import (
     vlm_loss,
     vqa_accuracy,
 )
+from mllm_scratch.xattn import (
+    CrossAttentionVLM,
+    GatedCrossAttentionBlock,
+    XAttnConfig,
+    XAttnRecipe,
+    build_xattn,
+    fit_xattn,
+    gate_history,
+    lm_checksum,
+    load_xattn,
+    media_mask,
+    save_xattn,
+    train_xattn,
+    xattn_loss,
+)
 from mllm_scratch.vit import (
     TransformerBlock,
     ViTClassifier,
@@ -70,6 +85,19 @@ from mllm_scratch.vit import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossAttentionVLM",
+    "GatedCrossAttentionBlock",
+    "XAttnConfig",
+    "XAttnRecipe",
+    "build_xattn",
+    "fit_xattn",
+    "gate_history",
+    "lm_checksum",
+    "load_xattn",
+    "media_mask",
+    "save_xattn",
+    "train_xattn",
+    "xattn_loss",
     "UnifiedVLM",
     "VLMCollator",
     "VLMConfig",

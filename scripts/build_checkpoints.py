@@ -119,6 +119,14 @@ def build_vlm(out: Path) -> dict:
     return build_checkpoint(out)
 
 
+@target("xattn", "chapter 07's cross-attention VLM (gated blocks on the frozen GPT; tower + xattn only)",
+        loader="mllm_scratch.xattn:load_xattn")
+def build_xattn(out: Path) -> dict:
+    from mllm_scratch.xattn import build_checkpoint
+
+    return build_checkpoint(out)
+
+
 # ----------------------------------------------------------------------------------
 
 
@@ -150,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         manifest = t.build(args.out)
         load_with(t, path)  # what we ship must load through the loader the chapters use
-        print(f"{name}: wrote {path} ({manifest['bytes'] / 2**20:.2f} MiB, sha256 {manifest['sha256'][:16]}...) "
+        wrote = manifest.get("files", [path.name])  # a target may write several files (methods: one per method)
+        print(f"{name}: wrote {', '.join(str(args.out / f) for f in wrote)} ({manifest['bytes'] / 2**20:.2f} MiB, sha256 {manifest['sha256'][:16]}...) "
               f"in {time.perf_counter() - start:.0f} s")
     return 0
 
