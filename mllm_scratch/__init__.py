@@ -72,6 +72,16 @@ from mllm_scratch.xattn import (
     train_xattn,
     xattn_loss,
 )
+from mllm_scratch.hybrid import (
+    HybridConfig,
+    HybridVLM,
+    MethodsRecipe,
+    evaluate_vqa,
+    load_methods,
+    make_method,
+    thumbnail_vlm,
+)
+from mllm_scratch.costs import activation_bytes, counted_flops, method_flops
 from mllm_scratch.vit import (
     TransformerBlock,
     ViTClassifier,
@@ -98,6 +108,16 @@ __all__ = [
     "save_xattn",
     "train_xattn",
     "xattn_loss",
+    "HybridConfig",
+    "HybridVLM",
+    "MethodsRecipe",
+    "evaluate_vqa",
+    "load_methods",
+    "make_method",
+    "thumbnail_vlm",
+    "activation_bytes",
+    "counted_flops",
+    "method_flops",
     "UnifiedVLM",
     "VLMCollator",
     "VLMConfig",

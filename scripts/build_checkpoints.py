@@ -119,6 +119,18 @@ def build_vlm(out: Path) -> dict:
     return build_checkpoint(out)
 
 
+@target("methods", "chapter 08's three methods on one budget: unified (A), cross-attention (B), hybrid (H)",
+        loader="mllm_scratch.hybrid:load_methods")
+def build_methods(out: Path) -> dict:
+    from mllm_scratch.hybrid import build_checkpoints
+
+    manifests = build_checkpoints(out)
+    from mllm_scratch.hybrid import checkpoint_path
+
+    return {"bytes": sum(m["bytes"] for m in manifests.values()), "sha256": manifests["unified"]["sha256"],
+            "files": [checkpoint_path(m, out).name for m in manifests]}
+
+
 @target("xattn", "chapter 07's cross-attention VLM (gated blocks on the frozen GPT; tower + xattn only)",
         loader="mllm_scratch.xattn:load_xattn")
 def build_xattn(out: Path) -> dict:
