@@ -49,6 +49,7 @@ from mllm_scratch.checkpoints import (
     load_state_dict_strict,
     load_verified,
 )
+from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.shapeworld import TextDataset
 from mllm_scratch.text import PackedTextDataset, pack_texts
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer, ranks_to_bytes
@@ -131,7 +132,7 @@ class GPT(nn.Module):
         if ids.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
         # Checked on the CPU only: on a GPU the check would wait for the device at every step.
-        if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+        if checked_on_host(ids) and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"token ids must be in 0..{self.config.vocab_size - 1}, got min {int(ids.min())} and max {int(ids.max())}"
             )

@@ -45,6 +45,7 @@ from mllm_scratch.checkpoints import (
     save_checkpoint,
 )
 from mllm_scratch.gpt import GPT, next_token_loss
+from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, train
 from mllm_scratch.vit import ViTConfig
@@ -178,7 +179,7 @@ class HybridVLM(CrossAttentionVLM):
         embeds = self.lm.embed(ids)  # (B, T, lm_dim)
         slots = ids == self.image_id  # (B, T)
         per_row = slots.sum(dim=1)
-        if bool((per_row != self.num_image_tokens).any()):
+        if checked_on_host(ids) and bool((per_row != self.num_image_tokens).any()):  # no sync on a GPU
             raise ValueError(
                 f"each sequence must hold exactly {self.num_image_tokens} <|image|> tokens (one per thumbnail token), "
                 f"got {per_row.tolist()} per sequence"
@@ -188,7 +189,7 @@ class HybridVLM(CrossAttentionVLM):
     def forward(self, ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (B, T, vocab). images (B, 3, H, W); None = text only (the plain LM)."""
         if images is None:
-            if bool((ids == self.image_id).any()):
+            if checked_on_host(ids) and bool((ids == self.image_id).any()):
                 raise ValueError("ids hold <|image|> tokens but no images were given")
             return self.lm(ids)
         if images.shape[0] != ids.shape[0]:

@@ -66,6 +66,17 @@ def choose_device(preferred: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def checked_on_host(t: torch.Tensor) -> bool:
+    """Whether to run a data-dependent check on `t` now: on the CPU, always; on a GPU, never.
+
+    A check such as "every row holds 64 <|image|> tokens" reads a value computed on the
+    device, so on a GPU Python must wait for every queued kernel to finish (a host-device
+    sync) at each step. The book's collators build correct batches, so the models check on
+    the CPU, where the tests and the notebooks run, and trust the batch on a GPU.
+    """
+    return t.device.type == "cpu"
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters (shared tensors counted once)."""
     seen: set[int] = set()

@@ -39,6 +39,7 @@ from mllm_scratch.checkpoints import (
 )
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, tokenizer_sha256
 from mllm_scratch.patches import patchify
+from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, train
@@ -179,13 +180,13 @@ class UnifiedVLM(nn.Module):
         slots = ids == self.image_id  # (batch, T)
         per_row = slots.sum(dim=1)  # (batch,)
         if images is None:
-            if bool(slots.any()):
+            if checked_on_host(ids) and bool(slots.any()):
                 raise ValueError("ids hold <|image|> tokens but no images were given")
             return embeds
         if images.shape[0] != ids.shape[0]:
             raise ValueError(f"got {images.shape[0]} images for {ids.shape[0]} sequences: expected one image per sequence")
         n = self.num_image_tokens
-        if bool((per_row != n).any()):
+        if checked_on_host(ids) and bool((per_row != n).any()):  # no host-device sync on a GPU
             raise ValueError(
                 f"each sequence must hold exactly {n} <|image|> tokens (one per image patch), "
                 f"got {per_row.tolist()} per sequence"

@@ -37,6 +37,7 @@ from torch.utils.data import ConcatDataset
 from mllm_scratch.attention import MultiHeadAttention
 from mllm_scratch.checkpoints import DEFAULT_DIR, CheckpointError, load_state_dict_strict, load_verified, save_checkpoint
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss
+from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, train
@@ -71,7 +72,8 @@ def media_mask(
     if attend not in ("latest", "all"):
         raise ValueError(f"attend must be 'latest' or 'all', got {attend!r}")
     latest = media_index(ids, media_id)  # (B, T)
-    markers = int(latest[:, -1].max()) + 1 if latest.numel() else 0  # the most markers any row holds
+    # The most markers any row holds; read on the CPU only (on a GPU it would be a host-device sync).
+    markers = int(latest[:, -1].max()) + 1 if latest.numel() and checked_on_host(ids) else 0
     if markers > num_items:
         raise ValueError(f"a sequence holds {markers} media markers but only {num_items} media items were given")
     item_of_key = torch.arange(num_items, device=ids.device).repeat_interleave(tokens_per_item)  # (M,)
@@ -261,13 +263,13 @@ class CrossAttentionVLM(nn.Module):
         """Next-token logits (B, T, vocab). media: (B, M, *item) or (B, *item); None = text only (the plain LM)."""
         markers = ids == self.media_id
         if media is None:
-            if bool(markers.any()):
+            if checked_on_host(ids) and bool(markers.any()):
                 raise ValueError("ids hold media marker tokens but no media were given")
             return self.lm(ids)
         media = self._as_items(media)
         if media.shape[0] != ids.shape[0]:
             raise ValueError(f"got media for {media.shape[0]} sequences and ids for {ids.shape[0]}")
-        count = int(markers.sum(dim=1).max()) if ids.numel() else 0
+        count = int(markers.sum(dim=1).max()) if ids.numel() and checked_on_host(ids) else 0  # no sync on a GPU
         if count > media.shape[1]:
             raise ValueError(f"a sequence holds {count} media markers but only {media.shape[1]} media items per sequence were given")
         tokens = self.encode_media(media)  # (B, M * media_tokens, lm_dim)
