@@ -38,6 +38,7 @@ from mllm_scratch.runtime import choose_device  # noqa: E402
 from mllm_scratch.train import TrainConfig, train  # noqa: E402
 from mllm_scratch.vit import ViTClassifier, ViTConfig  # noqa: E402
 from mllm_scratch.vlm import UnifiedVLM, VLMBatch, VLMConfig, vlm_loss  # noqa: E402
+from mllm_scratch.xattn import CrossAttentionVLM, XAttnConfig, xattn_loss  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -95,15 +96,10 @@ def make_cases(batch: dict[str, int]) -> dict[str, tuple[Callable[[], torch.nn.M
         "vlm-A": (lambda: UnifiedVLM(VLMConfig(lm=lm)), vlm_loss,
                   vlm_batch(batch["vlm-A"], ViTConfig().num_patches)),
     }
-    try:  # chapter 07's cross-attention VLM, when the package has it
-        from mllm_scratch.xattn import CrossAttentionVLM, XAttnConfig, xattn_loss
-
-        vit = ViTConfig()
-        cases["vlm-B"] = (lambda: CrossAttentionVLM(XAttnConfig(lm=lm, media_dim=vit.dim, media_tokens=vit.num_patches,
-                                                                 vision=vit)),
-                          xattn_loss, vlm_batch(batch["vlm-B"], 1))
-    except ImportError:
-        pass
+    vit = ViTConfig()
+    cases["vlm-B"] = (lambda: CrossAttentionVLM(XAttnConfig(lm=lm, media_dim=vit.dim, media_tokens=vit.num_patches,
+                                                             vision=vit)),
+                      xattn_loss, vlm_batch(batch["vlm-B"], 1))
     return cases
 
 
