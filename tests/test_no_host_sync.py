@@ -77,3 +77,20 @@ def test_plain_lm_step_reads_no_device_value():
     loss = lm_loss(model, (ids[:, :-1], ids[:, 1:]))
     loss.backward()
     assert loss.device.type == "meta"
+
+
+def test_models_compile_to_one_graph():
+    """The same checks would split a `torch.compile` graph; under compile they are skipped.
+
+    fullgraph=True makes any graph break an error; the eager backend traces without
+    generating code, so this runs in seconds on any machine.
+    """
+    from test_vlm import tiny_vlm, vqa_items
+
+    torch._dynamo.reset()
+    model = tiny_vlm().eval()
+    batch = VLMCollator(TOK, 16)(vqa_items(2))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(batch.ids, batch.images), model(batch.ids, batch.images))
+    with pytest.raises(ValueError, match="exactly 16 <\\|image\\|> tokens"):
+        model(batch.ids[:, 1:], batch.images)  # eager, on the CPU: still checked
