@@ -54,6 +54,7 @@ from mllm_scratch.vlm import (
     UnifiedVLM,
     VLMConfig,
     VLMRecipe,
+    greedy_decode,
     make_projector,
     stack_dataset,
     stage_data,
@@ -212,17 +213,8 @@ class HybridVLM(CrossAttentionVLM):
             embeds, mask = self.splice(ids, thumbnail), self.mask_for(ids)
         logits = self.lm.to_logits(self.hidden_states(None, media, mask, caches, inputs_embeds=embeds))
         step_mask = None if mask is None else mask[:, -1:]  # a new token sees the image, as the prompt's last did
-        chosen = []
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for step in range(steps):
-            next_id = logits[:, -1].argmax(dim=-1)  # (b,)
-            next_id = torch.where(finished, torch.full_like(next_id, eot_id), next_id)
-            chosen.append(next_id)
-            finished |= next_id == eot_id
-            if bool(finished.all()) or step == steps - 1:
-                break
-            logits = self.lm.to_logits(self.hidden_states(next_id[:, None], media, step_mask, caches))
-        return torch.stack(chosen, dim=1)  # (b, new)
+        return greedy_decode(logits, lambda new: self.lm.to_logits(self.hidden_states(new, media, step_mask, caches)),
+                             steps, eot_id)
 
 
 def hybrid_loss(model: HybridVLM, batch) -> torch.Tensor:

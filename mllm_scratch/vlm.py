@@ -20,7 +20,7 @@ ids with -100 on every position that is not scored (image, prompt, padding).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -213,50 +213,84 @@ class UnifiedVLM(nn.Module):
         Rows are grouped by prompt length, so a batch needs no padding; each group decodes
         with the GPT's KV caches, stopping at <|endoftext|>. Returns the decoded new text, stripped.
         """
-        if images is not None and len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: expected one image per prompt")
-        device = next(self.lm.parameters()).device
-        prefix = [self.image_id] * self.num_image_tokens if images is not None else []
-        encoded = [prefix + tokenizer.encode_ordinary(p) for p in prompts]
-        out: list[str] = [""] * len(prompts)
-        groups: dict[int, list[int]] = {}
-        for i, ids in enumerate(encoded):
-            groups.setdefault(len(ids), []).append(i)
-        was_training = self.training
-        self.eval()
-        for length, members in sorted(groups.items()):
-            if length == 0:
-                raise ValueError("an empty prompt without an image has nothing to continue: give a prompt or an image")
-            budget = min(max_new_tokens, self.config.lm.context_length - length)
-            if budget < 1:
-                raise ValueError(f"a prompt of {length} tokens leaves no room in context_length {self.config.lm.context_length}")
-            for start in range(0, len(members), batch_size):
-                rows = members[start : start + batch_size]
-                ids = torch.tensor([encoded[i] for i in rows], device=device)  # (b, length)
-                imgs = None if images is None else images[rows].to(device)
-                new = self._greedy(ids, imgs, budget, tokenizer.eot_id)  # (b, <= budget)
-                for i, row in zip(rows, new.tolist()):
-                    row = row[: row.index(tokenizer.eot_id)] if tokenizer.eot_id in row else row
-                    out[i] = tokenizer.decode(row).strip()
-        self.train(was_training)
-        return out
+        prefix = [self.image_id] * self.num_image_tokens
+        return generate_grouped(self, tokenizer, images, prompts, prefix, max_new_tokens, batch_size)
 
     def _greedy(self, ids: torch.Tensor, images: torch.Tensor | None, steps: int, eot_id: int) -> torch.Tensor:
         caches = self.lm.new_caches()
         with autocast(ids.device):
             logits = self.lm(inputs_embeds=self.splice(ids, images), caches=caches)  # the prompt, once
-        chosen = []
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for step in range(steps):
-            next_id = logits[:, -1].argmax(dim=-1)  # (b,)
-            next_id = torch.where(finished, torch.full_like(next_id, eot_id), next_id)
-            chosen.append(next_id)
-            finished |= next_id == eot_id
-            if bool(finished.all()) or step == steps - 1:
-                break
+
+        def step(new: torch.Tensor) -> torch.Tensor:
             with autocast(ids.device):
-                logits = self.lm(next_id[:, None], caches=caches)  # only the new token: (b, 1, vocab)
-        return torch.stack(chosen, dim=1)  # (b, new)
+                return self.lm(new, caches=caches)  # only the new token: (b, 1, vocab)
+
+        return greedy_decode(logits, step, steps, eot_id)
+
+
+def greedy_decode(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], steps: int, eot_id: int) -> torch.Tensor:
+    """The greedy loop every VLM shares: (b, new <= steps) token ids, given the prompt's logits (b, T, vocab).
+
+    `step(ids (b, 1))` feeds one new token per row through the model (its KV caches hold the
+    rest) and returns its logits (b, 1, vocab). A row that has said <|endoftext|> keeps saying
+    it; the loop stops when every row has.
+    """
+    chosen = []
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for i in range(steps):
+        next_id = logits[:, -1].argmax(dim=-1)  # (b,)
+        next_id = torch.where(finished, torch.full_like(next_id, eot_id), next_id)
+        chosen.append(next_id)
+        finished |= next_id == eot_id
+        if bool(finished.all()) or i == steps - 1:
+            break
+        logits = step(next_id[:, None])
+    return torch.stack(chosen, dim=1)  # (b, new)
+
+
+def generate_grouped(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    media: torch.Tensor | None,
+    prompts: Sequence[str],
+    prefix: list[int],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """`prefix + prompt` continued greedily for each (media item, prompt) by `model._greedy`; media None = text only.
+
+    What every VLM's `generate` does around its own greedy step: prompts are grouped by
+    length (a batch then needs no padding), cut into batches, decoded, and each row's text
+    is read up to its <|endoftext|>. Without media the prefix is left out.
+    """
+    if media is not None and len(media) != len(prompts):
+        raise ValueError(f"got {len(media)} images for {len(prompts)} prompts: expected one image per prompt")
+    context = model.config.lm.context_length
+    device = next(model.lm.parameters()).device
+    prefix = prefix if media is not None else []
+    encoded = [prefix + tokenizer.encode_ordinary(p) for p in prompts]
+    out: list[str] = [""] * len(prompts)
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    was_training = model.training
+    model.eval()
+    for length, members in sorted(groups.items()):
+        if length == 0:
+            raise ValueError("an empty prompt without an image has nothing to continue: give a prompt or an image")
+        budget = min(max_new_tokens, context - length)
+        if budget < 1:
+            raise ValueError(f"a prompt of {length} tokens leaves no room in context_length {context}")
+        for start in range(0, len(members), batch_size):
+            rows = members[start : start + batch_size]
+            ids = torch.tensor([encoded[i] for i in rows], device=device)  # (b, length)
+            items = None if media is None else media[rows].to(device)
+            new = model._greedy(ids, items, budget, tokenizer.eot_id)  # (b, <= budget)
+            for i, row in zip(rows, new.tolist()):
+                row = row[: row.index(tokenizer.eot_id)] if tokenizer.eot_id in row else row
+                out[i] = tokenizer.decode(row).strip()
+    model.train(was_training)
+    return out
 
 
 def vlm_loss(model: UnifiedVLM, batch: VLMBatch) -> torch.Tensor:

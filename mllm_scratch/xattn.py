@@ -42,6 +42,7 @@ from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, train
 from mllm_scratch.vit import MLP, ViTConfig, VisionTransformer
+from mllm_scratch.vlm import generate_grouped, greedy_decode
 
 IGNORE_INDEX = -100
 
@@ -291,33 +292,7 @@ class CrossAttentionVLM(nn.Module):
         `caption_accuracy` evaluate this model too. The media are encoded once per batch; the
         LM decodes with its KV caches, and new tokens keep seeing the prompt's latest item.
         """
-        if media is not None and len(media) != len(prompts):
-            raise ValueError(f"got {len(media)} media items for {len(prompts)} prompts: expected one per prompt")
-        device = next(self.lm.parameters()).device
-        prefix = [self.media_id] if media is not None else []
-        encoded = [prefix + tokenizer.encode_ordinary(p) for p in prompts]
-        out: list[str] = [""] * len(prompts)
-        groups: dict[int, list[int]] = {}
-        for i, ids in enumerate(encoded):
-            groups.setdefault(len(ids), []).append(i)
-        was_training = self.training
-        self.eval()
-        for length, members in sorted(groups.items()):
-            if length == 0:
-                raise ValueError("an empty prompt without media has nothing to continue: give a prompt or media")
-            budget = min(max_new_tokens, self.config.lm.context_length - length)
-            if budget < 1:
-                raise ValueError(f"a prompt of {length} tokens leaves no room in context_length {self.config.lm.context_length}")
-            for start in range(0, len(members), batch_size):
-                rows = members[start : start + batch_size]
-                ids = torch.tensor([encoded[i] for i in rows], device=device)  # (b, length)
-                items = None if media is None else media[rows].to(device)
-                new = self._greedy(ids, items, budget, tokenizer.eot_id)
-                for i, row in zip(rows, new.tolist()):
-                    row = row[: row.index(tokenizer.eot_id)] if tokenizer.eot_id in row else row
-                    out[i] = tokenizer.decode(row).strip()
-        self.train(was_training)
-        return out
+        return generate_grouped(self, tokenizer, media, prompts, [self.media_id], max_new_tokens, batch_size)
 
     def _greedy(self, ids: torch.Tensor, media: torch.Tensor | None, steps: int, eot_id: int) -> torch.Tensor:
         caches = self.lm.new_caches()
@@ -329,18 +304,12 @@ class CrossAttentionVLM(nn.Module):
                 mask = self.mask_for(ids, media.shape[1])  # (b, length, M)
             logits = self.lm.to_logits(self.hidden_states(ids, tokens, mask, caches))
         step_mask = None if mask is None else mask[:, -1:]  # new tokens see what the prompt's last token saw
-        chosen = []
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for step in range(steps):
-            next_id = logits[:, -1].argmax(dim=-1)  # (b,)
-            next_id = torch.where(finished, torch.full_like(next_id, eot_id), next_id)
-            chosen.append(next_id)
-            finished |= next_id == eot_id
-            if bool(finished.all()) or step == steps - 1:
-                break
+
+        def step(new: torch.Tensor) -> torch.Tensor:
             with autocast(ids.device):
-                logits = self.lm.to_logits(self.hidden_states(next_id[:, None], tokens, step_mask, caches))
-        return torch.stack(chosen, dim=1)  # (b, new)
+                return self.lm.to_logits(self.hidden_states(new, tokens, step_mask, caches))
+
+        return greedy_decode(logits, step, steps, eot_id)
 
 
 def xattn_loss(model: CrossAttentionVLM, batch) -> torch.Tensor:
