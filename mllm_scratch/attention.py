@@ -113,7 +113,10 @@ class MultiHeadAttention(nn.Module):
         attn_mask: boolean, broadcastable to (batch, heads, Tq, Tk), True = may attend.
         key_padding_mask: (batch, Tk), True = a real key, False = padding.
         causal: each query sees only keys at its own position or earlier.
-        cache: a `KVCache` that receives this call's keys/values (self-attention only).
+        cache: a `KVCache`. In self-attention it receives this call's keys/values and returns
+        every position's so far. In cross-attention the context does not grow: an empty cache
+        stores the context's keys/values, and a filled one is used instead of recomputing them
+        (`context` is then only checked for shape), so a decoder projects its media once.
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}")
@@ -123,12 +126,16 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(
                     f"context must have shape ({x.shape[0]}, tokens, {self.context_dim}), got {tuple(context.shape)}"
                 )
-            if cache is not None or causal:
-                raise ValueError("cache and causal apply to self-attention only; cross-attention keys are not positions in x")
-        q, k = self._queries_keys(x, source)  # (b, heads, Tq, head_dim), (b, heads, Tk, head_dim)
-        v = self._split_heads(self.v_proj(source))
-        if cache is not None:
-            k, v = cache.append(k, v)  # keys now cover every position so far
+            if causal:
+                raise ValueError("causal applies to self-attention only; cross-attention keys are not positions in x")
+        if context is not None and cache is not None and cache.k is not None:
+            q = self._split_heads(self.q_proj(x))  # the context's keys and values are already in the cache
+            k, v = cache.k, cache.v
+        else:
+            q, k = self._queries_keys(x, source)  # (b, heads, Tq, head_dim), (b, heads, Tk, head_dim)
+            v = self._split_heads(self.v_proj(source))
+            if cache is not None:
+                k, v = cache.append(k, v)  # self-attention: keys now cover every position so far
         tq, tk = q.shape[2], k.shape[2]
 
         dropout_p = self.dropout if self.training else 0.0

@@ -204,17 +204,18 @@ class HybridVLM(CrossAttentionVLM):
     generate = UnifiedVLM.generate
 
     def _greedy(self, ids: torch.Tensor, images: torch.Tensor | None, steps: int, eot_id: int) -> torch.Tensor:
-        caches = self.lm.new_caches()
+        caches, media_caches = self.lm.new_caches(), self.new_media_caches()
         media = mask = None
         if images is None:
             embeds = self.lm.embed(ids)
         else:
             media, thumbnail = self.image_paths(images)  # the tower runs once per prompt
             embeds, mask = self.splice(ids, thumbnail), self.mask_for(ids)
-        logits = self.lm.to_logits(self.hidden_states(None, media, mask, caches, inputs_embeds=embeds))
+        logits = self.lm.to_logits(self.hidden_states(None, media, mask, caches, inputs_embeds=embeds,
+                                                      media_caches=media_caches))
         step_mask = None if mask is None else mask[:, -1:]  # a new token sees the image, as the prompt's last did
-        return greedy_decode(logits, lambda new: self.lm.to_logits(self.hidden_states(new, media, step_mask, caches)),
-                             steps, eot_id)
+        return greedy_decode(logits, lambda new: self.lm.to_logits(
+            self.hidden_states(new, media, step_mask, caches, media_caches=media_caches)), steps, eot_id)
 
 
 def hybrid_loss(model: HybridVLM, batch) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from mllm_scratch.attention import MultiHeadAttention
+from mllm_scratch.attention import KVCache, MultiHeadAttention
 from mllm_scratch.checkpoints import DEFAULT_DIR, CheckpointError, load_state_dict_strict, load_verified, save_checkpoint
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss
 from mllm_scratch.runtime import checked_on_host
@@ -141,10 +141,14 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, dim) text; media: (B, M, dim); mask: (B, T, M), True = may attend -> (B, T, dim)."""
+    def forward(self, x: torch.Tensor, media: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, T, dim) text; media: (B, M, dim); mask: (B, T, M), True = may attend -> (B, T, dim).
+
+        cache: an empty `KVCache` keeps the media's keys and values; a filled one is reused
+        (generation: the media do not change from one new token to the next).
+        """
         sees = mask.any(dim=-1, keepdim=True).to(x.dtype)  # (B, T, 1): 0 for a token with no media before it
-        h = self.attn(self.norm1(x), media, attn_mask=mask[:, None])  # (B, T, dim)
+        h = self.attn(self.norm1(x), media, attn_mask=mask[:, None], cache=cache)  # (B, T, dim)
         # A row with no key gives zeros from attention, but out_proj's bias and the MLP would still
         # add something: multiplying by `sees` makes the update exactly zero there.
         x = x + torch.tanh(self.attn_gate) * h * sees
@@ -233,6 +237,10 @@ class CrossAttentionVLM(nn.Module):
         """The media mask (B, T, num_items * media_tokens) of these ids (see `media_mask`)."""
         return media_mask(ids, self.media_id, self.config.media_tokens, num_items, self.config.attend)
 
+    def new_media_caches(self) -> dict[str, KVCache]:
+        """One empty cache per gated block, for the media's keys and values during generation."""
+        return {key: KVCache() for key in self.blocks}
+
     def hidden_states(
         self,
         ids: torch.Tensor | None,
@@ -241,11 +249,14 @@ class CrossAttentionVLM(nn.Module):
         caches=None,
         *,
         inputs_embeds: torch.Tensor | None = None,
+        media_caches: dict[str, KVCache] | None = None,
     ) -> torch.Tensor:
         """The LM's residual stream with the gated blocks run after their LM blocks -> (B, T, lm_dim).
 
         media_tokens (B, M, lm_dim) from `encode_media`; mask (B, T, M) from `mask_for`, or any
         mask of that shape (a hybrid model passes its own). inputs_embeds replaces ids, as in `GPT`.
+        caches: the LM's KV caches; media_caches (`new_media_caches()`): each gated block's keys
+        and values of the media, computed on the first call and reused after it.
         """
         if media_tokens is None:
             return self.lm.hidden_states(ids, inputs_embeds=inputs_embeds, caches=caches)
@@ -256,7 +267,9 @@ class CrossAttentionVLM(nn.Module):
 
         def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
             key = str(i)
-            return blocks[key](x, media_tokens.to(x.dtype), mask) if key in blocks else x
+            if key not in blocks:
+                return x
+            return blocks[key](x, media_tokens.to(x.dtype), mask, None if media_caches is None else media_caches[key])
 
         return self.lm.hidden_states(ids, inputs_embeds=inputs_embeds, caches=caches, after_block=after_block)
 
@@ -295,19 +308,19 @@ class CrossAttentionVLM(nn.Module):
         return generate_grouped(self, tokenizer, media, prompts, [self.media_id], max_new_tokens, batch_size)
 
     def _greedy(self, ids: torch.Tensor, media: torch.Tensor | None, steps: int, eot_id: int) -> torch.Tensor:
-        caches = self.lm.new_caches()
+        caches, media_caches = self.lm.new_caches(), self.new_media_caches()
         tokens = mask = None
         with autocast(ids.device):
             if media is not None:
                 media = self._as_items(media)
                 tokens = self.encode_media(media)
                 mask = self.mask_for(ids, media.shape[1])  # (b, length, M)
-            logits = self.lm.to_logits(self.hidden_states(ids, tokens, mask, caches))
+            logits = self.lm.to_logits(self.hidden_states(ids, tokens, mask, caches, media_caches=media_caches))
         step_mask = None if mask is None else mask[:, -1:]  # new tokens see what the prompt's last token saw
 
         def step(new: torch.Tensor) -> torch.Tensor:
             with autocast(ids.device):
-                return self.lm.to_logits(self.hidden_states(new, tokens, step_mask, caches))
+                return self.lm.to_logits(self.hidden_states(new, tokens, step_mask, caches, media_caches=media_caches))
 
         return greedy_decode(logits, step, steps, eot_id)
 

@@ -172,3 +172,23 @@ def test_causal_fast_path_equals_explicit_causal_mask():
     torch.testing.assert_close(g_fast, g_explicit)
     keep = torch.ones(2, 7, dtype=torch.bool)  # all real: causal + padding must give the same numbers
     torch.testing.assert_close(mha(x, causal=True, key_padding_mask=keep), fast)
+
+
+def test_cross_attention_cache_projects_the_context_once():
+    """In cross-attention a cache keeps the context's keys/values: same output, k_proj and v_proj run once."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, context_dim=8).eval()
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 7, 8)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    calls = []
+    mha.k_proj.register_forward_hook(lambda *_: calls.append("k"))
+    mha.v_proj.register_forward_hook(lambda *_: calls.append("v"))
+    cache = KVCache()
+    full = mha(x, context, attn_mask=mask)
+    first = mha(x[:, :3], context, attn_mask=mask[:, :, :3], cache=cache)  # fills the cache
+    second = mha(x[:, 3:], context, attn_mask=mask[:, :, 3:], cache=cache)  # reuses it
+    assert calls == ["k", "v", "k", "v"]  # the uncached call, then the first cached one; none for the second
+    assert len(cache) == 7  # the context's length, not the queries'
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full)
+    with pytest.raises(ValueError, match="causal applies to self-attention only"):
+        mha(x, context, causal=True)
