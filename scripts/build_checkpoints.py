@@ -119,6 +119,14 @@ def build_vlm(out: Path) -> dict:
     return build_checkpoint(out)
 
 
+@target("xattn", "chapter 07's cross-attention VLM (gated blocks on the frozen GPT; tower + xattn only)",
+        loader="mllm_scratch.xattn:load_xattn")
+def build_xattn(out: Path) -> dict:
+    from mllm_scratch.xattn import build_checkpoint
+
+    return build_checkpoint(out)
+
+
 @target("methods", "chapter 08's three methods on one budget: unified (A), cross-attention (B), hybrid (H)",
         loader="mllm_scratch.hybrid:load_methods")
 def build_methods(out: Path) -> dict:
@@ -131,10 +139,10 @@ def build_methods(out: Path) -> dict:
             "files": [checkpoint_path(m, out).name for m in manifests]}
 
 
-@target("xattn", "chapter 07's cross-attention VLM (gated blocks on the frozen GPT; tower + xattn only)",
-        loader="mllm_scratch.xattn:load_xattn")
-def build_xattn(out: Path) -> dict:
-    from mllm_scratch.xattn import build_checkpoint
+@target("video", "chapter 09's video QA models (Perceiver Resampler + cross-attention / unified decoders, single-frame baseline)",
+        loader="mllm_scratch.video:load_video_models")
+def build_video(out: Path) -> dict:
+    from mllm_scratch.video import build_checkpoint
 
     return build_checkpoint(out)
 
