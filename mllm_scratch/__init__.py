@@ -82,6 +82,18 @@ from mllm_scratch.hybrid import (
     thumbnail_vlm,
 )
 from mllm_scratch.costs import activation_bytes, counted_flops, method_flops
+from mllm_scratch.perceiver import Perceiver, PerceiverConfig, PerceiverResampler, ResamplerConfig
+from mllm_scratch.video import (
+    VideoCollator,
+    VideoEncoder,
+    VideoRecipe,
+    build_video_model,
+    load_video_models,
+    pretrain_resampler,
+    sample_frames,
+    train_video_model,
+    video_accuracy,
+)
 from mllm_scratch.vit import (
     TransformerBlock,
     ViTClassifier,
@@ -118,6 +130,19 @@ __all__ = [
     "activation_bytes",
     "counted_flops",
     "method_flops",
+    "Perceiver",
+    "PerceiverConfig",
+    "PerceiverResampler",
+    "ResamplerConfig",
+    "VideoCollator",
+    "VideoEncoder",
+    "VideoRecipe",
+    "build_video_model",
+    "load_video_models",
+    "pretrain_resampler",
+    "sample_frames",
+    "train_video_model",
+    "video_accuracy",
     "UnifiedVLM",
     "VLMCollator",
     "VLMConfig",
