@@ -3,6 +3,7 @@
 
     python benchmarks/suite_time.py              # runs `python book.py test --no-setup` once
     python benchmarks/suite_time.py --workers 2  # as CI runs it on a 2-core machine
+    python benchmarks/suite_time.py --quick      # the unit tests only (seconds, not minutes)
 
 Runs the README's test command exactly (pytest -n <workers> --dist loadfile, one thread per
 worker, CPU only), asks pytest for every item's duration, and prints: the wall time as a
@@ -29,12 +30,15 @@ DURATION = re.compile(r"^\s*([\d.]+)s (call|setup|teardown)\s+(\S+?)::")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, help="parallel test workers (default: one per CPU core)")
+    parser.add_argument("--quick", action="store_true", help="time the unit tests (tests/) only, not the notebooks")
     args = parser.parse_args()
 
     cmd = [sys.executable, "book.py", "test", "--no-setup"]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
     cmd += ["--", "--durations=0", "--durations-min=0", "-q", "-p", "no:cacheprovider"]
+    if args.quick:
+        cmd.append("tests")
     print("running:", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
