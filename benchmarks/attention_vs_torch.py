@@ -15,14 +15,13 @@ ratio is time / package time, so a ratio above 1 means the package is faster.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from mllm_scratch.attention import MultiHeadAttention, causal_mask, reference_attention
+from mllm_scratch.costs import interleaved_times
 from mllm_scratch.vit import TransformerBlock
 
 
@@ -65,16 +64,8 @@ def torch_layer_like(block: TransformerBlock) -> nn.TransformerEncoderLayer:
 
 
 def measure(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call; implementations interleaved so drift affects all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median seconds per call; implementations interleaved so drift affects all alike (one warm-up call each)."""
+    return interleaved_times(fns, repeats, warmup=1)
 
 
 def forward_fn(model: nn.Module, x: torch.Tensor, **kw) -> Callable[[], object]:
