@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 # Budgets (and batch sizes) per preset; every other field is VLMRecipe's default, the notebook's recipe.

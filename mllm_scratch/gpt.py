@@ -49,7 +49,7 @@ from mllm_scratch.checkpoints import (
     load_state_dict_strict,
     load_verified,
 )
-from mllm_scratch.runtime import checked_on_host
+from mllm_scratch.runtime import check_positive_ints, checked_on_host
 from mllm_scratch.shapeworld import TextDataset
 from mllm_scratch.text import PackedTextDataset, pack_texts
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer, ranks_to_bytes
@@ -75,10 +75,7 @@ class GPTConfig:
     tie_weights: bool = True  # the output head reuses the token embedding matrix (GPT-2)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "dim", "depth", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, "vocab_size", "context_length", "dim", "depth", "num_heads")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.mlp_ratio <= 0:

@@ -47,7 +47,7 @@ from mllm_scratch.checkpoints import (
 from mllm_scratch.gpt import GPT, next_token_loss
 from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
-from mllm_scratch.train import History, train
+from mllm_scratch.train import History
 from mllm_scratch.vit import ViTConfig
 from mllm_scratch.vlm import (
     IGNORE_INDEX,
@@ -56,8 +56,8 @@ from mllm_scratch.vlm import (
     VLMRecipe,
     greedy_decode,
     make_projector,
+    run_stage,
     stack_dataset,
-    stage_data,
     vlm_loss,
 )
 from mllm_scratch.xattn import CrossAttentionVLM, XAttnConfig, xattn_loss
@@ -395,15 +395,8 @@ def train_method(
     _set_trainable(model, **trained_parts(method, stage, recipe))
     lr = recipe.stage1_lr if stage == 1 else recipe.stage2_lr
     groups = _groups(model, lr, lr if stage == 1 else recipe.pretrained_lr)
-    base = recipe.vlm_recipe()
-    overrides: dict[str, Any] = {"log_every": log_every, "progress": progress}
-    if steps is not None:
-        overrides.update(steps=steps, warmup_steps=min(recipe.warmup_steps, steps))
-    config = base.train_config(stage, **overrides)
-    dev = torch.device(device) if device is not None else None
-    data = stage_data(base, stage, tokenizer, image_slots(model), dev)
-    history = train(model, data, method_loss, config, optimizer=torch.optim.AdamW(groups, lr=config.lr),
-                    device=device, batch_size_of=lambda b: b.ids.shape[0])
+    history = run_stage(model, recipe.vlm_recipe(), stage, groups, method_loss, image_slots(model), tokenizer,
+                        steps=steps, log_every=log_every, progress=progress, device=device)
     model.requires_grad_(False)
     return history
 

@@ -35,15 +35,13 @@ import torch
 from torch import nn
 
 from mllm_scratch.attention import MultiHeadAttention
+from mllm_scratch.runtime import check_positive_ints
 from mllm_scratch.train import no_weight_decay
 from mllm_scratch.vit import MLP, TransformerBlock, sincos_2d_position_embedding
 
 
-def _check_positive(config: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _check_shape(config: Any, names: tuple[str, ...]) -> None:
+    check_positive_ints(config, *names)
     if config.dim % config.num_heads:
         raise ValueError(f"dim {config.dim} is not divisible by num_heads {config.num_heads}")
     if config.mlp_ratio <= 0:
@@ -71,7 +69,7 @@ class PerceiverConfig:
     mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("input_dim", "dim", "num_latents", "num_heads"))
+        _check_shape(self, ("input_dim", "dim", "num_latents", "num_heads"))
         if not isinstance(self.depth, int) or self.depth < 0:
             raise ValueError(f"depth must be a non-negative int, got {self.depth!r}")
 
@@ -126,7 +124,7 @@ class ResamplerConfig:
     spatial_pos: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("media_dim", "dim", "num_latents", "depth", "num_heads", "max_frames"))
+        _check_shape(self, ("media_dim", "dim", "num_latents", "depth", "num_heads", "max_frames"))
         if self.spatial_pos and self.dim % 4:
             raise ValueError(f"spatial_pos needs dim divisible by 4 (2-D sin-cos codes), got dim {self.dim}")
 

@@ -66,6 +66,14 @@ def choose_device(preferred: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def check_positive_ints(config: object, *names: str) -> None:
+    """Raise ValueError naming the first of `config`'s fields `names` that is not a positive int (bools are not ints here)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def checked_on_host(t: torch.Tensor) -> bool:
     """Whether to run a data-dependent check on `t` now: on the CPU, always; on a GPU, never.
 

@@ -57,6 +57,15 @@ class TrainConfig:
             )
 
 
+def run_overrides(log_every: int, progress: bool, steps: int | None = None, warmup_steps: int = 0) -> dict[str, Any]:
+    """TrainConfig overrides for a recipe's run: logging and progress, and with `steps` a shorter run
+    whose warm-up is cut to fit (the schedule follows the new length)."""
+    overrides: dict[str, Any] = {"log_every": log_every, "progress": progress}
+    if steps is not None:
+        overrides.update(steps=steps, warmup_steps=min(warmup_steps, steps))
+    return overrides
+
+
 @dataclass
 class History:
     """What happened during training: the loss curve and every evaluation."""

@@ -36,7 +36,7 @@ from mllm_scratch.gpt import GPT, next_token_loss
 from mllm_scratch.perceiver import PerceiverResampler, ResamplerConfig
 from mllm_scratch.shapeworld import VIDEO_SKILLS, ShapeWorldConfig, VideoQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
-from mllm_scratch.train import History, TrainConfig, batches, train
+from mllm_scratch.train import History, TrainConfig, batches, run_overrides, train
 from mllm_scratch.vlm import IGNORE_INDEX, UnifiedVLM, VLMConfig
 from mllm_scratch.xattn import CrossAttentionVLM, XAttnConfig, lm_checksum, xattn_loss
 
@@ -474,9 +474,7 @@ def train_video_model(
     rest = [p for n, p in named if not n.endswith("_gate") and not n.startswith("lm.")]
     groups = [{"params": rest, "lr": recipe.lr}] + ([{"params": gates, "lr": recipe.gate_lr}] if gates else []) + \
         ([{"params": lm_params, "lr": recipe.lm_lr}] if lm_params else [])
-    overrides: dict[str, Any] = {"log_every": log_every, "progress": progress}
-    if steps is not None:
-        overrides.update(steps=steps, warmup_steps=min(recipe.warmup_steps, steps))
+    overrides = run_overrides(log_every, progress, steps, recipe.warmup_steps)
     config = recipe.train_config(**overrides)
     media_tokens = 1 if recipe.decoder == "xattn" else recipe.num_latents
     collate = VideoCollator(tokenizer, media_tokens)

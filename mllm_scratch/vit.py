@@ -22,6 +22,7 @@ from torch import nn
 from mllm_scratch.attention import KVCache, MultiHeadAttention
 from mllm_scratch.checkpoints import atomic_write, config_differences
 from mllm_scratch.patches import PatchEmbedding
+from mllm_scratch.runtime import check_positive_ints
 from mllm_scratch.train import no_weight_decay
 
 
@@ -42,10 +43,7 @@ class ViTConfig:
     num_classes: int | None = None  # set it to give `ViTClassifier` its head
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "in_channels", "dim", "depth", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, "image_size", "patch_size", "in_channels", "dim", "depth", "num_heads")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         if self.dim % self.num_heads:

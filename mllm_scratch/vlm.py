@@ -42,7 +42,7 @@ from mllm_scratch.patches import patchify
 from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
-from mllm_scratch.train import History, TrainConfig, autocast, batches, train
+from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
 from mllm_scratch.vit import ViTConfig, VisionTransformer
 
 IGNORE_INDEX = -100  # label of a position the loss skips (image, prompt, padding)
@@ -459,17 +459,36 @@ def train_stage(
     else:
         model.set_trainable(encoder=recipe.train_encoder, projector=True, lm=True)
         groups = param_groups(model, recipe.stage2_lr, recipe.stage2_lm_lr, recipe.weight_decay)
-    overrides: dict[str, Any] = {"log_every": log_every, "progress": progress}
-    if steps is not None:
-        overrides.update(steps=steps, warmup_steps=min(recipe.warmup_steps, steps))
-    config = recipe.train_config(stage, **overrides)
-    dev = torch.device(device) if device is not None else None
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    data = stage_data(recipe, stage, tokenizer, model.num_image_tokens, dev)
-    history = train(model, data, vlm_loss, config, optimizer=optimizer, device=device,
-                    batch_size_of=lambda b: b.ids.shape[0])
+    history = run_stage(model, recipe, stage, groups, vlm_loss, model.num_image_tokens, tokenizer,
+                        steps=steps, log_every=log_every, progress=progress, device=device)
     model.set_trainable(encoder=False, projector=False, lm=False)
     return history
+
+
+def run_stage(
+    model: nn.Module,
+    recipe: VLMRecipe,
+    stage: int,
+    groups: list[dict],
+    loss_fn: Callable[[nn.Module, VLMBatch], torch.Tensor],
+    num_image_tokens: int,
+    tokenizer: Tokenizer,
+    *,
+    steps: int | None = None,
+    log_every: int = 100,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> History:
+    """One stage's run, once the caller has chosen what trains (`groups`): the stage's data, schedule and AdamW.
+
+    Chapter 06's `train_stage` and chapter 08's `train_method` both end here, so every method
+    sees the same batches in the same order.
+    """
+    config = recipe.train_config(stage, **run_overrides(log_every, progress, steps, recipe.warmup_steps))
+    dev = torch.device(device) if device is not None else None
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    data = stage_data(recipe, stage, tokenizer, num_image_tokens, dev)
+    return train(model, data, loss_fn, config, optimizer=optimizer, device=device, batch_size_of=lambda b: b.ids.shape[0])
 
 
 def train_vlm(

@@ -40,7 +40,7 @@ from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss
 from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
-from mllm_scratch.train import History, TrainConfig, autocast, batches, train
+from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
 from mllm_scratch.vit import MLP, ViTConfig, VisionTransformer
 from mllm_scratch.vlm import generate_grouped, greedy_decode
 
@@ -470,9 +470,7 @@ def train_xattn(
         raise ValueError(f"gate_every must be at least 1, got {gate_every}")
     model.set_trainable(encoder=recipe.train_encoder, xattn=True, lm=False)
     groups = xattn_param_groups(model, recipe)
-    overrides: dict[str, Any] = {"log_every": log_every, "progress": progress}
-    if steps is not None:
-        overrides.update(steps=steps, warmup_steps=min(recipe.warmup_steps, steps))
+    overrides = run_overrides(log_every, progress, steps, recipe.warmup_steps)
     config = recipe.train_config(**overrides)
     dev = torch.device(device) if device is not None else None
     optimizer = torch.optim.AdamW(groups, lr=config.lr)

@@ -1,7 +1,6 @@
 """Tests for ShapeWorld: determinism, geometry, text consistency, splits, datasets, video."""
 
 import hashlib
-import random
 import re
 
 import numpy as np

@@ -4,7 +4,6 @@ import random
 
 import pytest
 import torch
-from torch import nn
 
 from mllm_scratch.gpt import GPT, GPTConfig
 from mllm_scratch.perceiver import PerceiverResampler, ResamplerConfig
