@@ -18,6 +18,7 @@ from mllm_scratch.clip import (
 from mllm_scratch.gpt import GPT, GPTConfig, PretrainRecipe, generate, lm_loss, pretrain_gpt, pretrained_gpt
 from mllm_scratch.images import load_image, sample_photo
 from mllm_scratch.patches import PatchEmbedding, conv_to_linear, linear_to_conv, num_patches, patchify, unpatchify
+from mllm_scratch.probes import linear_probe, object_windows, shape_probe
 from mllm_scratch.runtime import (
     choose_device,
     count_parameters,
@@ -217,6 +218,9 @@ __all__ = [
     "linear_to_conv",
     "num_patches",
     "patchify",
+    "linear_probe",
+    "object_windows",
+    "shape_probe",
     "seed_everything",
     "set_deterministic",
     "setup_notebook",
