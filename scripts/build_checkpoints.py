@@ -44,18 +44,19 @@ class Target:
     description: str
     build: Callable[[Path], dict]
     loader: str  # "module:function", called as function(path) to verify a build
+    files: tuple[str, ...] = ()  # the files it writes, when not just <name>.pt
 
 
 TARGETS: dict[str, Target] = {}
 
 
-def target(name: str, description: str, loader: str) -> Callable[[Callable[[Path], dict]], Callable[[Path], dict]]:
-    """Register `build(out_dir) -> manifest` as the target `name`."""
+def target(name: str, description: str, loader: str, files: tuple[str, ...] = ()) -> Callable[[Callable[[Path], dict]], Callable[[Path], dict]]:
+    """Register `build(out_dir) -> manifest` as the target `name` (writing `files`, default <name>.pt)."""
 
     def register(build: Callable[[Path], dict]) -> Callable[[Path], dict]:
         if name in TARGETS or name == "all":
             raise ValueError(f"checkpoint target {name!r} is registered twice (or is reserved)")
-        TARGETS[name] = Target(name, description, build, loader)
+        TARGETS[name] = Target(name, description, build, loader, files)
         return build
 
     return register
@@ -128,7 +129,7 @@ def build_xattn(out: Path) -> dict:
 
 
 @target("methods", "chapter 08's three methods on one budget: unified (A), cross-attention (B), hybrid (H)",
-        loader="mllm_scratch.hybrid:load_methods")
+        loader="mllm_scratch.hybrid:load_methods", files=("methods_unified.pt", "methods_cross.pt", "methods_hybrid.pt"))
 def build_methods(out: Path) -> dict:
     from mllm_scratch.hybrid import build_checkpoints
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"{name}.pt"
         if args.verify:
             load_with(t, path)
-            print(f"{name}: {path} verified")
+            print(f"{name}: {', '.join(str(args.out / f) for f in t.files or (path.name,))} verified")
             continue
         # The recipe's conditions: one thread, fixed seeds, deterministic kernels, CPU.
         setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")

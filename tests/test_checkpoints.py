@@ -1,6 +1,7 @@
 """The shared checkpoint helper: atomic save, sha256 manifest, clear errors on every kind of mismatch."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,20 @@ def test_weights_that_do_not_fit_are_reported(tmp_path):
 def test_path_must_end_in_pt(tmp_path):
     with pytest.raises(ValueError, match="should end in .pt"):
         save_checkpoint(tmp_path / "toy.bin", small_model(), {}, name="toy")
+
+
+def test_every_build_target_names_the_files_it_ships(monkeypatch):
+    import importlib.util
+    import sys
+
+    from mllm_scratch.checkpoints import DEFAULT_DIR
+    from mllm_scratch.hybrid import METHODS, checkpoint_path
+
+    spec = importlib.util.spec_from_file_location("build_checkpoints", Path(__file__).parent.parent / "scripts" / "build_checkpoints.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses look their module up there
+    spec.loader.exec_module(script)
+    assert script.TARGETS["methods"].files == tuple(checkpoint_path(m).name for m in METHODS)
+    for t in script.TARGETS.values():
+        for name in t.files or (f"{t.name}.pt",):
+            assert (DEFAULT_DIR / name).exists(), f"target {t.name} ships {name}, which is missing from {DEFAULT_DIR}"
