@@ -20,7 +20,10 @@ as the image grows. Three measurements, each honest about what it counts:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,6 +150,21 @@ def activation_bytes(step: Callable[[], torch.Tensor], model: nn.Module) -> int:
     return sum(seen.values())
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 (what C++ code writes to) to the null device for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_bytes(fn: Callable[[], object]) -> int:
     """Peak of PyTorch's CPU allocations during `fn()`, above what was allocated before it, from the profiler's memory events.
 
@@ -156,8 +174,14 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler's C++ side logs its start and stop there; fn's own messages still show
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     level = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
         level += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage  # frees outside an op: [memory]
