@@ -1,0 +1,257 @@
+#!/usr/bin/env python
+"""Why chapter 06's VLM misses shapes in crowded scenes: the side-by-side runs its section 6 prints.
+
+    python scripts/shape_search.py             # every row (about 25 minutes on one CPU thread)
+    python scripts/shape_search.py --rows 2 3  # some rows only (merged into the results file)
+
+Two kinds of row, each on one thread with fixed seeds and deterministic kernels:
+
+- **VLM rows** train chapter 06's unified VLM: the recipe's stage 1, then stage 2 shortened
+  to 600 steps on some data (the recipe's crowded question mix, or shape questions about
+  one-object scenes), and score 600 *val* questions (never test) plus 150 one-object shape
+  and colour questions.
+- **Tower rows** train chapter 05's CLIP on other scenes, or with another image tower, and
+  ask whether the tower now sees shape: zero-shot colour-shape accuracy on one-object test
+  scenes (each class scored by the mean of its two size prompts, as chapter 05 does, and by
+  the better of the two), and linear shape probes (`mllm_scratch.probes`) on one-object and
+  on crowded (1-3 object) val scenes.
+
+`LocalViT` is the one tower that is not the package's: the same ViT, but a patch attends
+only to the 3 x 3 patches around it (no [CLS]; the pooled vector is the mean of the patch
+vectors), so a patch vector depends on the pixels within `depth` patches of it and on
+nothing further away: neighbourhood attention, the idea of Swin's and ViTDet's windows.
+
+The results go to data/results/shape_search.json (with the PyTorch version), which
+chapter 06 prints and checks against the current recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from mllm_scratch.clip import (  # noqa: E402
+    CLIP,
+    CLIPRecipe,
+    clip_loss,
+    colour_shape_prompts,
+    evaluate_clip,
+    pretrain_clip,
+    pretrained_clip,
+    single_object_test_set,
+    tokenize_captions,
+    zero_shot_classifier,
+    zero_shot_predict,
+)
+from mllm_scratch.probes import shape_probe  # noqa: E402
+from mllm_scratch.runtime import setup_notebook, versions  # noqa: E402
+from mllm_scratch.shapeworld import SHAPES, SPLIT_SEEDS, Rng, ShapeWorldConfig, VQADataset, _sample_scene, caption, render, to_tensor  # noqa: E402
+from mllm_scratch.tokenizer import load_tokenizer  # noqa: E402
+from mllm_scratch.train import batches, run_overrides, train  # noqa: E402
+from mllm_scratch.vit import ViTOutput, VisionTransformer  # noqa: E402
+from mllm_scratch.vlm import VLMCollator, VLMRecipe, build_vlm, param_groups, train_stage, vlm_loss, vqa_accuracy  # noqa: E402
+
+RESULTS = ROOT / "data" / "results" / "shape_search.json"
+STEPS = 600  # a VLM row's stage-2 phases are this long unless the row says "steps"
+ONE = ShapeWorldConfig(max_objects=1, text_probability=0.0)  # one object, no text
+CROWDED = ShapeWorldConfig(text_probability=0.0)  # 1-3 objects, no text
+
+
+
+class LocalViT(VisionTransformer):
+    """The package's ViT with neighbourhood attention: each patch sees the (2 * window + 1)^2 patches around it."""
+
+    def __init__(self, config, window: int = 1):
+        super().__init__(replace(config, pool="mean"))
+        g = self.config.grid_size
+        row, col = torch.arange(g * g) // g, torch.arange(g * g) % g
+        near = ((row[:, None] - row[None]).abs() <= window) & ((col[:, None] - col[None]).abs() <= window)
+        self.register_buffer("near", near, persistent=False)  # (g*g, g*g), True = may attend
+
+    def forward(self, images: torch.Tensor) -> ViTOutput:
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x, attn_mask=self.near)
+        x = self.norm(x)
+        return ViTOutput(x, x.mean(dim=1))
+
+
+_LOCAL_CLIP: dict[int, CLIP] = {}
+
+
+def local_clip(steps: int, tokenizer) -> CLIP:
+    """Chapter 05's recipe (one-object scenes) with LocalViT as the image tower; trained once per process."""
+    if steps not in _LOCAL_CLIP:
+        recipe = CLIPRecipe(steps=steps)
+        torch.manual_seed(recipe.seed)
+        model = CLIP(recipe.model)
+        model.vision = LocalViT(recipe.model.vision)
+        _LOCAL_CLIP[steps], _ = pretrain_clip(recipe, tokenizer, model=model, log_every=0, progress=False, device="cpu")
+    return _LOCAL_CLIP[steps]
+
+
+# (name, kind, settings). VLM phases: "mix" = the recipe's stage-2 data; "one-shape" / "shape" =
+# shape questions only, about one-object / crowded scenes. tower "local": LocalViT from local_clip.
+ROWS: list[tuple[str, str, dict]] = [
+    ("VLM: the recipe (tower tuned), stage 2 shortened", "vlm", dict(phases=["mix"], train_encoder=True)),
+    ("VLM: tower frozen", "vlm", dict(phases=["mix"], train_encoder=False)),
+    ("VLM: only shape questions, one-object scenes", "vlm", dict(phases=["one-shape"], train_encoder=False)),
+    ("VLM: that, then the recipe's crowded mix", "vlm", dict(phases=["one-shape", "mix"], train_encoder=False)),
+    ("tower: chapter 05's CLIP (shipped)", "tower", dict(train=None)),
+    ("tower: CLIP trained on crowded scenes", "tower", dict(train="crowded", steps=600)),
+    ("tower: CLIP on crowded minimal pairs", "tower", dict(train="twins", steps=1000)),
+    ("tower: CLIP with LocalViT, one-object scenes", "tower", dict(train="local", steps=1500)),
+    ("VLM: only shape questions, crowded scenes", "vlm", dict(phases=["shape"], train_encoder=False)),
+    ("VLM: LocalViT tower, only shape questions, crowded", "vlm", dict(phases=["shape"], train_encoder=False, tower="local")),
+    ("VLM: LocalViT tower, the recipe's crowded mix", "vlm", dict(phases=["mix"], train_encoder=False, tower="local")),
+    ("VLM: LocalViT tower, the mix, full 1,800 steps", "vlm", dict(phases=["mix"], train_encoder=False, tower="local", steps=1800)),
+]
+
+
+def stage2_phase(model, recipe: VLMRecipe, phase: str, tokenizer, steps: int = STEPS) -> None:
+    """One stage-2 phase: the recipe's data ("mix", the package's own path) or shape questions only."""
+    if phase == "mix":
+        train_stage(model, recipe, 2, tokenizer, steps=steps, log_every=0, progress=False, device="cpu")
+        return
+    model.set_trainable(encoder=recipe.train_encoder, projector=True, lm=True)
+    groups = param_groups(model, recipe.stage2_lr, recipe.stage2_lm_lr, recipe.weight_decay)
+    config = recipe.train_config(2, **run_overrides(0, False, steps, recipe.warmup_steps))
+    data = VQADataset("train", recipe.qa_pairs, ONE if phase == "one-shape" else CROWDED, skills=["shape"], cache=True)
+    stream = batches(data, recipe.batch_size, seed=recipe.seed + 2, collate_fn=VLMCollator(tokenizer, model.num_image_tokens))
+    train(model, stream, vlm_loss, config, optimizer=torch.optim.AdamW(groups, lr=config.lr), device="cpu",
+          batch_size_of=lambda b: b.ids.shape[0])
+    model.set_trainable(encoder=False, projector=False, lm=False)
+
+
+def run_vlm(settings: dict, tokenizer) -> dict:
+    steps = settings.get("steps", STEPS)
+    recipe = replace(VLMRecipe(), stage2_steps=steps, train_encoder=settings["train_encoder"])
+    model = build_vlm(recipe, tokenizer)
+    if settings.get("tower") == "local":  # swap in the LocalViT tower (same width, so the projector fits)
+        model.encoder = local_clip(1500, tokenizer).vision
+    train_stage(model, recipe, 1, tokenizer, log_every=0, progress=False, device="cpu")
+    for phase in settings["phases"]:
+        stage2_phase(model, recipe, phase, tokenizer, steps)
+    model.eval()
+    one = {s: vqa_accuracy(model, tokenizer, VQADataset("val", 150, ONE, skills=[s]))[s] for s in ("colour", "shape")}
+    return {"recipe": recipe.to_dict(), "val": vqa_accuracy(model, tokenizer, VQADataset("val", 600)), "val_one_object": one}
+
+
+def twin_pairs(n: int, tokenizer, seed: int = 1) -> TensorDataset:
+    """n crowded "train" scenes, each with a twin that differs in one object's shape: (images (n, 2, 3, H, W), ids (n, 2, T))."""
+    rng = random.Random(seed)
+    images, texts = [], []
+    for i in range(n):
+        scene = _sample_scene(Rng(SPLIT_SEEDS["train"][0] + i), CROWDED, "train")
+        objects = list(scene.objects)
+        k = rng.randrange(len(objects))
+        taken = {(o.colour, o.shape) for o in objects}
+        options = [s for s in SHAPES if (objects[k].colour, s) not in taken and (objects[k].colour, s) not in CROWDED.held_out]
+        objects[k] = replace(objects[k], shape=rng.choice(options))
+        twin = replace(scene, objects=tuple(objects))
+        images.append(torch.stack([to_tensor(render(scene)), to_tensor(render(twin))]))
+        texts += [caption(scene), caption(twin)]
+    ids = tokenize_captions(texts, tokenizer, CLIPRecipe().model.text.context_length)
+    return TensorDataset(torch.stack(images), ids.reshape(n, 2, -1))
+
+
+def run_tower(settings: dict, tokenizer) -> dict:
+    out: dict = {}
+    if settings["train"] is None:
+        model = pretrained_clip()
+    elif settings["train"] == "crowded":
+        recipe = CLIPRecipe(max_objects=3, steps=settings["steps"])
+        model, _ = pretrain_clip(recipe, tokenizer, log_every=0, progress=False, device="cpu")
+        out["recipe"] = recipe.to_dict()
+    elif settings["train"] == "twins":  # a batch of 32 pairs is 64 images, each with its hard negative in the same batch
+        recipe = CLIPRecipe(max_objects=3, steps=settings["steps"], train_pairs=10_000)
+        torch.manual_seed(recipe.seed)
+        model = CLIP(recipe.model)
+        train(model, batches(twin_pairs(recipe.train_pairs, tokenizer), recipe.batch_size // 2, seed=recipe.seed),
+              lambda m, b: clip_loss(m(b[0].flatten(0, 1), b[1].flatten(0, 1))), recipe.train_config(log_every=0, progress=False),
+              device="cpu", batch_size_of=lambda b: 2 * len(b[0]))
+        out["recipe"] = {**recipe.to_dict(), "data": "10,000 crowded scenes and their one-shape-changed twins"}
+    elif settings["train"] == "local":
+        model = local_clip(settings["steps"], tokenizer)
+        out["recipe"] = {**CLIPRecipe(steps=settings["steps"]).to_dict(), "tower": "LocalViT(window=1), mean pooling"}
+    else:
+        raise ValueError(f"unknown tower training {settings['train']!r}: expected None, 'crowded', 'twins' or 'local'")
+    model.eval()
+    out["test_zero_shot_acc"] = evaluate_clip(model, tokenizer, CLIPRecipe())["test_zero_shot_acc"]
+    images, labels = single_object_test_set("test", 500)
+    per_size = zero_shot_classifier(model, [p for pair in colour_shape_prompts() for p in pair], tokenizer)  # (60, D)
+    best = zero_shot_predict(model, per_size, images) // 2  # the class of the best-matching prompt
+    out["test_zero_shot_best_prompt"] = round((best == labels).float().mean().item(), 4)
+    features = lambda images: model.vision(images).patches  # noqa: E731
+    out["probe_one_object"] = shape_probe(features, ONE)
+    out["probe_crowded"] = shape_probe(features, CROWDED)
+    return out
+
+
+def run(index: int, tokenizer) -> dict:
+    name, kind, settings = ROWS[index]
+    setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
+    start = time.perf_counter()
+    result = (run_vlm if kind == "vlm" else run_tower)(settings, tokenizer)
+    return {"row": index, "name": name, "kind": kind, "settings": settings, **result,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    vlm = [r for r in results if r["kind"] == "vlm"]
+    if vlm:
+        head = f"{'row':>3}  {'VLM run (600 stage-2 steps per phase unless said)':48s} {'shape':>6} {'colour':>6} {'count':>6}  {'one-object shape':>16}"
+        lines += [head, "-" * len(head)]
+        lines += [f"{r['row']:>3}  {r['name'][5:]:48s} {r['val']['shape']:6.2f} {r['val']['colour']:6.2f} {r['val']['count']:6.2f}  "
+                  f"{r['val_one_object']['shape']:16.2f}" for r in sorted(vlm, key=lambda r: r["row"])]
+    towers = [r for r in results if r["kind"] == "tower"]
+    if towers:
+        head = f"{'row':>3}  {'image tower':48s} {'zero-shot: mean':>15} {'best prompt':>11}  {'probe: one object':>17}  {'crowded':>7}"
+        lines += ["", head, "-" * len(head)]
+        lines += [f"{r['row']:>3}  {r['name'][7:]:48s} {r['test_zero_shot_acc']:15.2f} {r['test_zero_shot_best_prompt']:11.2f}  "
+                  f"{r['probe_one_object']['arrangement']:17.2f}  {r['probe_crowded']['arrangement']:7.2f}"
+                  for r in sorted(towers, key=lambda r: r["row"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="*", help=f"row indexes, 0..{len(ROWS) - 1} (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (rows already there are kept)")
+    args = parser.parse_args(argv)
+    rows = list(range(len(ROWS))) if not args.rows else args.rows
+    bad = [r for r in rows if not 0 <= r < len(ROWS)]
+    if bad:
+        parser.error(f"no row {bad}: expected indexes 0..{len(ROWS) - 1}")
+    tokenizer = load_tokenizer()
+    saved = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    results = {r["row"]: r for r in saved["rows"]}
+    for i in rows:
+        results[i] = run(i, tokenizer)
+        print(f"row {i} ({ROWS[i][0]}) in {results[i]['seconds']:.0f} s", flush=True)
+        out = {"what": "chapter 06's shape diagnosis: VLM runs scored on val, image towers probed for shape",
+               "command": "python scripts/shape_search.py", "torch": versions()["torch"],
+               "vlm_recipe": asdict(VLMRecipe()), "clip_recipe": CLIPRecipe().to_dict(),
+               "rows": [results[k] for k in sorted(results)]}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(args.out)  # atomic: an interrupted run never leaves a half-written file
+    print(table(list(results.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
