@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Why chapter 06's VLM misses shapes in crowded scenes: the side-by-side runs its section 6 prints.
 
-    python scripts/shape_search.py             # every row (about 25 minutes on one CPU thread)
+    python scripts/shape_search.py             # every row (about 70 minutes on one CPU thread)
     python scripts/shape_search.py --rows 2 3  # some rows only (merged into the results file)
 
 Two kinds of row, each on one thread with fixed seeds and deterministic kernels:
 
 - **VLM rows** train chapter 06's unified VLM: the recipe's stage 1, then stage 2 shortened
-  to 600 steps on some data (the recipe's crowded question mix, or shape questions about
-  one-object scenes), and score 600 *val* questions (never test) plus 150 one-object shape
-  and colour questions.
+  to 600 steps (unless the row says otherwise) on some data (the recipe's crowded question
+  mix, or shape questions only, about one-object or crowded scenes), and score 600 *val*
+  questions (never test) plus 150 one-object shape and colour questions. Some rows swap
+  the image tower for one of the towers below.
 - **Tower rows** train chapter 05's CLIP on other scenes, or with another image tower, and
   ask whether the tower now sees shape: zero-shot colour-shape accuracy on one-object test
   scenes (each class scored by the mean of its two size prompts, as chapter 05 does, and by
@@ -19,7 +20,8 @@ Two kinds of row, each on one thread with fixed seeds and deterministic kernels:
 `LocalViT` is the one tower that is not the package's: the same ViT, but a patch attends
 only to the 3 x 3 patches around it (no [CLS]; the pooled vector is the mean of the patch
 vectors), so a patch vector depends on the pixels within `depth` patches of it and on
-nothing further away: neighbourhood attention, the idea of Swin's and ViTDet's windows.
+nothing further away: a sliding neighbourhood, as in Neighborhood Attention (Hassani et
+al., 2023), where Swin and ViTDet use fixed windows.
 
 The results go to data/results/shape_search.json (with the PyTorch version), which
 chapter 06 prints and checks against the current recipes.
@@ -28,11 +30,12 @@ chapter 06 prints and checks against the current recipes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +67,7 @@ from mllm_scratch.vlm import VLMCollator, VLMRecipe, build_vlm, param_groups, tr
 
 RESULTS = ROOT / "data" / "results" / "shape_search.json"
 STEPS = 600  # a VLM row's stage-2 phases are this long unless the row says "steps"
+TOWER_STEPS = 1500  # CLIP steps of a tower a VLM row swaps in, unless the row says "tower_steps"
 ONE = ShapeWorldConfig(max_objects=1, text_probability=0.0)  # one object, no text
 CROWDED = ShapeWorldConfig(text_probability=0.0)  # 1-3 objects, no text
 
@@ -86,23 +90,39 @@ class LocalViT(VisionTransformer):
         x = self.norm(x)
         return ViTOutput(x, x.mean(dim=1))
 
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = self.embed(images)
+        maps = []
+        for block in self.blocks:
+            maps.append(block.attn.attention_weights(block.norm1(x), attn_mask=self.near))
+            x = block(x, attn_mask=self.near)
+        return maps
 
-_LOCAL_CLIP: dict[int, CLIP] = {}
+
+_CLIPS: dict[tuple[str, int], CLIP] = {}
 
 
-def local_clip(steps: int, tokenizer) -> CLIP:
-    """Chapter 05's recipe (one-object scenes) with LocalViT as the image tower; trained once per process."""
-    if steps not in _LOCAL_CLIP:
+def one_object_clip(tower: str, steps: int, tokenizer) -> CLIP:
+    """Chapter 05's recipe (one-object scenes) for `steps`, with its own ViT ("global") or LocalViT ("local").
+
+    Trained once per process; callers that may change it get a copy (`copy.deepcopy`).
+    """
+    if tower not in ("global", "local"):
+        raise ValueError(f"tower must be 'global' or 'local', got {tower!r}")
+    if (tower, steps) not in _CLIPS:
         recipe = CLIPRecipe(steps=steps)
         torch.manual_seed(recipe.seed)
         model = CLIP(recipe.model)
-        model.vision = LocalViT(recipe.model.vision)
-        _LOCAL_CLIP[steps], _ = pretrain_clip(recipe, tokenizer, model=model, log_every=0, progress=False, device="cpu")
-    return _LOCAL_CLIP[steps]
+        if tower == "local":
+            model.vision = LocalViT(recipe.model.vision)
+        _CLIPS[tower, steps], _ = pretrain_clip(recipe, tokenizer, model=model, log_every=0, progress=False, device="cpu")
+    return _CLIPS[tower, steps]
 
 
 # (name, kind, settings). VLM phases: "mix" = the recipe's stage-2 data; "one-shape" / "shape" =
-# shape questions only, about one-object / crowded scenes. tower "local": LocalViT from local_clip.
+# shape questions only, about one-object / crowded scenes. A VLM row's "tower" ("local" or "global")
+# swaps in the image tower of one_object_clip(tower, tower_steps).
 ROWS: list[tuple[str, str, dict]] = [
     ("VLM: the recipe (tower tuned), stage 2 shortened", "vlm", dict(phases=["mix"], train_encoder=True)),
     ("VLM: tower frozen", "vlm", dict(phases=["mix"], train_encoder=False)),
@@ -116,11 +136,18 @@ ROWS: list[tuple[str, str, dict]] = [
     ("VLM: LocalViT tower, only shape questions, crowded", "vlm", dict(phases=["shape"], train_encoder=False, tower="local")),
     ("VLM: LocalViT tower, the recipe's crowded mix", "vlm", dict(phases=["mix"], train_encoder=False, tower="local")),
     ("VLM: LocalViT tower, the mix, full 1,800 steps", "vlm", dict(phases=["mix"], train_encoder=False, tower="local", steps=1800)),
+    ("tower: chapter 05's CLIP, 1,500 steps", "tower", dict(train="global", steps=1500)),
+    ("tower: CLIP with LocalViT, 600 steps", "tower", dict(train="local", steps=600)),
+    ("VLM: 1,500-step chapter-05 tower, only shape questions, crowded", "vlm",
+     dict(phases=["shape"], train_encoder=False, tower="global")),
 ]
+PHASES = ("mix", "one-shape", "shape")
 
 
 def stage2_phase(model, recipe: VLMRecipe, phase: str, tokenizer, steps: int = STEPS) -> None:
     """One stage-2 phase: the recipe's data ("mix", the package's own path) or shape questions only."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown stage-2 phase {phase!r}: expected one of {PHASES}")
     if phase == "mix":
         train_stage(model, recipe, 2, tokenizer, steps=steps, log_every=0, progress=False, device="cpu")
         return
@@ -138,8 +165,8 @@ def run_vlm(settings: dict, tokenizer) -> dict:
     steps = settings.get("steps", STEPS)
     recipe = replace(VLMRecipe(), stage2_steps=steps, train_encoder=settings["train_encoder"])
     model = build_vlm(recipe, tokenizer)
-    if settings.get("tower") == "local":  # swap in the LocalViT tower (same width, so the projector fits)
-        model.encoder = local_clip(1500, tokenizer).vision
+    if "tower" in settings:  # swap in another tower of the same width (the projector fits); a copy, never the cached one
+        model.encoder = copy.deepcopy(one_object_clip(settings["tower"], settings.get("tower_steps", TOWER_STEPS), tokenizer).vision)
     train_stage(model, recipe, 1, tokenizer, log_every=0, progress=False, device="cpu")
     for phase in settings["phases"]:
         stage2_phase(model, recipe, phase, tokenizer, steps)
@@ -182,11 +209,14 @@ def run_tower(settings: dict, tokenizer) -> dict:
               lambda m, b: clip_loss(m(b[0].flatten(0, 1), b[1].flatten(0, 1))), recipe.train_config(log_every=0, progress=False),
               device="cpu", batch_size_of=lambda b: 2 * len(b[0]))
         out["recipe"] = {**recipe.to_dict(), "data": "10,000 crowded scenes and their one-shape-changed twins"}
-    elif settings["train"] == "local":
-        model = local_clip(settings["steps"], tokenizer)
-        out["recipe"] = {**CLIPRecipe(steps=settings["steps"]).to_dict(), "tower": "LocalViT(window=1), mean pooling"}
+    elif settings["train"] in ("global", "local"):
+        model = one_object_clip(settings["train"], settings["steps"], tokenizer)
+        out["recipe"] = CLIPRecipe(steps=settings["steps"]).to_dict()
+        if settings["train"] == "local":
+            out["recipe"]["model"]["vision"]["pool"] = "mean"
+            out["recipe"]["tower"] = "LocalViT(window=1)"
     else:
-        raise ValueError(f"unknown tower training {settings['train']!r}: expected None, 'crowded', 'twins' or 'local'")
+        raise ValueError(f"unknown tower training {settings['train']!r}: expected None, 'crowded', 'twins', 'global' or 'local'")
     model.eval()
     out["test_zero_shot_acc"] = evaluate_clip(model, tokenizer, CLIPRecipe())["test_zero_shot_acc"]
     images, labels = single_object_test_set("test", 500)
@@ -212,15 +242,15 @@ def table(results: list[dict]) -> str:
     lines = []
     vlm = [r for r in results if r["kind"] == "vlm"]
     if vlm:
-        head = f"{'row':>3}  {'VLM run (600 stage-2 steps per phase unless said)':48s} {'shape':>6} {'colour':>6} {'count':>6}  {'one-object shape':>16}"
+        head = f"{'row':>3}  {'VLM run (600 stage-2 steps per phase unless said)':60s} {'shape':>6} {'colour':>6} {'count':>6}  {'one-object shape':>16}"
         lines += [head, "-" * len(head)]
-        lines += [f"{r['row']:>3}  {r['name'][5:]:48s} {r['val']['shape']:6.2f} {r['val']['colour']:6.2f} {r['val']['count']:6.2f}  "
+        lines += [f"{r['row']:>3}  {r['name'][5:]:60s} {r['val']['shape']:6.2f} {r['val']['colour']:6.2f} {r['val']['count']:6.2f}  "
                   f"{r['val_one_object']['shape']:16.2f}" for r in sorted(vlm, key=lambda r: r["row"])]
     towers = [r for r in results if r["kind"] == "tower"]
     if towers:
-        head = f"{'row':>3}  {'image tower':48s} {'zero-shot: mean':>15} {'best prompt':>11}  {'probe: one object':>17}  {'crowded':>7}"
+        head = f"{'row':>3}  {'image tower':60s} {'zero-shot: mean':>15} {'best prompt':>11}  {'probe: one object':>17}  {'crowded':>7}"
         lines += ["", head, "-" * len(head)]
-        lines += [f"{r['row']:>3}  {r['name'][7:]:48s} {r['test_zero_shot_acc']:15.2f} {r['test_zero_shot_best_prompt']:11.2f}  "
+        lines += [f"{r['row']:>3}  {r['name'][7:]:60s} {r['test_zero_shot_acc']:15.2f} {r['test_zero_shot_best_prompt']:11.2f}  "
                   f"{r['probe_one_object']['arrangement']:17.2f}  {r['probe_crowded']['arrangement']:7.2f}"
                   for r in sorted(towers, key=lambda r: r["row"])]
     return "\n".join(lines)
@@ -243,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"row {i} ({ROWS[i][0]}) in {results[i]['seconds']:.0f} s", flush=True)
         out = {"what": "chapter 06's shape diagnosis: VLM runs scored on val, image towers probed for shape",
                "command": "python scripts/shape_search.py", "torch": versions()["torch"],
-               "vlm_recipe": asdict(VLMRecipe()), "clip_recipe": CLIPRecipe().to_dict(),
+               "vlm_recipe": VLMRecipe().to_dict(), "clip_recipe": CLIPRecipe().to_dict(),
                "rows": [results[k] for k in sorted(results)]}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
