@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm_scratch.shapeworld import SHAPES, ShapeWorldConfig, generate_scene, render, split_seed, to_tensor
+from mllm_scratch.shapeworld import (
+    SHAPES,
+    ShapeWorldConfig,
+    generate_scene,
+    render,
+    split_seed,
+    to_tensor,
+)
 
 
 def object_windows(
@@ -42,7 +49,7 @@ def object_windows(
     images = torch.stack([to_tensor(render(s)) for s in scenes])
     with torch.no_grad():
         feats = features(images)
-    grid = int(round(feats.shape[1] ** 0.5))
+    grid = round(feats.shape[1] ** 0.5)
     if feats.dim() != 3 or feats.shape[0] != n or grid * grid != feats.shape[1]:
         raise ValueError(f"features must return (n={n}, g*g, d) patch vectors on a square grid, got {tuple(feats.shape)}")
     patch = config.image_size // grid

@@ -29,9 +29,7 @@ chapter 06 prints and checks against the current recipes.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import random
 import sys
 import time
@@ -40,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import search_rows  # noqa: E402  (scripts/, next to this file)
 
 import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
@@ -58,7 +58,7 @@ from mllm_scratch.clip import (  # noqa: E402
     zero_shot_predict,
 )
 from mllm_scratch.probes import shape_probe  # noqa: E402
-from mllm_scratch.runtime import setup_notebook, versions  # noqa: E402
+from mllm_scratch.runtime import setup_notebook  # noqa: E402
 from mllm_scratch.shapeworld import SHAPES, SPLIT_SEEDS, Rng, ShapeWorldConfig, VQADataset, _sample_scene, caption, render, to_tensor  # noqa: E402
 from mllm_scratch.tokenizer import load_tokenizer  # noqa: E402
 from mllm_scratch.train import batches, run_overrides, train  # noqa: E402
@@ -257,30 +257,11 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="*", help=f"row indexes, 0..{len(ROWS) - 1} (default: all)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (rows already there are kept)")
-    args = parser.parse_args(argv)
-    rows = list(range(len(ROWS))) if not args.rows else args.rows
-    bad = [r for r in rows if not 0 <= r < len(ROWS)]
-    if bad:
-        parser.error(f"no row {bad}: expected indexes 0..{len(ROWS) - 1}")
     tokenizer = load_tokenizer()
-    saved = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
-    results = {r["row"]: r for r in saved["rows"]}
-    for i in rows:
-        results[i] = run(i, tokenizer)
-        print(f"row {i} ({ROWS[i][0]}) in {results[i]['seconds']:.0f} s", flush=True)
-        out = {"what": "chapter 06's shape diagnosis: VLM runs scored on val, image towers probed for shape",
-               "command": "python scripts/shape_search.py", "torch": versions()["torch"],
-               "vlm_recipe": VLMRecipe().to_dict(), "clip_recipe": CLIPRecipe().to_dict(),
-               "rows": [results[k] for k in sorted(results)]}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(args.out)  # atomic: an interrupted run never leaves a half-written file
-    print(table(list(results.values())))
-    return 0
+    header = lambda: {"what": "chapter 06's shape diagnosis: VLM runs scored on val, image towers probed for shape",  # noqa: E731
+                      "command": "python scripts/shape_search.py",
+                      "vlm_recipe": VLMRecipe().to_dict(), "clip_recipe": CLIPRecipe().to_dict()}
+    return search_rows.main(argv, __doc__, [name for name, _, _ in ROWS], lambda i: run(i, tokenizer), RESULTS, header, table)
 
 
 if __name__ == "__main__":

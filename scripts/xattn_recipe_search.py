@@ -13,8 +13,6 @@ chapter 07 prints; the file records the PyTorch version that produced them.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -23,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mllm_scratch.runtime import setup_notebook, versions  # noqa: E402
+import search_rows  # noqa: E402  (scripts/, next to this file)
+from mllm_scratch.runtime import setup_notebook  # noqa: E402
 from mllm_scratch.shapeworld import VQADataset  # noqa: E402
 from mllm_scratch.tokenizer import load_tokenizer  # noqa: E402
 from mllm_scratch.vlm import vqa_accuracy  # noqa: E402
@@ -69,30 +68,12 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="*", help=f"row indexes, 0..{len(ROWS) - 1} (default: all)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (rows already there are kept)")
-    args = parser.parse_args(argv)
-    rows = list(range(len(ROWS))) if not args.rows else args.rows
-    bad = [r for r in rows if not 0 <= r < len(ROWS)]
-    if bad:
-        parser.error(f"no row {bad}: expected indexes 0..{len(ROWS) - 1}")
     tokenizer = load_tokenizer()
     val = VQADataset("val", 600)
-    saved = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
-    results = {r["row"]: r for r in saved["rows"]}
-    for i in rows:
-        results[i] = run(i, val, tokenizer)
-        print(f"row {i} ({ROWS[i][0]}): val {results[i]['val_image']['all']:.2f} in {results[i]['seconds']:.0f} s", flush=True)
-        out = {"what": "chapter 07's recipe search: XAttnRecipe() variants scored on VQADataset('val', 600)",
-               "command": "python scripts/xattn_recipe_search.py", "torch": versions()["torch"],
-               "rows": [results[k] for k in sorted(results)]}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(args.out)  # atomic: an interrupted run never leaves a half-written file
-    print(table(list(results.values())))
-    return 0
+    header = lambda: {"what": "chapter 07's recipe search: XAttnRecipe() variants scored on VQADataset('val', 600)",  # noqa: E731
+                      "command": "python scripts/xattn_recipe_search.py"}
+    return search_rows.main(argv, __doc__, [name for name, _ in ROWS], lambda i: run(i, val, tokenizer), RESULTS, header,
+                            table, summary=lambda r: f": val {r['val_image']['all']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""The command line both search scripts share: pick rows, run them, merge them into a results file.
+
+    main(argv, doc, names, run, default_out, header, table)
+
+Rows already in the results file are kept, so `--rows 2 3` re-runs two rows and leaves the
+others. The file is rewritten after every row through `checkpoints.atomic_write`, so an
+interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the package, from a checkout
+
+from mllm_scratch.checkpoints import atomic_write  # noqa: E402
+from mllm_scratch.runtime import versions  # noqa: E402
+
+
+def main(
+    argv: list[str] | None,
+    doc: str,
+    names: Sequence[str],
+    run: Callable[[int], dict],
+    default_out: Path,
+    header: Callable[[], dict],
+    table: Callable[[list[dict]], str],
+    summary: Callable[[dict], str] = lambda r: "",
+) -> int:
+    """Run the chosen rows (`run(i)` returns row i's result with its "seconds"), saving `header()` + the rows after each."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="*", help=f"row indexes, 0..{len(names) - 1} (default: all)")
+    parser.add_argument("--out", type=Path, default=default_out, help="results file (rows already there are kept)")
+    args = parser.parse_args(argv)
+    rows = list(range(len(names))) if not args.rows else args.rows
+    bad = [r for r in rows if not 0 <= r < len(names)]
+    if bad:
+        parser.error(f"no row {bad}: expected indexes 0..{len(names) - 1}")
+    saved = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    results = {r["row"]: r for r in saved["rows"]}
+    for i in rows:
+        results[i] = run(i)
+        print(f"row {i} ({names[i]}){summary(results[i])} in {results[i]['seconds']:.0f} s", flush=True)
+        out = {**header(), "torch": versions()["torch"], "rows": [results[k] for k in sorted(results)]}
+        text = (json.dumps(out, indent=1) + "\n").encode()
+        atomic_write(args.out, lambda f, text=text: f.write(text))
+    print(table(list(results.values())))
+    return 0
