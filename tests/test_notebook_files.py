@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from nbval.plugin import find_comment_markers
 
 CHAPTERS = Path(__file__).resolve().parent.parent / "chapters"
 NOTEBOOKS = sorted(p for p in CHAPTERS.glob("*.ipynb"))
@@ -44,6 +45,10 @@ def test_executed_in_order_without_unexpected_errors(path):
         expected = "raises-exception" in cell.get("metadata", {}).get("tags", [])
         if expected:
             assert len(errors) == 1, f"{path.name}: cell {i} is tagged raises-exception but shows {len(errors)} errors"
+            markers = set(find_comment_markers("".join(cell["source"])))  # parsed exactly as nbval parses them
+            assert ("check_exception", True) in markers, (
+                f"{path.name}: cell {i} raises on purpose, so its source needs a line that is exactly '# NBVAL_RAISES_EXCEPTION'"
+            )
         else:
             assert not errors, f"{path.name}: cell {i} has an error output: {errors[0].get('ename')}: {errors[0].get('evalue')}"
 
