@@ -20,7 +20,7 @@ ids with -100 on every position that is not scored (image, prompt, padding).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -445,11 +445,16 @@ def train_stage(
     tokenizer: Tokenizer | None = None,
     *,
     steps: int | None = None,
+    data: Iterable[VLMBatch] | None = None,
     log_every: int = 100,
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> History:
-    """Stage 1: projector only, on captions. Stage 2: projector + LM (lower rate), on QA. `steps` shortens a run."""
+    """Stage 1: projector only, on captions. Stage 2: projector + LM (lower rate), on QA.
+
+    `steps` shortens a run; `data`, a stream of batches, replaces the stage's own (`stage_data`)
+    for an experiment on other data with the same parts, rates and schedule.
+    """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     tokenizer = tokenizer or load_tokenizer()
@@ -460,7 +465,7 @@ def train_stage(
         model.set_trainable(encoder=recipe.train_encoder, projector=True, lm=True)
         groups = param_groups(model, recipe.stage2_lr, recipe.stage2_lm_lr, recipe.weight_decay)
     history = run_stage(model, recipe, stage, groups, vlm_loss, model.num_image_tokens, tokenizer,
-                        steps=steps, log_every=log_every, progress=progress, device=device)
+                        steps=steps, data=data, log_every=log_every, progress=progress, device=device)
     model.set_trainable(encoder=False, projector=False, lm=False)
     return history
 
@@ -475,6 +480,7 @@ def run_stage(
     tokenizer: Tokenizer,
     *,
     steps: int | None = None,
+    data: Iterable[VLMBatch] | None = None,
     log_every: int = 100,
     progress: bool = True,
     device: torch.device | str | None = None,
@@ -482,12 +488,13 @@ def run_stage(
     """One stage's run, once the caller has chosen what trains (`groups`): the stage's data, schedule and AdamW.
 
     Chapter 06's `train_stage` and chapter 08's `train_method` both end here, so every method
-    sees the same batches in the same order.
+    sees the same batches in the same order. `data` replaces the stage's own batch stream.
     """
     config = recipe.train_config(stage, **run_overrides(log_every, progress, steps, recipe.warmup_steps))
     dev = torch.device(device) if device is not None else None
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    data = stage_data(recipe, stage, tokenizer, num_image_tokens, dev)
+    if data is None:
+        data = stage_data(recipe, stage, tokenizer, num_image_tokens, dev)
     return train(model, data, loss_fn, config, optimizer=optimizer, device=device, batch_size_of=lambda b: b.ids.shape[0])
 
 

@@ -164,6 +164,23 @@ def test_train_stage_freezes_per_stage():
     assert model.trainable() == {"encoder": False, "projector": False, "lm": False}  # frozen again after a stage
 
 
+def test_train_stage_takes_another_batch_stream():
+    """`data=` replaces the stage's own stream (an experiment on other data, same parts and rates)."""
+    model = tiny_vlm()
+    recipe = VLMRecipe(encoder="vit", caption_pairs=32, qa_pairs=32, batch_size=8, train_encoder=False)
+    collate = VLMCollator(TOK, model.num_image_tokens)
+    drawn = []
+
+    def stream():
+        while True:
+            drawn.append(collate(vqa_items(4)))
+            yield drawn[-1]
+
+    train_stage(model, recipe, 2, TOK, steps=3, data=stream(), log_every=0, progress=False, device="cpu")
+    assert len(drawn) >= 3  # every step drew from the stream given, none from the recipe's
+    assert model.trainable() == {"encoder": False, "projector": False, "lm": False}
+
+
 def test_fuyu_uses_raw_patches():
     model = tiny_vlm(encoder="patches", projector="linear")
     assert sum(p.numel() for p in model.encoder.parameters()) == 0
