@@ -161,6 +161,9 @@ class VisionTransformer(nn.Module):
             TransformerBlock(config.dim, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(config.dim)
+        # Which token may attend to which, (tokens, tokens) bool, True = may attend; None (the default):
+        # every token sees every token. A subclass sets it to restrict attention (e.g. to neighbouring patches).
+        self.register_buffer("attn_mask", None, persistent=False)
 
     def _check(self, images: torch.Tensor) -> None:
         c = self.config
@@ -182,7 +185,7 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> ViTOutput:
         x = self.embed(images)
         for block in self.blocks:
-            x = block(x)  # bidirectional: every patch sees every patch
+            x = block(x, attn_mask=self.attn_mask)  # bidirectional: every patch sees every patch (unless attn_mask says not)
         x = self.norm(x)  # (batch, prefix + num_patches, dim)
         patches = x[:, self.num_prefix :]  # (batch, num_patches, dim)
         pooled = x[:, 0] if self.num_prefix else patches.mean(dim=1)  # (batch, dim)
@@ -194,8 +197,8 @@ class VisionTransformer(nn.Module):
         x = self.embed(images)
         maps = []
         for block in self.blocks:
-            maps.append(block.attn.attention_weights(block.norm1(x)))
-            x = block(x)
+            maps.append(block.attn.attention_weights(block.norm1(x), attn_mask=self.attn_mask))
+            x = block(x, attn_mask=self.attn_mask)
         return maps
 
 

@@ -137,6 +137,25 @@ def test_bidirectional_every_patch_sees_every_patch():
     assert grad[-4:, -4:].sum() > 0
 
 
+def test_attn_mask_limits_what_a_patch_sees():
+    """With attn_mask a patch sees only the tokens its row allows; all-True is the default, every token."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(dim=32, depth=2, num_heads=2, pool="mean")).eval()
+    images = torch.rand(2, 3, 32, 32)
+    plain = vit(images).patches
+    vit.attn_mask = torch.ones(64, 64, dtype=torch.bool)
+    torch.testing.assert_close(vit(images).patches, plain)
+    row, col = torch.arange(64) // 8, torch.arange(64) % 8
+    vit.attn_mask = ((row[:, None] - row[None]).abs() <= 1) & ((col[:, None] - col[None]).abs() <= 1)  # 3 x 3 neighbours
+    images.requires_grad_(True)
+    probe = torch.randn(32)  # (a plain sum of a LayerNorm's output would have no gradient at init)
+    (vit(images).patches[0, 0] @ probe).backward()  # patch (0, 0) after two blocks: patches up to 2 rows/columns away
+    grad = images.grad[0].abs().sum(0)  # (32, 32) pixels
+    assert grad[:12, :12].sum() > 0 and grad[12:].sum() == 0 and grad[:, 12:].sum() == 0
+    weights = vit.attention_maps(images.detach())[0][0, :, 0]  # (heads, 64): what patch (0, 0) attends to in block 1
+    assert weights[:, ~vit.attn_mask[0]].sum() == 0 and weights[:, vit.attn_mask[0]].sum() > 0  # the maps obey the mask too
+
+
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     torch.manual_seed(0)
     cfg = ViTConfig(dim=32, depth=2, num_heads=2, num_classes=4, pos_embedding="sincos", pool="mean")
