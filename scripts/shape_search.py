@@ -61,9 +61,9 @@ from mllm_scratch.probes import shape_probe  # noqa: E402
 from mllm_scratch.runtime import setup_notebook  # noqa: E402
 from mllm_scratch.shapeworld import SHAPES, SPLIT_SEEDS, Rng, ShapeWorldConfig, VQADataset, _sample_scene, caption, render, to_tensor  # noqa: E402
 from mllm_scratch.tokenizer import load_tokenizer  # noqa: E402
-from mllm_scratch.train import batches, run_overrides, train  # noqa: E402
-from mllm_scratch.vit import ViTOutput, VisionTransformer  # noqa: E402
-from mllm_scratch.vlm import VLMCollator, VLMRecipe, build_vlm, param_groups, train_stage, vlm_loss, vqa_accuracy  # noqa: E402
+from mllm_scratch.train import batches, train  # noqa: E402
+from mllm_scratch.vit import VisionTransformer  # noqa: E402
+from mllm_scratch.vlm import VLMCollator, VLMRecipe, build_vlm, train_stage, vqa_accuracy  # noqa: E402
 
 RESULTS = ROOT / "data" / "results" / "shape_search.json"
 STEPS = 600  # a VLM row's stage-2 phases are this long unless the row says "steps"
@@ -72,32 +72,14 @@ ONE = ShapeWorldConfig(max_objects=1, text_probability=0.0)  # one object, no te
 CROWDED = ShapeWorldConfig(text_probability=0.0)  # 1-3 objects, no text
 
 
-
 class LocalViT(VisionTransformer):
-    """The package's ViT with neighbourhood attention: each patch sees the (2 * window + 1)^2 patches around it."""
+    """The package's ViT with neighbourhood attention (each patch sees the (2 * window + 1)^2 patches around it) and mean pooling."""
 
     def __init__(self, config, window: int = 1):
-        super().__init__(replace(config, pool="mean"))
+        super().__init__(replace(config, pool="mean"))  # no [CLS]: the image vector is the mean of the patch vectors
         g = self.config.grid_size
         row, col = torch.arange(g * g) // g, torch.arange(g * g) % g
-        near = ((row[:, None] - row[None]).abs() <= window) & ((col[:, None] - col[None]).abs() <= window)
-        self.register_buffer("near", near, persistent=False)  # (g*g, g*g), True = may attend
-
-    def forward(self, images: torch.Tensor) -> ViTOutput:
-        x = self.embed(images)
-        for block in self.blocks:
-            x = block(x, attn_mask=self.near)
-        x = self.norm(x)
-        return ViTOutput(x, x.mean(dim=1))
-
-    @torch.no_grad()
-    def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = self.embed(images)
-        maps = []
-        for block in self.blocks:
-            maps.append(block.attn.attention_weights(block.norm1(x), attn_mask=self.near))
-            x = block(x, attn_mask=self.near)
-        return maps
+        self.attn_mask = ((row[:, None] - row[None]).abs() <= window) & ((col[:, None] - col[None]).abs() <= window)
 
 
 _CLIPS: dict[tuple[str, int], CLIP] = {}
@@ -145,20 +127,14 @@ PHASES = ("mix", "one-shape", "shape")
 
 
 def stage2_phase(model, recipe: VLMRecipe, phase: str, tokenizer, steps: int = STEPS) -> None:
-    """One stage-2 phase: the recipe's data ("mix", the package's own path) or shape questions only."""
+    """One stage-2 phase: the recipe's data ("mix") or shape questions only, with the recipe's parts, rates and schedule."""
     if phase not in PHASES:
         raise ValueError(f"unknown stage-2 phase {phase!r}: expected one of {PHASES}")
-    if phase == "mix":
-        train_stage(model, recipe, 2, tokenizer, steps=steps, log_every=0, progress=False, device="cpu")
-        return
-    model.set_trainable(encoder=recipe.train_encoder, projector=True, lm=True)
-    groups = param_groups(model, recipe.stage2_lr, recipe.stage2_lm_lr, recipe.weight_decay)
-    config = recipe.train_config(2, **run_overrides(0, False, steps, recipe.warmup_steps))
-    data = VQADataset("train", recipe.qa_pairs, ONE if phase == "one-shape" else CROWDED, skills=["shape"], cache=True)
-    stream = batches(data, recipe.batch_size, seed=recipe.seed + 2, collate_fn=VLMCollator(tokenizer, model.num_image_tokens))
-    train(model, stream, vlm_loss, config, optimizer=torch.optim.AdamW(groups, lr=config.lr), device="cpu",
-          batch_size_of=lambda b: b.ids.shape[0])
-    model.set_trainable(encoder=False, projector=False, lm=False)
+    data = None  # the recipe's own stage-2 stream
+    if phase != "mix":
+        questions = VQADataset("train", recipe.qa_pairs, ONE if phase == "one-shape" else CROWDED, skills=["shape"], cache=True)
+        data = batches(questions, recipe.batch_size, seed=recipe.seed + 2, collate_fn=VLMCollator(tokenizer, model.num_image_tokens))
+    train_stage(model, recipe, 2, tokenizer, steps=steps, data=data, log_every=0, progress=False, device="cpu")
 
 
 def run_vlm(settings: dict, tokenizer) -> dict:
