@@ -1,4 +1,4 @@
-"""Figures the chapters share: an image with its patch grid, a row of images."""
+"""Figures the chapters share: an image with its patch grid, a row of images, galleries of answered questions."""
 
 from __future__ import annotations
 
@@ -45,5 +45,59 @@ def show_row(images: list[torch.Tensor], titles: list[str] | None = None, size: 
     fig, axes = plt.subplots(1, len(images), figsize=(size * len(images), size * 1.3), squeeze=False)
     for i, (ax, img) in enumerate(zip(axes[0], images)):
         show_image(img, ax=ax, title=None if titles is None else titles[i])
+    fig.tight_layout()
+    return fig
+
+
+def _verdict(answer: str, truth: str) -> str:
+    return "✓" if answer == truth else "✗"
+
+
+def show_gallery(images: list[torch.Tensor], questions: list[str], answers: list[str], truths: list[str],
+                 cols: int = 4, size: float = 2.2):
+    """Held-out cases in a grid: each image titled with its question, the model's answer, the truth and ✓ or ✗."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    if not n or not len(questions) == len(answers) == len(truths) == n:
+        raise ValueError(f"show_gallery needs as many questions, answers and truths as images (at least one), got "
+                         f"{n} images, {len(questions)} questions, {len(answers)} answers, {len(truths)} truths")
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * 1.45 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, image, q, a, t in zip(axes.flat, images, questions, answers, truths):
+        show_image(image, ax=ax)
+        wrapped = "\n".join(textwrap.wrap(q, 26))
+        ax.set_title(f"{wrapped}\nmodel: {a or '(nothing)'} {_verdict(a, t)}\ntruth: {t}", fontsize=8,
+                     color="black" if a == t else "firebrick")
+    fig.tight_layout()
+    return fig
+
+
+def show_clip_gallery(clips: list[torch.Tensor], questions: list[str], answers: list[str], truths: list[str],
+                      frames: int = 4, size: float = 1.1):
+    """Video cases, one row each: a strip of `frames` evenly spaced frames, then the question, answer, truth, ✓ or ✗."""
+    import matplotlib.pyplot as plt
+
+    n = len(clips)
+    if not n or not len(questions) == len(answers) == len(truths) == n:
+        raise ValueError(f"show_clip_gallery needs as many questions, answers and truths as clips (at least one), got "
+                         f"{n} clips, {len(questions)} questions, {len(answers)} answers, {len(truths)} truths")
+    fig, axes = plt.subplots(n, frames + 1, figsize=(size * (frames + 3.5), size * n), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * frames + [3.5]})
+    for row, clip, q, a, t in zip(axes, clips, questions, answers, truths):
+        if clip.dim() != 4:
+            raise ValueError(f"a clip must have shape (frames, channels, height, width), got {tuple(clip.shape)}")
+        picks = torch.linspace(0, clip.shape[0] - 1, frames).round().long().tolist()
+        for ax, k in zip(row[:frames], picks):
+            show_image(clip[k], ax=ax)
+            ax.set_xlabel(f"t={k}", fontsize=7, labelpad=1)
+        text = row[frames]
+        text.axis("off")
+        text.text(0.02, 0.5, f"{q}\nmodel: {a or '(nothing)'} {_verdict(a, t)}   truth: {t}", fontsize=8, va="center",
+                  color="black" if a == t else "firebrick", transform=text.transAxes)
     fig.tight_layout()
     return fig
