@@ -130,10 +130,12 @@ def regenerate(notebooks: list[str], timeout: int) -> None:
     import nbformat
     from nbclient import NotebookClient
 
-    paths = [Path(p).resolve() for p in notebooks] or sorted(CHAPTERS.glob("[0-9][0-9]_*.ipynb"))
+    # default: the chapters in order, then the appendices (A1_..., A2_...), which may load what chapters ship
+    paths = [Path(p).resolve() for p in notebooks] or [
+        *sorted(CHAPTERS.glob("[0-9][0-9]_*.ipynb")), *sorted(CHAPTERS.glob("A[0-9]_*.ipynb"))]
     for path in paths:
         if not path.is_file() or path.suffix != ".ipynb":
-            sys.exit(f"[book] {path} is not a notebook file (expected chapters/NN_name.ipynb)")
+            sys.exit(f"[book] {path} is not a notebook file (expected chapters/NN_name.ipynb or chapters/AN_name.ipynb)")
         say(f"executing {path.relative_to(ROOT)}")
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
@@ -160,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-setup", action="store_true", help="skip the install step")
     t.add_argument("--workers", type=int, default=None, help="parallel test workers (default: one per CPU core)")
     t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments for pytest, after --")
-    r = sub.add_parser("regenerate", help="re-execute notebooks in place (all chapters by default)")
-    r.add_argument("notebooks", nargs="*", help="notebook paths (default: every chapters/NN_*.ipynb)")
+    r = sub.add_parser("regenerate", help="re-execute notebooks in place (all chapters, then the appendices, by default)")
+    r.add_argument("notebooks", nargs="*", help="notebook paths (default: every chapters/NN_*.ipynb, then every chapters/AN_*.ipynb)")
     r.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
     args = parser.parse_args(argv)
 

@@ -25,7 +25,10 @@ def test_there_are_chapters():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_name(path):
-    assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name), f"{path.name}: expected chapters/NN_short_name.ipynb"
+    # a chapter is NN_short_name; an appendix (a research log or an aside a chapter links to) is AN_short_name
+    assert re.fullmatch(r"(\d\d|A\d)_[a-z0-9_]+\.ipynb", path.name), (
+        f"{path.name}: expected chapters/NN_short_name.ipynb (a chapter) or chapters/AN_short_name.ipynb (an appendix)"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -59,3 +62,13 @@ def test_first_code_cell_sets_up(path):
     first = "".join(code_cells(nb)[0]["source"])
     assert "setup_notebook(" in first, f"{path.name}: the first code cell must call mllm_scratch's setup_notebook()"
     assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", f"{path.name}: kernel must be python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_links_to_notebooks_resolve(path):
+    # a chapter that moved a section into an appendix links to it: the link must reach a notebook that exists
+    nb = json.loads(path.read_text())
+    prose = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    targets = re.findall(r"\]\(([^)\s#]+\.ipynb)(?:#[^)]*)?\)", prose)
+    missing = [t for t in targets if not (path.parent / t).is_file()]
+    assert not missing, f"{path.name} links to notebooks that do not exist: {missing}"
