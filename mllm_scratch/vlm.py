@@ -7,9 +7,11 @@
     -> the chapter-04 GPT (`inputs_embeds`) -> next-token logits; loss on answer tokens only
 
 Mirrors LLaVA (Liu et al., 2023; a CLIP tower, a projector, stage 1 projector-only on
-captions, stage 2 with the LM unfrozen on instructions), NVLM-D and Molmo, and with
-`encoder="patches"` Fuyu (Adept, 2023): raw pixel patches, one linear layer, no image
-encoder at all. The VLM *composes* an image tower and a `GPT`; it never forks them.
+captions, stage 2 with the LM unfrozen on instructions, the tower frozen throughout),
+NVLM-D (which also keeps its vision encoder frozen in every stage) and Molmo (which tunes
+every part, the encoder included, as this recipe does in stage 2: `VLMRecipe.train_encoder`),
+and with `encoder="patches"` Fuyu (Adept, 2023): raw pixel patches, one linear layer, no
+image encoder at all. The VLM *composes* an image tower and a `GPT`; it never forks them.
 Which parts train is a flag (`set_trainable`), not a rewrite.
 
 Conventions: a batch holds N copies of `<|image|>` per image (the collator expands
@@ -359,7 +361,7 @@ class VLMRecipe:
     stage2_steps: int = 1800
     stage2_lr: float = 2e-3  # the projector (for Fuyu: the only thing that sees pixels)
     stage2_lm_lr: float = 1e-3  # the pretrained LM (and the encoder, if train_encoder): lower, not to forget
-    train_encoder: bool = True  # stage 2 tunes the tower too, at stage2_lm_lr (NVLM, Molmo); LLaVA keeps it frozen
+    train_encoder: bool = True  # stage 2 tunes the tower too, at stage2_lm_lr, as Molmo does; LLaVA and NVLM keep it frozen
     warmup_steps: int = 20
     weight_decay: float = 0.0
     seed: int = 0
@@ -450,7 +452,7 @@ def train_stage(
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> History:
-    """Stage 1: projector only, on captions. Stage 2: projector + LM (lower rate), on QA.
+    """Stage 1: projector only, on captions. Stage 2: projector + LM (+ tower if recipe.train_encoder; lower rate), on QA.
 
     `steps` shortens a run; `data`, a stream of batches, replaces the stage's own (`stage_data`)
     for an experiment on other data with the same parts, rates and schedule.
