@@ -2,16 +2,23 @@
 
     media item (an image (3, H, W), or a clip (F, 3, H, W)) -> encoder -> (media_tokens, media_dim)
                                                            -> projection -> (media_tokens, lm_dim)
-    text "<|image|>what colour is ..." -> the chapter-04 GPT, unchanged and frozen; after every
+    text "<|image|>what colour is ..." -> the chapter-04 GPT, unchanged and frozen; beside every
     `every`-th block a GatedCrossAttentionBlock lets the text read the media:
         x = x + tanh(attn_gate) * cross_attention(norm(x), media)   (queries: text, keys/values: media)
         x = x + tanh(mlp_gate)  * mlp(norm(x))
 
 Mirrors Flamingo (Alayrac et al., 2022: gated XATTN-DENSE layers, tanh gates initialised
 at 0, media masks so each token sees only the latest preceding image), Llama 3.2 Vision
-(cross-attention layers every few blocks of a frozen Llama 3.1) and NVLM-X. The image
-is not in the sequence: one marker token says where it stands, so the sequence stays short
-however many tokens the image has.
+(cross-attention layers every fourth block of a frozen Llama 3.1) and NVLM-X (Dai et al.,
+2024: the LLM frozen in both of its training stages). The image is not in the sequence: one
+marker token says where it stands, so the sequence stays short however many tokens the image has.
+
+Placement (`XAttnConfig.placement`): Flamingo runs each gated block *before* its LM block (the
+gated block's output is the LM block's input), and so does torchtune's Llama 3.2 Vision
+(`FusionLayer`, fusion_first=True). "after" (the default, what the shipped checkpoints were
+trained with) runs it right after the LM block instead. The gated blocks sit at the same indices
+(`XAttnConfig.layers`) either way: with every=1 the two differ only at the ends (Flamingo's first
+gated block reads the raw embeddings; with "after" the last one feeds the final norm directly).
 
 Training (`XAttnRecipe`, `build_xattn`, `train_xattn`): one stage on chapter 06's captions and
 questions with one <|image|> marker per image, the LM frozen, the gates at their own higher rate,
@@ -95,12 +102,15 @@ class XAttnConfig:
     media_dim: int  # width of the encoder's per-token output
     media_tokens: int  # tokens per media item (64 for a 32 px image through the chapter-05 tower)
     vision: ViTConfig | None = None  # if set and no encoder is given, the encoder is VisionTransformer(vision)
-    every: int = 1  # a gated cross-attention block after every `every`-th LM block
+    every: int = 1  # a gated cross-attention block beside every `every`-th LM block
     num_heads: int = 4
     mlp_ratio: float = 4.0
     media_id: int = 502  # the marker token: <|image|> (use <|video|> for clips)
     attend: Literal["latest", "all"] = "latest"
     item_dims: int = 3  # dims of one media item: 3 for an image (3, H, W), 4 for a clip (F, 3, H, W)
+    # where a gated block runs relative to LM block i: right after it, or right before it (Flamingo,
+    # torchtune's Llama 3.2 Vision). Configs saved without this field load as "after".
+    placement: Literal["after", "before"] = "after"
 
     def __post_init__(self) -> None:
         if isinstance(self.lm, dict):
@@ -119,10 +129,12 @@ class XAttnConfig:
             raise ValueError(f"media_id {self.media_id} is not a token id of the LM (0..{self.lm.vocab_size - 1})")
         if self.item_dims < 1:
             raise ValueError(f"item_dims must be positive, got {self.item_dims}")
+        if self.placement not in ("after", "before"):
+            raise ValueError(f"placement must be 'after' or 'before', got {self.placement!r}")
 
     @property
     def layers(self) -> list[int]:
-        """The LM blocks after which a gated cross-attention block runs."""
+        """The LM blocks beside which a gated cross-attention block runs (after or before them: `placement`)."""
         return [i for i in range(self.lm.depth) if (i + 1) % self.every == 0]
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,7 +263,7 @@ class CrossAttentionVLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         media_caches: dict[str, KVCache] | None = None,
     ) -> torch.Tensor:
-        """The LM's residual stream with the gated blocks run after their LM blocks -> (B, T, lm_dim).
+        """The LM's residual stream with the gated blocks run after (or before) their LM blocks -> (B, T, lm_dim).
 
         media_tokens (B, M, lm_dim) from `encode_media`; mask (B, T, M) from `mask_for`, or any
         mask of that shape (a hybrid model passes its own). inputs_embeds replaces ids, as in `GPT`.
@@ -265,13 +277,22 @@ class CrossAttentionVLM(nn.Module):
                              f"{None if mask is None else tuple(mask.shape)}")
         blocks = self.blocks
 
-        def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
+        def gated(i: int, x: torch.Tensor) -> torch.Tensor:
             key = str(i)
             if key not in blocks:
                 return x
             return blocks[key](x, media_tokens.to(x.dtype), mask, None if media_caches is None else media_caches[key])
 
-        return self.lm.hidden_states(ids, inputs_embeds=inputs_embeds, caches=caches, after_block=after_block)
+        if self.config.placement == "after":  # GPT's own hook: x = gated(i, x) right after LM block i
+            return self.lm.hidden_states(ids, inputs_embeds=inputs_embeds, caches=caches, after_block=gated)
+        # "before" (Flamingo): GPT's public steps in our own loop, the gated block in front of LM block i
+        if caches is not None and len(caches) != len(self.lm.blocks):
+            raise ValueError(f"caches must hold one KVCache per block ({len(self.lm.blocks)}), got {len(caches)}")
+        start_pos = len(caches[0]) if caches else 0  # new tokens continue where the cache ends
+        x = self.lm.input_states(ids, inputs_embeds=inputs_embeds, start_pos=start_pos)  # (B, T, lm_dim)
+        for i, block in enumerate(self.lm.blocks):
+            x = block(gated(i, x), causal=True, cache=None if caches is None else caches[i])  # (B, T, lm_dim)
+        return x
 
     def forward(self, ids: torch.Tensor, media: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (B, T, vocab). media: (B, M, *item) or (B, *item); None = text only (the plain LM)."""
@@ -379,8 +400,13 @@ class XAttnRecipe:
         return asdict(self)
 
 
-def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None = None, lm: GPT | None = None) -> CrossAttentionVLM:
-    """A fresh cross-attention VLM for `recipe`: its image tower, new gated blocks (seeded), chapter 04's GPT, frozen."""
+def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None = None, lm: GPT | None = None,
+                *, placement: Literal["after", "before"] = "after") -> CrossAttentionVLM:
+    """A fresh cross-attention VLM for `recipe`: its image tower, new gated blocks (seeded), chapter 04's GPT, frozen.
+
+    placement: run each gated block after its LM block (the book's default) or before it (Flamingo);
+    the new weights are the same either way (same seed, same names), only the order differs.
+    """
     from mllm_scratch.gpt import pretrained_gpt
     from mllm_scratch.vlm import image_tower
 
@@ -391,7 +417,7 @@ def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None =
     tower, vision = image_tower(recipe.encoder, recipe.seed)
     lm = lm if lm is not None else pretrained_gpt()
     config = XAttnConfig(lm=lm.config, media_dim=vision.dim, media_tokens=vision.num_patches, vision=vision,
-                         every=recipe.every, attend=recipe.attend, media_id=tokenizer.image_id)
+                         every=recipe.every, attend=recipe.attend, media_id=tokenizer.image_id, placement=placement)
     torch.manual_seed(recipe.seed)
     model = CrossAttentionVLM(config, encoder=tower, lm=lm)
     return model.set_trainable(encoder=False, xattn=False, lm=False)

@@ -34,10 +34,14 @@ VISION = ViTConfig(image_size=32, patch_size=8, dim=16, depth=1, num_heads=2)  #
 LM = GPTConfig(vocab_size=TOK.vocab_size, context_length=64, dim=32, depth=2, num_heads=2)
 
 
-def tiny_model(every: int = 1, attend: str = "latest", seed: int = 0, gates: float | None = None) -> CrossAttentionVLM:
+PLACEMENTS = ("after", "before")
+
+
+def tiny_model(every: int = 1, attend: str = "latest", seed: int = 0, gates: float | None = None,
+               placement: str = "after") -> CrossAttentionVLM:
     torch.manual_seed(seed)
     config = XAttnConfig(lm=LM, media_dim=VISION.dim, media_tokens=VISION.num_patches, vision=VISION, every=every,
-                         num_heads=2, media_id=M, attend=attend)
+                         num_heads=2, media_id=M, attend=attend, placement=placement)
     model = CrossAttentionVLM(config, lm=GPT(LM)).eval()
     if gates is not None:  # open the gates, as training would
         with torch.no_grad():
@@ -157,8 +161,9 @@ def test_lm_state_dict_keys_are_the_chapter_04_gpts():
     assert {k.split(".")[0] for k in model.state_dict()} == {"encoder", "lm", "xattn"}
 
 
-def test_closed_gates_give_the_lms_logits_bit_for_bit():
-    model = tiny_model()
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_closed_gates_give_the_lms_logits_bit_for_bit(placement):
+    model = tiny_model(placement=placement)
     a = text("is there a red circle?") + [M] + text("what colour is it?")
     b = [M] + text("there is a small blue cross. there are two objects.")
     ids = torch.tensor([a, b[: len(a)]])
@@ -168,9 +173,10 @@ def test_closed_gates_give_the_lms_logits_bit_for_bit():
         assert torch.equal(model(ids[:1, :3]), model.lm(ids[:1, :3]))  # text only: the plain LM
 
 
-def test_changing_image_k_never_changes_outputs_before_image_k():
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_changing_image_k_never_changes_outputs_before_image_k(placement):
     for attend in ("latest", "all"):
-        model = tiny_model(gates=0.7, attend=attend)
+        model = tiny_model(gates=0.7, attend=attend, placement=placement)
         ids = torch.tensor([text("a") + [M] + text("b c") + [M] + text("d e f") + [M] + text("g")])
         marks = (ids[0] == M).nonzero().flatten().tolist()
         media = torch.rand(1, 3, 3, 32, 32)
@@ -205,8 +211,9 @@ def test_latest_mask_hides_earlier_images_from_the_cross_attention_itself():
         assert same == (attend == "latest"), attend
 
 
-def test_text_before_the_first_image_is_the_lms_output_with_open_gates():
-    model = tiny_model(gates=1.0)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_text_before_the_first_image_is_the_lms_output_with_open_gates(placement):
+    model = tiny_model(gates=1.0, placement=placement)
     ids = torch.tensor([text("there are two objects") + [M] + text("red")])
     first = (ids[0] == M).nonzero().item()
     with torch.no_grad():
@@ -228,10 +235,68 @@ def test_forward_errors_name_the_problem():
         model(ids, torch.rand(32, 32))
     with pytest.raises(ValueError, match="every must be between 1 and the LM's depth 2"):
         XAttnConfig(lm=LM, media_dim=16, media_tokens=16, every=3)
+    with pytest.raises(ValueError, match="placement must be 'after' or 'before', got 'inside'"):
+        XAttnConfig(lm=LM, media_dim=16, media_tokens=16, placement="inside")
 
 
-def test_cached_generation_matches_the_uncached_greedy_loop():
-    model = tiny_model(gates=0.8)
+# ----------------------------------------------------------------------------------
+# Placement: after the LM block (the book's default) or before it (Flamingo, torchtune's FusionLayer)
+
+
+def call_order(model: CrossAttentionVLM, ids: torch.Tensor, media: torch.Tensor) -> list[str]:
+    """The order in which the LM blocks and the gated blocks run in one forward pass, read with forward hooks."""
+    order, handles = [], []
+    for i, block in enumerate(model.lm.blocks):
+        handles.append(block.register_forward_hook(lambda *_, i=i: order.append(f"lm{i}")))
+    for key, block in model.blocks.items():
+        handles.append(block.register_forward_hook(lambda *_, key=key: order.append(f"gated{key}")))
+    try:
+        with torch.no_grad():
+            model(ids, media)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def test_before_runs_each_gated_block_in_front_of_its_lm_block():
+    ids = torch.tensor([[M] + text("what colour is it?")])
+    images = torch.rand(1, 3, 32, 32)
+    assert call_order(tiny_model(placement="after"), ids, images) == ["lm0", "gated0", "lm1", "gated1"]
+    assert call_order(tiny_model(placement="before"), ids, images) == ["gated0", "lm0", "gated1", "lm1"]
+    assert call_order(tiny_model(every=2, placement="after"), ids, images) == ["lm0", "lm1", "gated1"]
+    assert call_order(tiny_model(every=2, placement="before"), ids, images) == ["lm0", "gated1", "lm1"]
+
+
+def test_before_feeds_the_gated_blocks_output_into_the_lm_block():
+    """With open gates the two placements compute different functions from the same weights; 'before' by hand."""
+    after, before = tiny_model(gates=0.6), tiny_model(gates=0.6, placement="before")
+    assert list(after.state_dict()) == list(before.state_dict())  # same parameters, same names: only the order differs
+    before.load_state_dict(after.state_dict())
+    ids = torch.tensor([[M] + text("what colour is the circle?")])
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        media, mask = before.encode_media(images), before.mask_for(ids, 1)
+        x = before.lm.input_states(ids)
+        for i, block in enumerate(before.lm.blocks):
+            x = block(before.blocks[str(i)](x, media, mask), causal=True)
+        by_hand = before.lm.to_logits(x)
+        assert torch.equal(before(ids, images), by_hand)
+        assert not torch.allclose(after(ids, images), by_hand)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_gradients_reach_every_gated_block_under_both_placements(placement):
+    model = tiny_model(gates=0.5, placement=placement).set_trainable(xattn=True)
+    ids = torch.tensor([[M] + text("what colour is the circle? red")])
+    model(ids, torch.rand(1, 3, 32, 32)).logsumexp(-1).sum().backward()
+    for key, block in model.blocks.items():
+        assert block.attn.q_proj.weight.grad.abs().sum() > 0, key
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_cached_generation_matches_the_uncached_greedy_loop(placement):
+    model = tiny_model(gates=0.8, placement=placement)
     images = torch.rand(3, 3, 32, 32)
     prompts = ["what colour is the circle?", "how many objects are there?", "what colour is the square?"]
     said = model.generate(TOK, images, prompts, max_new_tokens=5)
@@ -357,6 +422,29 @@ def test_save_load_round_trip_stores_no_lm_and_checks_it(tmp_path):
         load_xattn(path, lm=model.lm)
 
 
+def test_placement_round_trips_and_a_config_saved_without_it_loads_as_after(tmp_path):
+    from mllm_scratch.checkpoints import save_checkpoint
+    from mllm_scratch.gpt import tokenizer_sha256
+    from mllm_scratch.xattn import _trained_parts
+
+    model = tiny_model(gates=0.3, placement="before")
+    save_xattn(tmp_path / "before.pt", model)
+    loaded = load_xattn(tmp_path / "before.pt", lm=model.lm)
+    ids = torch.tensor([[M] + text("how many objects are there?")])
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert loaded.config.placement == "before" and torch.equal(loaded(ids, images), model(ids, images))
+    # a file written before the field existed (the shipped xattn.pt, methods_*.pt): no "placement" in its config
+    old = tiny_model(gates=0.3)
+    config = old.config.to_dict()
+    del config["placement"]
+    save_checkpoint(tmp_path / "old.pt", _trained_parts(old), config, name="old",
+                    extra={"lm_checksum": lm_checksum(old.lm), "tokenizer_sha256": tokenizer_sha256()})
+    loaded = load_xattn(tmp_path / "old.pt", lm=old.lm)
+    with torch.no_grad():
+        assert loaded.config.placement == "after" and torch.equal(loaded(ids, images), old(ids, images))
+
+
 def test_shipped_checkpoint_keeps_the_chapter_04_lm():
     from mllm_scratch.gpt import pretrained_gpt
     from mllm_scratch.xattn import DEFAULT_CHECKPOINT
@@ -364,6 +452,7 @@ def test_shipped_checkpoint_keeps_the_chapter_04_lm():
     if not DEFAULT_CHECKPOINT.exists():
         pytest.skip("data/checkpoints/xattn.pt not built yet: python scripts/build_checkpoints.py xattn")
     model = load_xattn()
+    assert model.config.placement == "after"  # what it was trained with
     lm = pretrained_gpt()
     assert lm_checksum(model.lm) == lm_checksum(lm)
     assert all(abs(a) > 0 for a, _ in model.gates().values())
