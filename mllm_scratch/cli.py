@@ -1,44 +1,62 @@
-"""The book's command line: train a tiny VLM, then caption images and answer questions about them.
+"""The book's command line: make a ShapeWorld scene or clip, caption it and ask about it, or train your own VLM.
 
-    python -m mllm_scratch train-vlm --out vlm.pt              # a few minutes on a CPU
-    python -m mllm_scratch train-vlm --preset gpu --out vlm.pt # a longer run, on the GPU if there is one
-    python -m mllm_scratch caption IMAGE --checkpoint vlm.pt
-    python -m mllm_scratch ask IMAGE "what colour is the circle?" --checkpoint vlm.pt
+    python -m mllm_scratch render 7 --out scene.png             # test scene 7 as a PNG, its caption and questions
+    python -m mllm_scratch caption scene.png                    # chapter 06's unified VLM describes it
+    python -m mllm_scratch ask scene.png "how many objects are there?"
+    python -m mllm_scratch ask scene.png "what colour is the square?" --model xattn   # chapter 07's model
+    python -m mllm_scratch questions                            # the question forms the models were trained on
+    python -m mllm_scratch render 7 --video --out clip.gif      # a test clip, as an animated GIF (or a folder)
+    python -m mllm_scratch ask-video clip.gif "which shape moves?"                  # chapter 09's video model
+    python -m mllm_scratch train-vlm --out vlm.pt               # train chapter 06's VLM yourself (CPU: minutes)
+    python -m mllm_scratch caption scene.png --checkpoint vlm.pt
 
-Any image file Pillow opens is read and resized to the model's input size. Without
---checkpoint, caption and ask use the book's shipped VLM (data/checkpoints/vlm.pt).
+Any image file Pillow opens is read and resized to the model's input size (32 px). Without
+--checkpoint, each command uses the book's shipped checkpoint (data/checkpoints/).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 # Budgets (and batch sizes) per preset; every other field is VLMRecipe's default, the notebook's recipe.
 PRESETS: dict[str, dict] = {
-    "cpu": dict(stage1_steps=100, stage2_steps=400),  # a few minutes on a laptop CPU
+    "cpu": dict(stage1_steps=100, stage2_steps=400),  # see CPU_PRESET_MEASURED
     "book": {},  # exactly VLMRecipe(): the shipped checkpoint's recipe
     "gpu": dict(batch_size=128, caption_pairs=20_000, qa_pairs=100_000, stage1_steps=300, stage2_steps=3000,
                 stage2_lr=1e-3, stage2_lm_lr=3e-4),
 }
+# What `train-vlm` with the cpu preset reached, measured with (see the README's command-line section)
+# OMP_NUM_THREADS=1 python -m mllm_scratch train-vlm --out /tmp/cli_default.pt --threads 1 --no-progress --eval 600
+# 294 s of CPU time; test VQA colour 0.48, shape 0.21, count 0.62, spatial 0.50, existence 0.49, reading 0.00, all 0.38
+CPU_PRESET_MEASURED = "about 5 min on one CPU thread, reaching 0.38 overall on 600 test questions"
+# The shipped checkpoint's own manifest (data/checkpoints/vlm.json): train_seconds and test_vqa "all".
+BOOK_PRESET_MEASURED = "about 10 min, 0.54 on the same questions"
 _OVERRIDES = ("encoder", "projector", "caption_pairs", "qa_pairs", "batch_size", "stage1_steps", "stage2_steps",
-              "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed")
+              "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed", "train_encoder")
+MODELS = {"vlm": "chapter 06's unified VLM (image tokens spliced into the LM's input; the default)",
+          "xattn": "chapter 07's cross-attention VLM (the frozen LM reads the image through gated blocks)"}
+VIDEO_MODELS = {"xattn": "video", "unified": "unified"}  # --model of ask-video -> the chapter-09 model's name
 
 
 class CLIError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
+# ----------------------------------------------------------------------------------
+# train-vlm
+
+
 def _recipe(args: argparse.Namespace):
+    """The VLMRecipe that train-vlm's arguments ask for: VLMRecipe(), then the preset, then each option given."""
     from mllm_scratch.vlm import VLMRecipe
 
     recipe = replace(VLMRecipe(), **PRESETS[args.preset])
-    overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
-    if args.train_encoder:
-        overrides["train_encoder"] = True
-    return replace(recipe, **overrides)
+    return replace(recipe, **{k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None})
 
 
 def cmd_train_vlm(args: argparse.Namespace) -> int:
@@ -58,8 +76,9 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer()
+    tuned = "projector + LM" + (" + image tower" if recipe.train_encoder and recipe.encoder != "patches" else "")
     print(f"train-vlm: encoder {recipe.encoder}, projector {recipe.projector}, stage 1 {recipe.stage1_steps} steps "
-          f"(projector, captions), stage 2 {recipe.stage2_steps} steps (projector + LM, questions), "
+          f"(projector, captions), stage 2 {recipe.stage2_steps} steps ({tuned}, questions), "
           f"batch {recipe.batch_size}, on {device}")
     model = build_vlm(recipe, tokenizer)
     metrics: dict = {}
@@ -77,20 +96,196 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
-    """The checkpoint (or the shipped VLM) and the image, resized to the model's input size."""
-    from mllm_scratch.images import load_image
+# ----------------------------------------------------------------------------------
+# render: a ShapeWorld scene (or clip) to a file, with the truth about it
+
+
+def _write(write, path: Path, what: str) -> None:
+    try:
+        write(path)
+    except (OSError, ValueError) as err:  # a missing folder, no permission, a suffix Pillow cannot write
+        raise CLIError(f"cannot write {what} {str(path)!r}: {err}") from None
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from mllm_scratch.images import save_frames, save_gif, save_image
+    from mllm_scratch.shapeworld import Rng, caption, clip_questions, generate_clip, generate_scene, questions
+    from mllm_scratch.shapeworld import render, render_clip, split_seed
+    from mllm_scratch.vlm import VLMRecipe
+
+    try:
+        seed = split_seed(args.split, args.index)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    outs = [Path(p) for p in (args.out or ["clip.gif" if args.video else "scene.png"])]
+    if args.video:
+        from mllm_scratch.video import VIDEO_SCENES, video_recipes
+
+        config, num_frames = VIDEO_SCENES, video_recipes()["video"].source_frames
+    else:
+        config = VLMRecipe().scene_config()
+    if args.size is not None and (args.size < config.image_size or args.size % config.image_size):
+        raise CLIError(f"--size {args.size} is not a multiple of the {config.image_size} px scene: expected "
+                       f"{config.image_size}, {2 * config.image_size}, ... (then reading it back is exact)")
+    size = f"{config.image_size} px" + (f" shown at {args.size} px" if args.size and args.size != config.image_size else "")
+    if args.video:
+        clip = generate_clip(seed, num_frames, config, args.split)
+        frames = render_clip(clip)  # (T, H, W, 3)
+        for out in outs:
+            if out.suffix.lower() == ".gif":
+                _write(lambda p: save_gif(frames, p, args.size), out, "the GIF")
+            elif out.suffix:
+                raise CLIError(f"--out {out} with --video should be a .gif file or a folder for the frames (no suffix)")
+            else:
+                _write(lambda p: save_frames(frames, p, args.size), out, "the frames to")
+            print(f"wrote {out}{'/' if not out.suffix else ''}: clip {args.index} of the {args.split} split "
+                  f"(seed {seed}), {len(frames)} frames of {size}")
+        qas = clip_questions(clip, Rng(seed))
+    else:
+        scene = generate_scene(seed, config, args.split)  # = CaptionDataset(split)[index]'s scene
+        for out in outs:
+            _write(lambda p: save_image(render(scene), p, args.size), out, "the image")
+            print(f"wrote {out}: scene {args.index} of the {args.split} split (seed {seed}), {size}")
+        print(f"caption: {caption(scene)}")
+        qas = questions(scene, Rng(seed))
+    print("questions (skill, question, true answer):")
+    for qa in qas:
+        print(f"  {qa.skill:<10} {qa.question} {qa.answer}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------
+# Question forms, read off shapeworld's own generators (so this list cannot drift from the training data)
+
+_RELATIONS = ("left of", "right of", "above", "below")
+
+
+def _abstract(question: str) -> str:
+    """A generated question with its object words replaced by placeholders: "what colour is the {shape}?"."""
+    from mllm_scratch.shapeworld import COLOURS, SHAPES
+
+    question = re.sub(rf"\b({'|'.join(_RELATIONS)})\b", "{relation}", question)
+    question = re.sub(rf"\b({'|'.join(COLOURS)})\b", "{colour}", question)
+    question = re.sub(rf"\b({'|'.join(SHAPES)})\b", "{shape}", question)
+    return question.replace("an {colour}", "a {colour}")  # "is there an orange circle?"
+
+
+@lru_cache(maxsize=2)
+def question_forms(video: bool = False) -> dict[str, dict[str, tuple[str, ...]]]:
+    """{skill: {question form: answers seen}} of the questions shapeworld generates for scenes (or clips).
+
+    Read off the generators themselves: 400 seeds produce every form of every skill.
+    """
+    from mllm_scratch.shapeworld import SKILLS, VIDEO_SKILLS, ShapeWorldConfig, clip_questions, generate_clip
+    from mllm_scratch.shapeworld import generate_scene, questions
+
+    forms: dict[str, dict[str, set[str]]] = {skill: {} for skill in (VIDEO_SKILLS if video else SKILLS)}
+    for seed in range(400):
+        if video:
+            from mllm_scratch.video import VIDEO_SCENES
+
+            qas = clip_questions(generate_clip(seed, 8, VIDEO_SCENES), seed)
+        else:
+            qas = questions(generate_scene(seed, ShapeWorldConfig()), seed)
+        for qa in qas:
+            forms[qa.skill].setdefault(_abstract(qa.question), set()).add(qa.answer)
+    return {skill: {form: tuple(sorted(answers)) for form, answers in by_form.items()} for skill, by_form in forms.items()}
+
+
+def _form_pattern(form: str) -> re.Pattern:
+    from mllm_scratch.shapeworld import COLOURS, SHAPES
+
+    words = {"{colour}": COLOURS, "{shape}": SHAPES, "{relation}": _RELATIONS}
+    parts = re.split(r"(\{\w+\})", form)
+    return re.compile("".join(f"(?:{'|'.join(words[p])})" if p in words else re.escape(p) for p in parts))
+
+
+def matching_form(question: str, video: bool = False) -> str | None:
+    """The trained question form a (normalised) question follows, or None."""
+    from mllm_scratch.shapeworld import COLOURS
+
+    question = re.sub(rf"\ban (?=({'|'.join(COLOURS)})\b)", "a ", question)
+    for by_form in question_forms(video).values():
+        for form in by_form:
+            if _form_pattern(form).fullmatch(question):
+                return form
+    return None
+
+
+def _describe_answers(answers: tuple[str, ...]) -> str:
+    from mllm_scratch.shapeworld import COLOURS, DIRECTIONS, NUMBER_WORDS, SHAPES
+
+    if set(answers) <= set(COLOURS):
+        return "a colour"
+    if set(answers) <= set(SHAPES):
+        return "a shape"
+    order = ("yes", "no", *NUMBER_WORDS, *DIRECTIONS)
+    if len(answers) <= 4 and set(answers) <= set(order):
+        return ", ".join(sorted(answers, key=order.index))
+    return "the text, lowercase"
+
+
+def _normalise(question: str) -> str:
+    """ShapeWorld text: lowercase, single spaces, ending in "?"."""
+    question = " ".join(question.lower().split())
+    return question if not question or question.endswith("?") else question + "?"
+
+
+def _check_form(question: str, video: bool) -> None:
+    if matching_form(question, video) is None:
+        where = "questions" + (" --video" if video else "")
+        print(f"warning: {question!r} is not a question form the model was trained on, so its answer means little; "
+              f"the forms: python -m mllm_scratch {where}", file=sys.stderr)
+
+
+def cmd_questions(args: argparse.Namespace) -> int:
+    from mllm_scratch.shapeworld import COLOURS, SHAPES, Rng, caption, generate_scene
+
+    sections = [(True, "Video questions (ask-video CLIP QUESTION)")] if args.video else [
+        (False, "Image questions (ask IMAGE QUESTION)"), (True, "Video questions (ask-video CLIP QUESTION)")]
+    print("The question forms the models were trained on, by skill, with the answers they expect.")
+    print("Any other question is answered too, but by a model that never saw its form.")
+    width = max(len(form) for video, _ in sections for by_form in question_forms(video).values() for form in by_form)
+    for video, title in sections:
+        print(f"\n{title}:")
+        for skill, by_form in question_forms(video).items():
+            for form, answers in by_form.items():
+                print(f"  {skill:<10} {form:<{width}}  -> {_describe_answers(answers)}")
+    print(f"\n{{colour}}: {', '.join(COLOURS)}\n{{shape}}: {', '.join(SHAPES)}\n{{relation}}: {', '.join(_RELATIONS)}")
+    if not args.video:
+        example = next(caption(s) for s in map(generate_scene, range(100)) if s.text and len(s.objects) == 2)
+        print(f"\nCaptions (caption IMAGE) list the objects left to right, e.g. \"{example}\"")
+    return 0
+
+
+# ----------------------------------------------------------------------------------
+# caption, ask, ask-video
+
+
+def _load_model(kind: str, checkpoint: str | None):
+    """The VLM of chapter 06 ("vlm") or chapter 07 ("xattn"), from `checkpoint` or the shipped file."""
+    if kind == "xattn":
+        from mllm_scratch.xattn import load_xattn
+
+        return load_xattn(checkpoint)  # CheckpointError names the file and how to rebuild it
     from mllm_scratch.vlm import load_vlm
+
+    return load_vlm(checkpoint)
+
+
+def _load(args: argparse.Namespace):
+    """The model and the image, resized to the model's input size (1, 3, size, size)."""
+    from mllm_scratch.images import load_image
 
     if not Path(args.image).is_file():
         raise CLIError(f"image file {str(args.image)!r} does not exist (or is not a file)")
-    model = load_vlm(args.checkpoint)  # CheckpointError names the file and how to rebuild it
+    model = _load_model(args.model, args.checkpoint)
     size = model.config.vision.image_size
     try:
         image = load_image(args.image, size)  # (3, size, size) in [0, 1]
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from None
-    except OSError as err:  # unreadable: a directory, permissions, a truncated file
+    except OSError as err:  # unreadable: permissions, a truncated file
         raise CLIError(f"cannot read image {str(args.image)!r}: {err}") from None
     return model, image[None]
 
@@ -106,26 +301,129 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from mllm_scratch.tokenizer import load_tokenizer
 
-    question = args.question.strip().lower()  # ShapeWorld text is lowercase
+    question = _normalise(args.question)
     if not question:
         raise CLIError("the question is empty: ask something, e.g. \"what colour is the circle?\"")
+    _check_form(question, video=False)
     model, image = _load(args)
     print(model.generate(load_tokenizer(), image, [question], max_new_tokens=args.max_new_tokens)[0])
     return 0
 
 
+def cmd_ask_video(args: argparse.Namespace) -> int:
+    import torch
+
+    from mllm_scratch.checkpoints import read_manifest
+    from mllm_scratch.images import frame_files, load_frames
+    from mllm_scratch.tokenizer import load_tokenizer
+    from mllm_scratch.video import DEFAULT_CHECKPOINT, load_video_models, sample_frames
+
+    question = _normalise(args.question)
+    if not question:
+        raise CLIError("the question is empty: ask something, e.g. \"which shape moves?\"")
+    clip = Path(args.clip)
+    if not clip.exists():
+        raise CLIError(f"clip {str(clip)!r} does not exist: expected an animated GIF or a folder of frames")
+    if clip.is_dir() and not frame_files(clip):
+        raise CLIError(f"folder {str(clip)!r} holds no frames: expected image files such as frame_00.png, frame_01.png, ...")
+    _check_form(question, video=True)
+    name = VIDEO_MODELS[args.model]
+    model = load_video_models(args.checkpoint)[name]
+    wanted = read_manifest(args.checkpoint or DEFAULT_CHECKPOINT)["recipe"][name]["frames"]
+    try:
+        frames = load_frames(clip, model.encoder.tower.config.image_size)  # (T, 3, size, size)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    if len(frames) < wanted:
+        raise CLIError(f"clip {str(clip)!r} has {len(frames)} frame{'s' * (len(frames) != 1)}: the video model "
+                       f"reads {wanted} evenly spaced frames, so give at least {wanted}")
+    frames = frames[torch.tensor(sample_frames(len(frames), wanted))]  # (wanted, 3, size, size), first and last kept
+    print(model.generate(load_tokenizer(), frames[None], [question], max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+# ----------------------------------------------------------------------------------
+# The parser
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from mllm_scratch.shapeworld import SPLITS
+    from mllm_scratch.video import video_recipes
+    from mllm_scratch.vlm import VLMRecipe
+
+    video = video_recipes()["video"]
+
     parser = argparse.ArgumentParser(
         prog="python -m mllm_scratch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    r = sub.add_parser("render", help="write a ShapeWorld scene (or clip) to a file, with its caption and questions",
+                       description="Render scene INDEX of a ShapeWorld split (the scene CaptionDataset(split)[INDEX] "
+                       "holds) to an image file, and print its caption and its questions with the true answers, "
+                       "from the generator itself. With --video, a clip (as chapter 09's test clips are made) "
+                       "to an animated GIF or a folder of PNG frames, with its video questions.")
+    r.add_argument("index", type=int, nargs="?", default=0, help="which scene of the split (default 0)")
+    r.add_argument("--split", choices=SPLITS, default="test",
+                   help="test (default): scenes no model trained on; compositional: colour-shape pairs never trained on")
+    r.add_argument("--out", action="append", metavar="PATH",
+                   help="the image file to write (default scene.png); with --video a .gif (default clip.gif) or "
+                   "a folder (no suffix) for frame_00.png, frame_01.png, ...; give --out twice for both")
+    r.add_argument("--size", type=int, default=256,
+                   help="enlarge to this many pixels, nearest neighbour, so you can see it (default 256; 32: as the "
+                   "models see it); a multiple of 32, which the commands shrink back to exactly the scene's pixels")
+    r.add_argument("--video", action="store_true",
+                   help=f"a {video.source_frames}-frame clip of moving shapes instead of a scene")
+    r.set_defaults(run=cmd_render)
+
+    q = sub.add_parser("questions", help="list the question forms the models understand, by skill",
+                       description="List the question forms the models were trained on, by skill, with the answers "
+                       "they expect; read off ShapeWorld's own question generators. ask and ask-video answer any "
+                       "question, but warn about one that follows none of these forms.")
+    q.add_argument("--video", action="store_true", help="only the video questions (ask-video)")
+    q.set_defaults(run=cmd_questions)
+
+    for name, helptext in (("caption", "describe an image in one sentence"), ("ask", "answer a question about an image")):
+        p = sub.add_parser(name, help=helptext, description=f"{helptext[0].upper()}{helptext[1:]} with a trained VLM. "
+                           "Any image file Pillow opens; it is resized to the model's input size (32 px). "
+                           "The models know only ShapeWorld: make a scene with `render`."
+                           + (" Question forms the models were trained on: `python -m mllm_scratch questions`; "
+                              "another question is still answered, with a warning." if name == "ask" else ""))
+        p.add_argument("image", help="an image file (PNG, JPEG, ...), e.g. one written by render")
+        if name == "ask":
+            p.add_argument("question", help='e.g. "what colour is the circle?" or "how many objects are there?"')
+        p.add_argument("--model", choices=sorted(MODELS), default="vlm",
+                       help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
+        p.add_argument("--checkpoint", default=None, help="a checkpoint of that model, e.g. from train-vlm "
+                       "(default: the shipped data/checkpoints/vlm.pt or xattn.pt)")
+        p.add_argument("--max-new-tokens", type=int, default=32 if name == "caption" else 4, help="longest reply in tokens")
+        p.set_defaults(run=cmd_caption if name == "caption" else cmd_ask)
+
+    v = sub.add_parser("ask-video", help="answer a question about a clip (an animated GIF or a folder of frames)",
+                       description="Answer a question about a clip with chapter 09's video model: the frames of a "
+                       f"GIF (or the images of a folder, in name order) are resized to 32 px and {video.frames} "
+                       "evenly spaced ones, first and last included, go through the image tower and the Perceiver "
+                       "Resampler, as in chapter 09's evaluation. "
+                       "Make a clip with `render --video`; question forms: `python -m mllm_scratch questions --video`.")
+    v.add_argument("clip", help="an animated GIF, or a folder of frame images (frame_00.png, frame_01.png, ...)")
+    v.add_argument("question", help='e.g. "which shape moves?" or "which way does the red circle move first?"')
+    v.add_argument("--model", choices=sorted(VIDEO_MODELS), default="xattn",
+                   help="xattn: the resampler's tokens read by chapter 07's cross-attention decoder (default); "
+                   "unified: spliced into chapter 06's decoder")
+    v.add_argument("--checkpoint", default=None, help="chapter 09's checkpoint (default: data/checkpoints/video.pt)")
+    v.add_argument("--max-new-tokens", type=int, default=3, help="longest reply in tokens")
+    v.set_defaults(run=cmd_ask_video)
+
+    book = VLMRecipe()
     t = sub.add_parser("train-vlm", help="train a tiny unified VLM (chapter 06) and save it",
                        description="Train a unified VLM in LLaVA's two stages (projector on captions, then projector "
-                       "+ LM on questions) and write the checkpoint atomically to --out. Uses the GPU when present.")
+                       "+ LM on questions) and write the checkpoint atomically to --out. Uses the GPU when present. "
+                       f"The cpu preset takes {CPU_PRESET_MEASURED}.")
     t.add_argument("--out", default="vlm.pt", help="checkpoint to write, NAME.pt (+ NAME.json); default vlm.pt")
     t.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: a few minutes on a CPU (default); book: the shipped checkpoint's recipe; gpu: longer, bigger batches")
+                   help=f"cpu (default): {CPU_PRESET_MEASURED}; book: the shipped checkpoint's recipe "
+                   f"({book.stage1_steps} + {book.stage2_steps} steps; {BOOK_PRESET_MEASURED}); "
+                   "gpu: longer, bigger batches")
     t.add_argument("--encoder", choices=("clip", "vit", "patches"),
                    help="image tower: clip (chapter 05's, pretrained; default), vit (random), patches (Fuyu: none)")
     t.add_argument("--projector", choices=("linear", "mlp"), help="the connector (default mlp)")
@@ -135,23 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
                              ("stage2-lr", float, "stage-2 rate of the projector"),
                              ("stage2-lm-lr", float, "stage-2 rate of the pretrained LM"), ("seed", int, "random seed")):
         t.add_argument(f"--{name}", type=kind, help=f"{text} (overrides the preset)")
-    t.add_argument("--train-encoder", action="store_true", help="also train the image tower in stage 2")
+    tower = t.add_mutually_exclusive_group()
+    default = "--train-encoder" if book.train_encoder else "--freeze-encoder"
+    tower.add_argument("--train-encoder", dest="train_encoder", action="store_const", const=True, default=None,
+                       help="stage 2 also tunes the image tower, at the LM's rate"
+                       + (" (the default: the book's recipe)" if default == "--train-encoder" else ""))
+    tower.add_argument("--freeze-encoder", dest="train_encoder", action="store_const", const=False,
+                       help="stage 2 keeps the image tower frozen, LLaVA's recipe"
+                       + (" (the default: the book's recipe)" if default == "--freeze-encoder" else ""))
     t.add_argument("--eval", type=int, default=300, help="test questions to score after training (0: none; default 300)")
     t.add_argument("--device", help="cuda, mps or cpu (default: the GPU if there is one; $MLLM_DEVICE overrides)")
     t.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=cmd_train_vlm)
-
-    for name, helptext in (("caption", "describe an image in one sentence"), ("ask", "answer a question about an image")):
-        p = sub.add_parser(name, help=helptext, description=f"{helptext[0].upper()}{helptext[1:]} with a trained VLM. "
-                           "Any image file Pillow opens; it is resized to the model's input size (32 px by default).")
-        p.add_argument("image", help="an image file (PNG, JPEG, ...)")
-        if name == "ask":
-            p.add_argument("question", help='e.g. "what colour is the circle?" or "how many objects are there?"')
-        p.add_argument("--checkpoint", default=None,
-                       help="a checkpoint from train-vlm (default: the shipped data/checkpoints/vlm.pt)")
-        p.add_argument("--max-new-tokens", type=int, default=32 if name == "caption" else 4, help="longest reply in tokens")
-        p.set_defaults(run=cmd_caption if name == "caption" else cmd_ask)
     return parser
 
 
@@ -168,4 +462,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["PRESETS", "build_parser", "main"]
+__all__ = ["MODELS", "PRESETS", "build_parser", "main", "matching_form", "question_forms"]

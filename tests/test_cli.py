@@ -1,4 +1,6 @@
-"""The command line end to end: train a tiny VLM into a temporary folder, caption and ask; and its error messages."""
+"""The command line end to end: render a scene and a clip, caption and ask (shipped and freshly trained checkpoints,
+both image models), ask about a video given as a GIF or a folder, the question forms, the encoder switch, and the
+error messages."""
 
 import os
 import subprocess
@@ -7,24 +9,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from mllm_scratch.cli import build_parser, main
-from mllm_scratch.shapeworld import generate_scene, render
+from mllm_scratch.cli import _recipe, build_parser, main, matching_form, question_forms
+from mllm_scratch.images import load_frames, load_image, save_frames
+from mllm_scratch.shapeworld import (COLOURS, NUMBER_WORDS, SHAPES, SKILLS, VIDEO_SKILLS, CaptionDataset,
+                                     VideoQADataset, VQADataset, generate_clip, render_clip, split_seed, to_tensor)
+from mllm_scratch.video import VIDEO_SCENES
+from mllm_scratch.vlm import VLMRecipe, parse_caption
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "MLLM_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 TINY = ["--encoder", "patches", "--projector", "linear", "--caption-pairs", "16", "--qa-pairs", "16",
         "--batch-size", "8", "--stage1-steps", "2", "--stage2-steps", "2", "--eval", "12", "--no-progress",
         "--threads", "1"]
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m mllm_scratch ARGV`, the real entry point, in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "mllm_scratch", *argv], capture_output=True, text=True, cwd=ROOT,
+                          env=ENV, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """Train through the real entry point, `python -m mllm_scratch train-vlm`, in a subprocess."""
     out = tmp_path_factory.mktemp("cli") / "tiny.pt"
-    env = {**os.environ, "MLLM_DEVICE": "cpu"}
-    result = subprocess.run([sys.executable, "-m", "mllm_scratch", "train-vlm", "--out", str(out), *TINY],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    result = run_cli("train-vlm", "--out", str(out), *TINY)
     assert result.returncode == 0, result.stderr
     assert "stage 1: loss" in result.stdout and "stage 2: loss" in result.stdout
     assert "test VQA accuracy: colour" in result.stdout
@@ -36,11 +48,107 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def png(tmp_path_factory) -> Path:
-    """A ShapeWorld scene saved as a 64 px PNG (the CLI resizes it to 32 px)."""
+    """Test scene 1 written by `render` (256 px), which must be exactly CaptionDataset("test")[1], caption included."""
     path = tmp_path_factory.mktemp("img") / "scene.png"
-    image = Image.fromarray(render(generate_scene(7)))
-    image.resize((64, 64)).save(path)
+    result = run_cli("render", "1", "--out", str(path))
+    assert result.returncode == 0, result.stderr
+    image, caption = CaptionDataset("test", 2)[1]
+    assert result.stdout.splitlines()[:2] == [
+        f"wrote {path}: scene 1 of the test split (seed {split_seed('test', 1)}), 32 px shown at 256 px",
+        f"caption: {caption}"]
+    assert Image.open(path).size == (256, 256)
+    assert torch.equal(load_image(path, 32), image)  # the models read back exactly the pixels they trained on
+    questions = result.stdout.split("questions (skill, question, true answer):\n")[1].splitlines()
+    assert [line.split()[0] for line in questions] == ["colour", "shape", "count", "spatial", "existence", "reading"]
+    assert "how many objects are there? three" in result.stdout  # the truth: three objects
     return path
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> tuple[Path, Path]:
+    """Test clip 0 written by `render --video` as a GIF and as a folder of frames, both the clip's exact pixels."""
+    folder = tmp_path_factory.mktemp("clip")
+    gif, frames = folder / "clip.gif", folder / "frames"
+    result = run_cli("render", "0", "--video", "--out", str(gif), "--out", str(frames))
+    assert result.returncode == 0, result.stderr
+    pixels = to_tensor(render_clip(generate_clip(split_seed("test", 0), 16, VIDEO_SCENES, "test")))  # (16, 3, 32, 32)
+    assert torch.equal(load_frames(gif, 32), pixels) and torch.equal(load_frames(frames, 32), pixels)
+    assert len(list(frames.iterdir())) == 16
+    assert f"wrote {gif}: clip 0 of the test split" in result.stdout and f"wrote {frames}/: clip 0" in result.stdout
+    assert "  direction  which way does the " in result.stdout and "  appearing  how many objects appear" in result.stdout
+    return gif, frames
+
+
+# -- the shipped checkpoints, default tower (chapter 05's CLIP tower)
+
+
+def test_shipped_vlm_captions_and_answers_a_rendered_scene(png, capsys):
+    result = run_cli("caption", str(png))  # no --checkpoint: data/checkpoints/vlm.pt
+    assert result.returncode == 0, result.stderr
+    caption = result.stdout
+    assert caption.count("\n") == 1 and caption.endswith(".\n")
+    objects, _ = parse_caption(caption)
+    assert 1 <= len(objects) <= 3 and all(c in COLOURS and s in SHAPES for _, c, s in objects)
+    assert main(["ask", str(png), "What colour is the square?"]) == 0  # capitals and all: normalised
+    out, err = capsys.readouterr()
+    assert out.strip() in COLOURS and err == ""  # an answer of the right kind, and no warning
+    assert main(["ask", str(png), "how many objects are there"]) == 0  # the missing "?" is added
+    assert capsys.readouterr().out.strip() in NUMBER_WORDS
+
+
+def test_cross_attention_model(png, capsys):
+    assert main(["caption", str(png), "--model", "xattn"]) == 0
+    objects, _ = parse_caption(capsys.readouterr().out)
+    assert objects and all(c in COLOURS and s in SHAPES for _, c, s in objects)
+    assert main(["ask", str(png), "is there a yellow circle?", "--model", "xattn"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() in ("yes", "no") and err == ""
+
+
+def test_ask_video_on_a_gif_and_on_its_frames(clip, capsys):
+    gif, frames = clip
+    answers = {}
+    for source in (gif, frames):
+        for model in ("xattn", "unified"):
+            assert main(["ask-video", str(source), "which shape moves?", "--model", model]) == 0
+            out, err = capsys.readouterr()
+            assert out.strip() in SHAPES and err == ""
+            answers[source, model] = out
+    assert answers[gif, "xattn"] == answers[frames, "xattn"]  # the same pixels: the same answer
+    assert answers[gif, "unified"] == answers[frames, "unified"]
+
+
+# -- question forms
+
+
+def test_questions_lists_every_form_and_every_generated_question_matches_one(capsys):
+    assert main(["questions"]) == 0
+    out = capsys.readouterr().out
+    for skill in (*SKILLS, *VIDEO_SKILLS):
+        assert f"\n  {skill} " in out
+    assert "what colour is the {shape}?" in out and "which shape moves?" in out and "{relation}: left of" in out
+    for _, question, _, _ in VQADataset("test", 60):  # the forms are read off the generators: they cannot drift
+        assert matching_form(question) is not None, question
+    for _, question, _, _ in VideoQADataset("test", 12, VIDEO_SCENES, num_frames=4):
+        assert matching_form(question, video=True) is not None, question
+    assert matching_form("is there an orange circle?") == "is there a {colour} {shape}?"
+    assert matching_form("what is in this picture?") is None
+    assert matching_form("what colour is the circle?", video=True) is None
+    assert set(question_forms()) == set(SKILLS) and set(question_forms(video=True)) == set(VIDEO_SKILLS)
+
+
+def test_off_template_question_warns_and_still_answers(trained, png, clip, capsys):
+    assert main(["ask", str(png), "What is in this picture?", "--checkpoint", str(trained)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1  # still an answer
+    assert err.startswith("warning: 'what is in this picture?' is not a question form")
+    assert err.strip().endswith("python -m mllm_scratch questions")
+    assert main(["ask-video", str(clip[0]), "what colour is the circle?"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and err.strip().endswith("python -m mllm_scratch questions --video")
+
+
+# -- a checkpoint of the reader's own (the tiny Fuyu run of the fixture)
 
 
 def test_caption_and_ask(trained, png, capsys):
@@ -57,6 +165,29 @@ def test_greyscale_jpeg_of_any_size_works(trained, tmp_path, capsys):
     Image.fromarray(np.full((20, 30), 128, dtype=np.uint8)).save(path)  # greyscale, not square, not 32 px
     assert main(["ask", str(path), "how many objects are there?", "--checkpoint", str(trained)]) == 0
     assert capsys.readouterr().out.count("\n") == 1
+
+
+# -- the image tower's switch reaches the recipe
+
+
+def test_encoder_switch_reaches_the_recipe(capsys):
+    parser = build_parser()
+    assert _recipe(parser.parse_args(["train-vlm"])).train_encoder == VLMRecipe().train_encoder  # the book's recipe
+    assert _recipe(parser.parse_args(["train-vlm", "--freeze-encoder"])).train_encoder is False
+    assert _recipe(parser.parse_args(["train-vlm", "--train-encoder"])).train_encoder is True
+    assert _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--freeze-encoder"])) == replace_recipe(False)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-vlm", "--train-encoder", "--freeze-encoder"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def replace_recipe(train_encoder: bool) -> VLMRecipe:
+    from dataclasses import replace
+
+    return replace(VLMRecipe(), train_encoder=train_encoder)
+
+
+# -- error messages: one line, exit status 2
 
 
 def test_missing_image(trained, tmp_path, capsys):
@@ -83,6 +214,45 @@ def test_missing_and_corrupt_checkpoint(png, trained, tmp_path, capsys):
     assert main(["ask", str(png), "is there a red circle?", "--checkpoint", str(broken)]) == 2
     err = capsys.readouterr().err
     assert "broken.pt has sha256" in err and "rebuild it with" in err
+    assert main(["ask", str(png), "is there a red circle?", "--model", "xattn", "--checkpoint", str(trained)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")  # a chapter-06 file is not a chapter-07 model
+
+
+def test_ask_video_errors(clip, tmp_path, capsys):
+    def error(*argv: str) -> str:
+        assert main(["ask-video", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        return err
+
+    assert "does not exist: expected an animated GIF or a folder of frames" in error(str(tmp_path / "no.gif"), "which shape moves?")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a frame")
+    assert "holds no frames" in error(str(empty), "which shape moves?")
+    broken = tmp_path / "broken"
+    save_frames(np.zeros((3, 32, 32, 3), dtype=np.uint8), broken)
+    (broken / "frame_01.png").write_text("not an image")
+    assert "frame_01.png" in error(str(broken), "which shape moves?")
+    (tmp_path / "bad.gif").write_bytes(b"GIF89a garbage")
+    assert "bad.gif" in error(str(tmp_path / "bad.gif"), "which shape moves?")
+    short = tmp_path / "short"
+    save_frames(np.zeros((3, 32, 32, 3), dtype=np.uint8), short)
+    assert "has 3 frames: the video model reads 8 evenly spaced frames, so give at least 8" in error(
+        str(short), "which shape moves?")
+    assert "the question is empty" in error(str(clip[0]), "  ")
+
+
+def test_render_errors(tmp_path, capsys):
+    def error(*argv: str) -> str:
+        assert main(["render", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "--size 100 is not a multiple of the 32 px scene" in error("--size", "100", "--out", str(tmp_path / "a.png"))
+    assert "index 100000 is out of range for split 'test'" in error("100000", "--out", str(tmp_path / "a.png"))
+    assert "should be a .gif file or a folder" in error("--video", "--out", str(tmp_path / "a.mp4"))
+    assert "cannot write the image" in error("--out", str(tmp_path / "no" / "such" / "a.png"))
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def test_bad_out_suffix(capsys):
@@ -90,14 +260,21 @@ def test_bad_out_suffix(capsys):
     assert "should end in .pt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [[], ["train-vlm"], ["caption"], ["ask"]])
+@pytest.mark.parametrize("argv", [[], ["train-vlm"], ["caption"], ["ask"], ["render"], ["questions"], ["ask-video"]])
 def test_help_on_every_command(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([*argv, "--help"])
     assert exit_info.value.code == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert out.startswith("usage: python -m mllm_scratch")
     if argv == ["train-vlm"]:
-        assert "--preset" in out and "--out" in out
+        assert "--preset" in out and "--out" in out and "on one CPU thread, reaching" in out
+        assert "--freeze-encoder stage 2 keeps the image tower frozen, LLaVA's recipe" in out
+        default = "--train-encoder" if VLMRecipe().train_encoder else "--freeze-encoder"
+        assert out.count("(the default: the book's recipe)") == 1
+        assert out.index("(the default: the book's recipe)") > out.index(f"{default} stage 2")
     if argv == ["ask"]:
-        assert "question" in out and "--checkpoint" in out
+        assert "question" in out and "--checkpoint" in out and "--model {vlm,xattn}" in out
+        assert "python -m mllm_scratch questions" in out
+    if argv == ["ask-video"]:
+        assert "8 evenly spaced" in out and "render --video" in out
