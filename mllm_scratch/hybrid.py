@@ -20,9 +20,11 @@ With every gate at 0 it is exactly method A fed the 16-token thumbnail
 
 The second half of the module is the chapter's experiment: `MethodsRecipe`, one shared
 budget (same data, same order, same steps and batch, same LM and tower) for method A
-("unified"), method B ("cross") and the hybrid ("hybrid"); `build_method`, `train_method`,
-`evaluate_vqa` (exact match per skill, plus per-character reading accuracy) and the
-checkpoints that `python scripts/build_checkpoints.py methods` writes.
+("unified"), method B ("cross") and the hybrid ("hybrid"), plus a fourth model on the same
+budget, Fuyu ("fuyu": method A with no image tower, each patch's raw pixels straight into
+the projector); `build_method`, `train_method`, `evaluate_vqa` (exact match per skill, plus
+per-character reading accuracy) and the checkpoints that `python scripts/build_checkpoints.py
+methods` (the three) and `methods_fuyu` (Fuyu) write.
 """
 
 from __future__ import annotations
@@ -244,25 +246,29 @@ def thumbnail_vlm(model: HybridVLM) -> UnifiedVLM:
 # ----------------------------------------------------------------------------------
 # The experiment: three methods, one budget
 
-METHODS = ("unified", "cross", "hybrid")  # NVLM-D, NVLM-X, NVLM-H
-METHOD_NAMES = {"unified": "A unified (NVLM-D)", "cross": "B cross-attn (NVLM-X)", "hybrid": "H hybrid (NVLM-H)"}
+METHODS = ("unified", "cross", "hybrid")  # NVLM-D, NVLM-X, NVLM-H: the three that every cost table compares
+FUYU = "fuyu"  # method A without an image tower (Adept's Fuyu), trained on the same budget
+ALL_METHODS = (*METHODS, FUYU)
+METHOD_NAMES = {"unified": "A unified (NVLM-D)", "cross": "B cross-attn (NVLM-X)", "hybrid": "H hybrid (NVLM-H)",
+                "fuyu": "F Fuyu (no tower)"}
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
 
 
 @dataclass(frozen=True)
 class MethodsRecipe:
-    """One budget for all three methods: the same data in the same order, steps, batch, rates, LM and tower.
+    """One budget for every method: the same data in the same order, steps, batch, rates, LM and tower.
 
-    Stage 1 (alignment, captions): only the new parts train (A: projector; B: cross-attention;
-    H: both), the LM and the tower frozen, as LLaVA, Flamingo and NVLM do. Stage 2 (questions
-    plus those captions): the new parts, and the tower at `pretrained_lr`; method A also
-    unfreezes its LM (chapter 06, LLaVA, NVLM-D), B and H keep it frozen (chapter 07,
-    Flamingo, Llama 3.2 Vision), which leaves the three with similar numbers of trained
-    parameters (the chapter prints them).
+    Stage 1 (alignment, captions): only the new parts train (A and Fuyu: projector; B:
+    cross-attention; H: both), the LM and the tower frozen, as LLaVA, Flamingo and NVLM do.
+    Stage 2 (questions plus those captions): the new parts, and the tower at `pretrained_lr`
+    (NVLM keeps its encoder frozen throughout; Molmo tunes it); method A and Fuyu also unfreeze
+    their LM (chapter 06, LLaVA, NVLM-D), B and H keep it frozen (chapter 07, Flamingo, Llama 3.2
+    Vision, NVLM-X, which freezes its LLM in both stages), which leaves them with similar
+    numbers of trained parameters (the chapter prints them).
     """
 
     caption_pairs: int = 4_000
@@ -291,7 +297,7 @@ class MethodsRecipe:
 
 
 def image_slots(model: nn.Module) -> int:
-    """How many <|image|> tokens a sequence holds for this model: 64 for A at 32 px, 1 for B, 16 for H."""
+    """How many <|image|> tokens a sequence holds for this model: 64 for A (and Fuyu) at 32 px, 1 for B, 16 for H."""
     if isinstance(model, UnifiedVLM):
         return model.num_image_tokens
     if isinstance(model, HybridVLM):
@@ -302,31 +308,37 @@ def image_slots(model: nn.Module) -> int:
 
 
 def method_of(model: nn.Module) -> str:
-    """'unified', 'cross' or 'hybrid'."""
+    """'unified', 'cross', 'hybrid' or 'fuyu' (a UnifiedVLM that reads raw patches)."""
     if isinstance(model, HybridVLM):
         return "hybrid"
     if isinstance(model, CrossAttentionVLM):
         return "cross"
     if isinstance(model, UnifiedVLM):
-        return "unified"
+        return FUYU if model.config.encoder == "patches" else "unified"
     raise TypeError(f"expected a UnifiedVLM, CrossAttentionVLM or HybridVLM, got {type(model).__name__}")
 
 
 def method_loss(model: nn.Module, batch) -> torch.Tensor:
-    """The loss of whichever method `model` is (all three score the same answer tokens)."""
+    """The loss of whichever method `model` is (all of them score the same answer tokens)."""
     method = method_of(model)
-    return {"unified": vlm_loss, "cross": xattn_loss, "hybrid": hybrid_loss}[method](model, batch)
+    return {"unified": vlm_loss, "cross": xattn_loss, "hybrid": hybrid_loss, FUYU: vlm_loss}[method](model, batch)
 
 
 def make_method(method: str, tower: nn.Module, lm: GPT, *, image_id: int, every: int = 1, thumbnail_grid: int = 4,
                 seed: int = 0) -> nn.Module:
-    """A fresh model of `method` around the given tower and LM (shared, not copied); new parts seeded."""
+    """A fresh model of `method` around the given tower and LM (shared, not copied); new parts seeded.
+
+    Fuyu uses only the tower's shape (image and patch size), not the tower: its "encoder" is
+    `PatchEncoder`, the 4 x 4 x 3 = 48 raw pixels of each patch, the same width as the CLIP
+    tower's patch vectors, so its projector is method A's, with the same initial weights.
+    """
     _check_method(method)
     vision = tower.config
     torch.manual_seed(seed)
-    if method == "unified":
-        config = VLMConfig(encoder="vit", vision=vision, lm=lm.config, projector="mlp", image_id=image_id)
-        return UnifiedVLM(config, encoder=tower, lm=lm)
+    if method in ("unified", FUYU):
+        encoder = "vit" if method == "unified" else "patches"
+        config = VLMConfig(encoder=encoder, vision=vision, lm=lm.config, projector="mlp", image_id=image_id)
+        return UnifiedVLM(config, encoder=tower if method == "unified" else None, lm=lm)
     kw = dict(lm=lm.config, media_dim=vision.dim, media_tokens=vision.num_patches, vision=vision, every=every,
               media_id=image_id)
     if method == "cross":
@@ -373,7 +385,7 @@ def trained_parts(method: str, stage: int, recipe: MethodsRecipe) -> dict[str, b
     _check_method(method)
     if stage == 1:
         return {"encoder": False, "new": True, "lm": False}
-    return {"encoder": recipe.train_encoder, "new": True, "lm": method == "unified"}
+    return {"encoder": recipe.train_encoder, "new": True, "lm": method in ("unified", FUYU)}  # Fuyu has no tower to train
 
 
 def train_method(
@@ -430,7 +442,7 @@ def evaluate_vqa(model: nn.Module, tokenizer: Tokenizer, dataset, images: torch.
 
 
 # ----------------------------------------------------------------------------------
-# Checkpoints: data/checkpoints/methods_{unified,cross,hybrid}.pt
+# Checkpoints: data/checkpoints/methods_{unified,cross,hybrid,fuyu}.pt
 
 CHECKPOINT_NAME = "methods"
 
@@ -438,6 +450,12 @@ CHECKPOINT_NAME = "methods"
 def checkpoint_path(method: str, directory: str | Path | None = None) -> Path:
     _check_method(method)
     return Path(directory or DEFAULT_DIR) / f"{CHECKPOINT_NAME}_{method}.pt"
+
+
+def build_target(method: str) -> str:
+    """The `build_checkpoints.py` target that writes `method`'s file: 'methods' for the three, 'methods_fuyu' for Fuyu."""
+    _check_method(method)
+    return f"{CHECKPOINT_NAME}_{FUYU}" if method == FUYU else CHECKPOINT_NAME
 
 
 def _sha256_state(module: nn.Module) -> str:
@@ -449,8 +467,9 @@ def _sha256_state(module: nn.Module) -> str:
 
 
 def _saved_parts(model: nn.Module, method: str) -> nn.Module:
-    """What the file holds: the whole model, or for B and H every part but the frozen LM (the shipped GPT, checked by sha256)."""
-    if method == "unified":
+    """What the file holds: the whole model (A, Fuyu: no tower, so projector + LM), or for B and H every part but the
+    frozen LM (the shipped GPT, checked by sha256)."""
+    if method in ("unified", FUYU):
         return model
     holder = nn.Module()  # the same submodules under the same names, so the keys match the model's
     for name in ("encoder", "projector", "xattn"):
@@ -465,7 +484,7 @@ def save_method(path: str | Path, model: nn.Module, *, recipe: dict | None = Non
 
     method = method_of(model)
     extra = {"method": method, "tokenizer_sha256": tokenizer_sha256(), "lm_sha256": _sha256_state(model.lm),
-             "loader": "mllm_scratch.hybrid.load_method", "rebuild": rebuild_command(CHECKPOINT_NAME)}
+             "loader": "mllm_scratch.hybrid.load_method", "rebuild": rebuild_command(build_target(method))}
     return save_checkpoint(path, _saved_parts(model, method), {"method": method, **model.config.to_dict()},
                            name=Path(path).stem, recipe=recipe, metrics=metrics, extra=extra)
 
@@ -475,7 +494,7 @@ def load_method(path: str | Path) -> nn.Module:
     from mllm_scratch.gpt import pretrained_gpt, tokenizer_sha256
 
     path = Path(path)
-    rebuild = rebuild_command(CHECKPOINT_NAME)
+    rebuild = rebuild_command(build_target(FUYU) if path.stem == checkpoint_path(FUYU).stem else CHECKPOINT_NAME)
     if path.parent.resolve() != DEFAULT_DIR.resolve():
         rebuild += f" --out {path.parent}"
     saved, state_dict, manifest = load_checkpoint(path, rebuild=rebuild)
@@ -486,18 +505,20 @@ def load_method(path: str | Path) -> nn.Module:
         raise CheckpointError(f"checkpoint {path} was trained with another tokenizer; rebuild it with: {rebuild}")
     config = dict(saved)
     method = config.pop("method", None)
-    if method not in METHODS:
-        raise CheckpointError(f"checkpoint {path} does not name a method of {METHODS}; rebuild it with: {rebuild}")
+    if method not in ALL_METHODS:
+        raise CheckpointError(f"checkpoint {path} does not name a method of {ALL_METHODS}; rebuild it with: {rebuild}")
     try:
-        if method == "unified":
+        if method in ("unified", FUYU):
             model: nn.Module = UnifiedVLM(VLMConfig(**config))
+            if (model.config.encoder == "patches") != (method == FUYU):
+                raise ValueError(f"encoder {model.config.encoder!r} does not fit method {method!r}")
         else:
             cls, cfg = (CrossAttentionVLM, XAttnConfig) if method == "cross" else (HybridVLM, HybridConfig)
             lm = pretrained_gpt()
             model = cls(cfg(**config), lm=lm)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} holds an invalid {method} config ({err}); rebuild it with: {rebuild}") from None
-    if method != "unified":
+    if method not in ("unified", FUYU):
         if manifest.get("lm_sha256") != _sha256_state(lm):
             raise CheckpointError(f"checkpoint {path} wraps another GPT than the shipped one (lm_sha256 differs); "
                                   f"rebuild it with: {rebuild}")
@@ -506,19 +527,26 @@ def load_method(path: str | Path) -> nn.Module:
     return model.requires_grad_(False).eval()
 
 
-def load_methods(path: str | Path | None = None) -> dict[str, nn.Module]:
-    """The three trained methods {'unified', 'cross', 'hybrid'} from the directory of `path` (default: the shipped ones).
+def load_methods(path: str | Path | None = None, methods: tuple[str, ...] = METHODS) -> dict[str, nn.Module]:
+    """The trained methods (default the three, {'unified', 'cross', 'hybrid'}; `ALL_METHODS` adds 'fuyu') from the
+    directory of `path` (default: the shipped ones).
 
     `path` may be the directory or its `methods.pt` (what `build_checkpoints.py methods --verify` passes).
     """
     directory = DEFAULT_DIR if path is None else Path(path)
     if directory.suffix == ".pt":
         directory = directory.parent
-    return {method: load_method(checkpoint_path(method, directory)) for method in METHODS}
+    for method in methods:
+        _check_method(method)
+    return {method: load_method(checkpoint_path(method, directory)) for method in methods}
 
 
-def build_checkpoints(out: Path, recipe: MethodsRecipe | None = None, *, test_size: int = 600) -> dict:
-    """Train all three methods with `recipe` (default `MethodsRecipe()`), evaluate, save; what `build_checkpoints.py methods` runs."""
+def build_checkpoints(out: Path, recipe: MethodsRecipe | None = None, *, test_size: int = 600,
+                      methods: tuple[str, ...] = METHODS) -> dict:
+    """Train `methods` (default the three) with `recipe` (default `MethodsRecipe()`), evaluate, save.
+
+    What `build_checkpoints.py methods` runs; `methods_fuyu` runs it with methods=('fuyu',).
+    """
     import time
 
     from mllm_scratch.shapeworld import VQADataset
@@ -527,7 +555,8 @@ def build_checkpoints(out: Path, recipe: MethodsRecipe | None = None, *, test_si
     tokenizer = load_tokenizer()
     test = VQADataset("test", test_size)
     manifests = {}
-    for method in METHODS:
+    for method in methods:
+        _check_method(method)
         model = build_method(method, recipe, tokenizer)
         start = time.perf_counter()
         histories = {s: train_method(model, recipe, s, tokenizer, log_every=100, progress=False, device="cpu")
@@ -559,6 +588,8 @@ def trained_counts(model: nn.Module, recipe: MethodsRecipe) -> dict[int, int]:
 
 
 __all__ = [
+    "ALL_METHODS",
+    "FUYU",
     "HybridConfig",
     "HybridVLM",
     "METHODS",
@@ -567,6 +598,7 @@ __all__ = [
     "ThumbnailEncoder",
     "build_checkpoints",
     "build_method",
+    "build_target",
     "char_accuracy",
     "checkpoint_path",
     "evaluate_vqa",

@@ -140,6 +140,14 @@ def build_methods(out: Path) -> dict:
             "files": [checkpoint_path(m, out).name for m in manifests]}
 
 
+@target("methods_fuyu", "chapter 08's fourth model on the methods' budget: Fuyu (method A with no image tower)",
+        loader="mllm_scratch.hybrid:load_method")
+def build_methods_fuyu(out: Path) -> dict:
+    from mllm_scratch.hybrid import FUYU, build_checkpoints
+
+    return build_checkpoints(out, methods=(FUYU,))[FUYU]  # writes methods_fuyu.pt; the three files stay as they are
+
+
 @target("video", "chapter 09's video QA models (Perceiver Resampler + cross-attention / unified decoders, single-frame baseline)",
         loader="mllm_scratch.video:load_video_models")
 def build_video(out: Path) -> dict:
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.list:
         for t in TARGETS.values():
-            print(f"{t.name:8s} {t.description}")
+            print(f"{t.name:12s} {t.description}")
         return 0
     names = list(TARGETS) if args.targets == ["all"] or (args.verify and not args.targets) else args.targets
     unknown = [n for n in names if n not in TARGETS]

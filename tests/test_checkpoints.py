@@ -106,13 +106,14 @@ def test_every_build_target_names_the_files_it_ships(monkeypatch):
     import sys
 
     from mllm_scratch.checkpoints import DEFAULT_DIR
-    from mllm_scratch.hybrid import METHODS, checkpoint_path
+    from mllm_scratch.hybrid import FUYU, METHODS, checkpoint_path
 
     spec = importlib.util.spec_from_file_location("build_checkpoints", Path(__file__).parent.parent / "scripts" / "build_checkpoints.py")
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses look their module up there
     spec.loader.exec_module(script)
     assert script.TARGETS["methods"].files == tuple(checkpoint_path(m).name for m in METHODS)
+    assert not script.TARGETS["methods_fuyu"].files and checkpoint_path(FUYU).name == "methods_fuyu.pt"  # <name>.pt
     for t in script.TARGETS.values():
         for name in t.files or (f"{t.name}.pt",):
             assert (DEFAULT_DIR / name).exists(), f"target {t.name} ships {name}, which is missing from {DEFAULT_DIR}"

@@ -8,11 +8,14 @@ import torch
 from mllm_scratch.checkpoints import CheckpointError
 from mllm_scratch.gpt import GPT, GPTConfig
 from mllm_scratch.hybrid import (
+    ALL_METHODS,
+    FUYU,
     METHODS,
     HybridConfig,
     HybridVLM,
     MethodsRecipe,
     ThumbnailEncoder,
+    build_target,
     char_accuracy,
     checkpoint_path,
     hybrid_loss,
@@ -30,7 +33,7 @@ from mllm_scratch.hybrid import (
 )
 from mllm_scratch.tokenizer import load_tokenizer
 from mllm_scratch.vit import ViTConfig, VisionTransformer
-from mllm_scratch.vlm import VLMCollator
+from mllm_scratch.vlm import PatchEncoder, UnifiedVLM, VLMCollator
 from mllm_scratch.xattn import CrossAttentionVLM
 
 TOK = load_tokenizer()
@@ -197,23 +200,44 @@ def pretrained_parts():
 
 def test_protocol_freezes_the_lm_of_b_and_h_only():
     recipe = MethodsRecipe()
-    for method in METHODS:
+    for method in ALL_METHODS:
         assert trained_parts(method, 1, recipe) == {"encoder": False, "new": True, "lm": False}
     assert trained_parts("unified", 2, recipe)["lm"] and not trained_parts("cross", 2, recipe)["lm"]
     assert not trained_parts("hybrid", 2, recipe)["lm"]
+    assert trained_parts(FUYU, 2, recipe)["lm"]  # Fuyu is method A: its LM trains in stage 2
     with pytest.raises(ValueError, match="method must be one of"):
-        trained_parts("fuyu", 2, recipe)
+        trained_parts("perceiver", 2, recipe)
+
+
+def test_fuyu_is_method_a_without_the_tower():
+    """Same LM, same projector shape and initial weights as A; its encoder is the raw pixels of each patch."""
+    tower, lm = pretrained_parts()
+    a = make_method("unified", tower, lm, image_id=TOK.image_id)
+    fuyu = make_method(FUYU, tower, lm, image_id=TOK.image_id)
+    assert isinstance(fuyu, UnifiedVLM) and isinstance(fuyu.encoder, PatchEncoder)
+    assert method_of(fuyu) == FUYU and method_of(a) == "unified" and image_slots(fuyu) == image_slots(a) == 64
+    assert sum(p.numel() for p in fuyu.encoder.parameters()) == 0 and fuyu.lm is lm
+    for pa, pf in zip(a.projector.parameters(), fuyu.projector.parameters(), strict=True):
+        assert torch.equal(pa, pf)  # the same seed gives the same starting projector: only the tower differs
+    imgs = images(2, seed=3)
+    imgs = torch.nn.functional.interpolate(imgs, size=32)
+    feats = fuyu.encoder(imgs)
+    assert feats.shape == (2, 64, 48)
+    from mllm_scratch.patches import patchify
+
+    torch.testing.assert_close(feats, patchify(imgs, 4), rtol=0, atol=0)  # no weights: the pixels themselves
+    assert build_target(FUYU) == "methods_fuyu" and all(build_target(m) == "methods" for m in METHODS)
 
 
 def test_stage_two_leaves_b_and_h_lm_bit_identical_and_trains_a_lm():
     recipe = MethodsRecipe(caption_pairs=32, qa_pairs=32, batch_size=4, warmup_steps=1)
-    for method in METHODS:
+    for method in ALL_METHODS:
         tower, lm = pretrained_parts()
         model = make_method(method, tower, lm, image_id=TOK.image_id)
         before = {k: v.clone() for k, v in model.lm.state_dict().items()}
         train_method(model, recipe, 2, TOK, steps=2, log_every=0, progress=False, device="cpu")
         same = all(torch.equal(v, before[k]) for k, v in model.lm.state_dict().items())
-        assert same == (method != "unified"), method
+        assert same == (method not in ("unified", FUYU)), method
         counts = trained_counts(model, recipe)
         assert counts[2] > counts[1] > 0
 
@@ -221,24 +245,27 @@ def test_stage_two_leaves_b_and_h_lm_bit_identical_and_trains_a_lm():
 def test_save_and_load_round_trip(tmp_path):
     imgs = images(2, seed=3)
     imgs = torch.nn.functional.interpolate(imgs, size=32)  # the shipped tower reads 32 px
-    for method in METHODS:
+    for method in ALL_METHODS:
         tower, lm = pretrained_parts()
         model = make_method(method, tower, lm, image_id=TOK.image_id, seed=1).eval()
-        if method != "unified":
+        if method not in ("unified", FUYU):
             with torch.no_grad():
                 for block in model.blocks.values():
                     block.attn_gate.fill_(0.3)
         path = checkpoint_path(method, tmp_path)
         manifest = save_method(path, model, recipe={"test": True})
-        if method != "unified":  # B and H do not store the frozen shipped LM
-            saved = torch.load(path, weights_only=True)["state_dict"]
+        saved = torch.load(path, weights_only=True)["state_dict"]
+        if method not in ("unified", FUYU):  # B and H do not store the frozen shipped LM
             assert not any(k.startswith("lm.") for k in saved)
+        if method == FUYU:  # no tower to store: projector + LM only
+            assert not any(k.startswith("encoder.") for k in saved) and manifest["rebuild"].endswith("methods_fuyu")
         loaded = load_method(path)
         assert type(loaded) is type(model) and manifest["method"] == method
         ids = torch.tensor([[TOK.image_id] * image_slots(model) + TOK.encode_ordinary("how many objects are there?")] * 2)
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids, imgs), model(ids, imgs), rtol=0, atol=0)
     assert set(load_methods(tmp_path / "methods.pt")) == set(METHODS)
+    assert set(load_methods(tmp_path, methods=ALL_METHODS)) == set(ALL_METHODS)
 
 
 def test_load_refuses_another_lm(tmp_path):
@@ -257,4 +284,6 @@ def test_load_refuses_another_lm(tmp_path):
 def test_unknown_method_is_refused():
     tower, lm = VisionTransformer(VISION), GPT(LM)
     with pytest.raises(ValueError, match="method must be one of"):
-        make_method("fuyu", tower, lm, image_id=TOK.image_id)
+        make_method("perceiver", tower, lm, image_id=TOK.image_id)
+    with pytest.raises(ValueError, match="method must be one of"):
+        load_methods(methods=("perceiver",))
