@@ -245,9 +245,9 @@ def cmd_questions(args: argparse.Namespace) -> int:
         (False, "Image questions (ask IMAGE QUESTION)"), (True, "Video questions (ask-video CLIP QUESTION)")]
     print("The question forms the models were trained on, by skill, with the answers they expect.")
     print("Any other question is answered too, but by a model that never saw its form.")
-    width = max(len(form) for video, _ in sections for by_form in question_forms(video).values() for form in by_form)
     for video, title in sections:
         print(f"\n{title}:")
+        width = max(len(form) for by_form in question_forms(video).values() for form in by_form)
         for skill, by_form in question_forms(video).items():
             for form, answers in by_form.items():
                 print(f"  {skill:<10} {form:<{width}}  -> {_describe_answers(answers)}")
