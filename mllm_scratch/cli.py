@@ -1,11 +1,11 @@
 """The book's command line: make a ShapeWorld scene or clip, caption it and ask about it, or train your own VLM.
 
-    python -m mllm_scratch render 7 --out scene.png             # test scene 7 as a PNG, its caption and questions
+    python -m mllm_scratch render 2 --out scene.png             # test scene 2 as a PNG, its caption and questions
     python -m mllm_scratch caption scene.png                    # chapter 06's unified VLM describes it
     python -m mllm_scratch ask scene.png "how many objects are there?"
-    python -m mllm_scratch ask scene.png "what colour is the square?" --model xattn   # chapter 07's model
+    python -m mllm_scratch ask scene.png "what colour is the triangle?" --model xattn   # chapter 07's model
     python -m mllm_scratch questions                            # the question forms the models were trained on
-    python -m mllm_scratch render 7 --video --out clip.gif      # a test clip, as an animated GIF (or a folder)
+    python -m mllm_scratch render 0 --video --out clip.gif      # a test clip, as an animated GIF (or a folder)
     python -m mllm_scratch ask-video clip.gif "which shape moves?"                  # chapter 09's video model
     python -m mllm_scratch train-vlm --out vlm.pt               # train chapter 06's VLM yourself (CPU: minutes)
     python -m mllm_scratch caption scene.png --checkpoint vlm.pt
@@ -316,7 +316,7 @@ def cmd_ask_video(args: argparse.Namespace) -> int:
     from mllm_scratch.checkpoints import read_manifest
     from mllm_scratch.images import frame_files, load_frames
     from mllm_scratch.tokenizer import load_tokenizer
-    from mllm_scratch.video import DEFAULT_CHECKPOINT, load_video_models, sample_frames
+    from mllm_scratch.video import DEFAULT_CHECKPOINT, load_video_models, sample_frames, video_recipes
 
     question = _normalise(args.question)
     if not question:
@@ -329,7 +329,8 @@ def cmd_ask_video(args: argparse.Namespace) -> int:
     _check_form(question, video=True)
     name = VIDEO_MODELS[args.model]
     model = load_video_models(args.checkpoint)[name]
-    wanted = read_manifest(args.checkpoint or DEFAULT_CHECKPOINT)["recipe"][name]["frames"]
+    recipes = read_manifest(args.checkpoint or DEFAULT_CHECKPOINT).get("recipe") or {}  # verified by the loader
+    wanted = recipes.get(name, {}).get("frames", video_recipes()[name].frames)  # frames it was trained on
     try:
         frames = load_frames(clip, model.encoder.tower.config.image_size)  # (T, 3, size, size)
     except (FileNotFoundError, ValueError) as err:
