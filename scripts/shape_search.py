@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Why chapter 06's VLM misses shapes in crowded scenes: the side-by-side runs its section 6 prints.
+"""Why chapter 06's VLM misses shapes in crowded scenes: the side-by-side runs appendix A1 prints.
 
     python scripts/shape_search.py             # every row (about 70 minutes on one CPU thread)
     python scripts/shape_search.py --rows 2 3  # some rows only (merged into the results file)
@@ -24,7 +24,7 @@ nothing further away: a sliding neighbourhood, as in Neighborhood Attention (Has
 al., 2023), where Swin and ViTDet use fixed windows.
 
 The results go to data/results/shape_search.json (with the PyTorch version), which
-chapter 06 prints and checks against the current recipes.
+appendix A1 (chapters/A1_image_tower_diagnosis.ipynb) prints and checks against the current recipes.
 """
 
 from __future__ import annotations

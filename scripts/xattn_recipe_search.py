@@ -8,7 +8,7 @@ Each row is `XAttnRecipe()` with a few fields changed, trained by `fit_xattn` on
 with fixed seeds and deterministic kernels (as `scripts/build_checkpoints.py` trains), then
 scored with `vqa_accuracy` on 600 questions of the *val* split (never test), with real and
 with shuffled images. The results go to data/results/xattn_recipe_search.json, which
-chapter 07 prints; the file records the PyTorch version that produced them.
+appendix A2 (chapters/A2_cross_attention_recipe_search.ipynb) prints; the file records the PyTorch version that produced them.
 """
 
 from __future__ import annotations
