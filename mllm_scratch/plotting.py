@@ -53,6 +53,13 @@ def _verdict(answer: str, truth: str) -> str:
     return "✓" if answer == truth else "✗"
 
 
+def _check_cases(func: str, kind: str, n: int, questions: list, answers: list, truths: list) -> None:
+    """A gallery needs one question, answer and truth per image (or clip), and at least one case."""
+    if not n or not len(questions) == len(answers) == len(truths) == n:
+        raise ValueError(f"{func} needs as many questions, answers and truths as {kind} (at least one), got "
+                         f"{n} {kind}, {len(questions)} questions, {len(answers)} answers, {len(truths)} truths")
+
+
 def show_gallery(images: list[torch.Tensor], questions: list[str], answers: list[str], truths: list[str],
                  cols: int = 4, size: float = 2.2):
     """Held-out cases in a grid: each image titled with its question, the model's answer, the truth and ✓ or ✗."""
@@ -61,9 +68,7 @@ def show_gallery(images: list[torch.Tensor], questions: list[str], answers: list
     import matplotlib.pyplot as plt
 
     n = len(images)
-    if not n or not len(questions) == len(answers) == len(truths) == n:
-        raise ValueError(f"show_gallery needs as many questions, answers and truths as images (at least one), got "
-                         f"{n} images, {len(questions)} questions, {len(answers)} answers, {len(truths)} truths")
+    _check_cases("show_gallery", "images", n, questions, answers, truths)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * 1.45 * rows), squeeze=False)
     for ax in axes.flat[n:]:
@@ -83,9 +88,7 @@ def show_clip_gallery(clips: list[torch.Tensor], questions: list[str], answers: 
     import matplotlib.pyplot as plt
 
     n = len(clips)
-    if not n or not len(questions) == len(answers) == len(truths) == n:
-        raise ValueError(f"show_clip_gallery needs as many questions, answers and truths as clips (at least one), got "
-                         f"{n} clips, {len(questions)} questions, {len(answers)} answers, {len(truths)} truths")
+    _check_cases("show_clip_gallery", "clips", n, questions, answers, truths)
     fig, axes = plt.subplots(n, frames + 1, figsize=(size * (frames + 3.5), size * n), squeeze=False,
                              gridspec_kw={"width_ratios": [1] * frames + [3.5]})
     for row, clip, q, a, t in zip(axes, clips, questions, answers, truths):
