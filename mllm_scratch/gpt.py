@@ -162,12 +162,14 @@ class GPT(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Steps 1 and 2: the residual stream after the last block, before the final norm -> (batch, T, dim).
 
         attn_mask: boolean (T, T_keys) or broadcastable to (batch, heads, T, T_keys), True = may attend,
         combined with the causal mask. key_padding_mask: (batch, T_keys), False = padding. With
-        caches, T_keys counts the cached positions too. after_block(i, x) -> x runs after block i.
+        caches, T_keys counts the cached positions too. before_block(i, x) -> x runs just before block i
+        and after_block(i, x) -> x just after it: the hooks the cross-attention decoders insert their layers with.
         """
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one KVCache per block ({len(self.blocks)}), got {len(caches)}")
@@ -175,6 +177,8 @@ class GPT(nn.Module):
         x = self.input_states(ids, inputs_embeds=inputs_embeds, start_pos=start_pos)  # (batch, T, dim)
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
+            if before_block is not None:
+                x = before_block(i, x)
             x = block(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=True, cache=cache)
             if after_block is not None:
                 x = after_block(i, x)

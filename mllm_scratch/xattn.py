@@ -283,16 +283,9 @@ class CrossAttentionVLM(nn.Module):
                 return x
             return blocks[key](x, media_tokens.to(x.dtype), mask, None if media_caches is None else media_caches[key])
 
-        if self.config.placement == "after":  # GPT's own hook: x = gated(i, x) right after LM block i
-            return self.lm.hidden_states(ids, inputs_embeds=inputs_embeds, caches=caches, after_block=gated)
-        # "before" (Flamingo): GPT's public steps in our own loop, the gated block in front of LM block i
-        if caches is not None and len(caches) != len(self.lm.blocks):
-            raise ValueError(f"caches must hold one KVCache per block ({len(self.lm.blocks)}), got {len(caches)}")
-        start_pos = len(caches[0]) if caches else 0  # new tokens continue where the cache ends
-        x = self.lm.input_states(ids, inputs_embeds=inputs_embeds, start_pos=start_pos)  # (B, T, lm_dim)
-        for i, block in enumerate(self.lm.blocks):
-            x = block(gated(i, x), causal=True, cache=None if caches is None else caches[i])  # (B, T, lm_dim)
-        return x
+        # GPT's own hooks: x = gated(i, x) right after LM block i, or (Flamingo) right before it
+        hook = "after_block" if self.config.placement == "after" else "before_block"
+        return self.lm.hidden_states(ids, inputs_embeds=inputs_embeds, caches=caches, **{hook: gated})
 
     def forward(self, ids: torch.Tensor, media: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (B, T, vocab). media: (B, M, *item) or (B, *item); None = text only (the plain LM)."""
