@@ -83,15 +83,23 @@ def save_checkpoint(
     recipe: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """Write NAME.pt (fp32 state dict + config) and its manifest NAME.json atomically; return the manifest."""
+    """Write NAME.pt (state dict + config) and its manifest NAME.json atomically; return the manifest.
+
+    Floating-point tensors are stored as `dtype`: float32 (the default) keeps the trained
+    weights exactly; float16 halves the file and rounds each weight to about 3 significant
+    digits. `load_state_dict` copies them into the model's float32 parameters either way.
+    """
     path = Path(path)
     if path.suffix != ".pt":
         raise ValueError(f"checkpoint path {path} should end in .pt (its manifest is the .json beside it)")
-    # CPU fp32 tensors. A tied weight appears under both names, as load_state_dict
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not a storage type for checkpoints: expected torch.float32, float16 or bfloat16")
+    # CPU tensors. A tied weight appears under both names, as load_state_dict
     # expects, but torch.save stores a shared tensor's data only once.
     state_dict = {
-        k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu())
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
         for k, v in model.state_dict().items()
     }
     payload = {"format": FORMAT, "name": name, "config": dict(config), "state_dict": state_dict}
@@ -107,6 +115,7 @@ def save_checkpoint(
         "recipe": recipe,
         "metrics": metrics,
         "torch": torch.__version__,
+        "stored_as": str(dtype).removeprefix("torch."),
         "rebuild": rebuild_command(name),
         **(extra or {}),
     }

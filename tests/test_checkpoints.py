@@ -38,6 +38,21 @@ def test_round_trip_and_manifest(tmp_path):
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
+def test_float16_storage_halves_the_file_and_loads_as_rounded_float32(tmp_path):
+    model = nn.Linear(64, 64)
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    assert save_checkpoint(full, model, {}, name="full")["stored_as"] == "float32"
+    manifest = save_checkpoint(half, model, {}, name="half", dtype=torch.float16)
+    assert manifest["stored_as"] == "float16" and manifest["bytes"] < 0.6 * full.stat().st_size
+    _, state_dict, _ = load_checkpoint(half)
+    assert state_dict["weight"].dtype == torch.float16
+    fresh = load_state_dict_strict(nn.Linear(64, 64), state_dict, half)
+    assert fresh.weight.dtype == torch.float32
+    torch.testing.assert_close(fresh.weight, model.weight.detach().half().float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dtype torch.int8 is not a storage type for checkpoints"):
+        save_checkpoint(tmp_path / "int.pt", model, {}, name="int", dtype=torch.int8)
+
+
 def test_saving_twice_gives_the_same_bytes(tmp_path):
     model = small_model()
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
