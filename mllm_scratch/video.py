@@ -612,6 +612,20 @@ def _checksums(tower: nn.Module, lm: nn.Module) -> dict[str, str]:
     return {"tower_checksum": lm_checksum(tower), "lm_checksum": lm_checksum(lm)}
 
 
+# The file stores float16: three models' trained parts (one with its own LM) fit in half the bytes.
+# `build_checkpoint` rounds the weights to it before scoring, so the metrics are the file's.
+STORED_DTYPE = torch.float16
+
+
+def round_to_stored(model: nn.Module) -> nn.Module:
+    """Round every floating-point parameter and buffer to STORED_DTYPE and back, in place: the model as the file holds it."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.copy_(t.to(STORED_DTYPE))
+    return model
+
+
 def save_video_models(path: str | Path, models: dict[str, nn.Module], recipes: dict[str, VideoRecipe], *,
                       metrics: dict | None = None, name: str = CHECKPOINT_NAME) -> dict:
     """Save the resampler and connector of each model (not the frozen tower or LM), with recipes and checksums."""
@@ -622,7 +636,7 @@ def save_video_models(path: str | Path, models: dict[str, nn.Module], recipes: d
     first = next(iter(models.values()))
     parts = nn.ModuleDict({k: trained_parts(m, recipes[k].train_lm) for k, m in models.items()})
     config = {k: r.to_dict() for k, r in recipes.items()}
-    return save_checkpoint(path, parts, config, name=name, recipe=config, metrics=metrics,
+    return save_checkpoint(path, parts, config, name=name, recipe=config, metrics=metrics, dtype=STORED_DTYPE,
                            extra={**_checksums(first.encoder.tower, first.lm), "tokenizer_sha256": tokenizer_sha256(),
                                   "frozen": "chapter 05's image tower and chapter 04's GPT: not stored here",
                                   "loader": "mllm_scratch.video.load_video_models"})
@@ -691,6 +705,7 @@ def build_checkpoint(out: Path, test_clips: int = 800) -> dict:
         model.encoder.resampler.load_state_dict(state)
         history = train_video_model(model, recipe, tokenizer, log_every=250, progress=False, device="cpu",
                                     cache_features=True, readout_steps=0)["decoder"]
+        round_to_stored(trained_parts(model, recipe.train_lm))  # score the weights the file will hold
         acc = video_accuracy(model, tokenizer, video_data("test", test_clips, recipe))
         metrics[name] = {"final_loss": round(history.loss[-1], 4), "train_seconds": round(history.seconds, 1),
                          "loss_history": {"steps": history.steps, "loss": [round(x, 4) for x in history.loss]},
@@ -703,6 +718,75 @@ def build_checkpoint(out: Path, test_clips: int = 800) -> dict:
         print(f"video/{name}: test " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
         models[name] = model
     return save_video_models(Path(out) / f"{CHECKPOINT_NAME}.pt", models, recipes, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------
+# Chapter 09's probe: can a resampler find the direction of motion?
+
+PROBE_VARIANTS: dict[str, tuple[bool, bool]] = {  # name -> (spatial_pos, motion)
+    "Flamingo's resampler": (False, False),
+    "+ place codes": (True, False),
+    "+ change": (False, True),
+    "+ place codes + change": (True, True),
+}
+
+
+def direction_features(tower: nn.Module, split: str, n: int, recipe: VideoRecipe | None = None,
+                       frames: Sequence[int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tower features of the first `n` direction clips of `split`: ((n, len(frames), S, d), direction labels (n,)).
+
+    `frames` index the recipe's sampled frames (default: the first two, source frames 0 and 2).
+    """
+    from mllm_scratch.shapeworld import DIRECTIONS
+
+    recipe = recipe or VideoRecipe()
+    keep = sample_frames(recipe.source_frames, recipe.frames)
+    bad = [f for f in frames if not 0 <= f < len(keep)]
+    if n < 1 or bad or not frames:
+        raise ValueError(f"need n >= 1 and frames among 0..{len(keep) - 1}, got n={n}, frames={list(frames)}")
+    data = SampledVideoQA(VideoQADataset(split, n, VIDEO_SCENES, num_frames=recipe.source_frames,
+                                         skills=["direction"]), [keep[f] for f in frames])
+    items = [data[i] for i in range(n)]
+    clips = torch.stack([it[0] for it in items])  # (n, T, 3, H, W)
+    with torch.no_grad():
+        feats = tower(clips.flatten(0, 1)).patches  # (n * T, S, d)
+    return feats.reshape(n, len(frames), *feats.shape[1:]), torch.tensor([DIRECTIONS.index(it[2]) for it in items])
+
+
+@torch.enable_grad()
+def direction_probe(train_set: tuple[torch.Tensor, torch.Tensor], test_set: tuple[torch.Tensor, torch.Tensor], *,
+                    spatial_pos: bool, motion: bool, steps: int = 800, lr: float = 1e-3, batch_size: int = 32,
+                    seed: int = 0, eval_every: int | None = None, recipe: VideoRecipe | None = None) -> dict[int, float]:
+    """Train a fresh resampler + linear readout of its mean latent on direction labels; test accuracy by step.
+
+    train_set, test_set: `direction_features` outputs. Returns {step: test accuracy} every
+    `eval_every` steps (default: only at the end). The resampler has the recipe's shape,
+    with or without place codes (`spatial_pos`) and the change channel (`motion`).
+    """
+    (f_train, y_train), (f_test, y_test) = train_set, test_set
+    if steps < 1 or batch_size < 1 or (eval_every is not None and eval_every < 1):
+        raise ValueError(f"steps, batch_size and eval_every must be positive, got {steps}, {batch_size}, {eval_every}")
+    recipe = recipe or VideoRecipe()
+    d = f_train.shape[-1]
+    torch.manual_seed(seed)
+    config = ResamplerConfig(media_dim=2 * d if motion else d, dim=recipe.dim, num_latents=recipe.num_latents,
+                             depth=recipe.depth, spatial_pos=spatial_pos)
+    resampler, head = PerceiverResampler(config), nn.Linear(recipe.dim, 4)
+    prep = with_motion if motion else (lambda f: f)
+    optimizer = torch.optim.AdamW([*resampler.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    every = eval_every or steps
+    curve = {}
+    for step in range(1, steps + 1):
+        i = torch.randint(0, len(y_train), (batch_size,), generator=generator)
+        loss = nn.functional.cross_entropy(head(resampler(prep(f_train[i])).mean(1)), y_train[i])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % every == 0 or step == steps:
+            with torch.no_grad():
+                curve[step] = (head(resampler(prep(f_test)).mean(1)).argmax(1) == y_test).float().mean().item()
+    return curve
 
 
 @torch.no_grad()
@@ -736,7 +820,9 @@ __all__ = [
     "AnswerReadout",
     "FeatureEncoder",
     "FeatureQA",
+    "PROBE_VARIANTS",
     "VIDEO_SCENES",
+    "STORED_DTYPE",
     "SampledVideoQA",
     "VideoBatch",
     "VideoCollator",
@@ -748,6 +834,8 @@ __all__ = [
     "build_checkpoint",
     "build_video_model",
     "chance_accuracy",
+    "direction_features",
+    "direction_probe",
     "freeze",
     "load_video_models",
     "majority_accuracy",
@@ -755,6 +843,7 @@ __all__ = [
     "pretrain_resampler",
     "question_skill",
     "readout_accuracy",
+    "round_to_stored",
     "sample_frames",
     "save_video_models",
     "train_video_model",

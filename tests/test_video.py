@@ -26,6 +26,8 @@ from mllm_scratch.video import (
     answer_options,
     build_video_model,
     chance_accuracy,
+    direction_features,
+    direction_probe,
     pad_clips,
     sample_frames,
     video_data,
@@ -268,3 +270,43 @@ def test_train_lm_tunes_a_copy_of_the_lm(tok, parts):
     assert any(not torch.equal(v, shared[k]) for k, v in model.lm.state_dict().items())  # the copy trained
     assert all(torch.equal(v, shared[k]) for k, v in lm.state_dict().items())  # the shared LM did not
     assert VideoRecipe(train_lm=True).stage1_key() == VideoRecipe().stage1_key()
+
+
+def test_direction_probe_features_curve_and_errors(parts):
+    """Features of direction clips, and a probe whose curve is reproducible from its seed and that learns a planted signal."""
+    tower, _ = parts
+    feats, labels = direction_features(tower, "train", 6)
+    assert feats.shape == (6, 2, 64, 16) and labels.shape == (6,) and set(labels.tolist()) <= {0, 1, 2, 3}
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, 4, 8)
+    y = torch.arange(64) % 4
+    x[torch.arange(64), 1, 0, y] += 3.0  # the label, planted in frame 1's first patch
+    recipe = tiny_recipe()
+    curve = direction_probe((x, y), (x, y), spatial_pos=True, motion=True, steps=60, lr=1e-2, seed=3, eval_every=20,
+                            recipe=recipe)
+    assert list(curve) == [20, 40, 60] and curve[60] > 0.5
+    again = direction_probe((x, y), (x, y), spatial_pos=True, motion=True, steps=60, lr=1e-2, seed=3, eval_every=20,
+                            recipe=recipe)
+    assert again == curve
+    with pytest.raises(ValueError, match="frames among 0..7, got n=2, frames=\\[0, 8\\]"):
+        direction_features(tower, "train", 2, frames=(0, 8))
+    with pytest.raises(ValueError, match="steps, batch_size and eval_every must be positive, got 0"):
+        direction_probe((x, y), (x, y), spatial_pos=False, motion=False, steps=0)
+
+
+def test_round_to_stored_matches_the_float16_file(parts, tmp_path):
+    """The model `build_checkpoint` scores is the model the float16 file holds."""
+    from mllm_scratch.checkpoints import load_checkpoint, save_checkpoint
+    from mllm_scratch.video import STORED_DTYPE, round_to_stored
+
+    tower, lm = parts
+    model = build_video_model(tiny_recipe(), load_tokenizer(), tower=tower, lm=lm)
+    part = trained_parts(model)
+    before = {k: v.clone() for k, v in part.state_dict().items()}
+    round_to_stored(part)
+    for k, v in part.state_dict().items():
+        torch.testing.assert_close(v, before[k].to(STORED_DTYPE).float(), rtol=0, atol=0)
+    save_checkpoint(tmp_path / "v.pt", part, {}, name="v", dtype=STORED_DTYPE)
+    _, state_dict, _ = load_checkpoint(tmp_path / "v.pt")
+    for k, v in part.state_dict().items():
+        assert torch.equal(state_dict[k].float(), v), k
