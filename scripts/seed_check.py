@@ -32,12 +32,13 @@ sys.path.insert(0, str(ROOT))
 import search_rows  # noqa: E402  (scripts/, next to this file)
 
 from mllm_scratch.runtime import setup_notebook  # noqa: E402
+from mllm_scratch.video import PROBE_VARIANTS  # noqa: E402
 
 RESULTS = ROOT / "data" / "results" / "seed_check.json"
 SEEDS = (0, 1, 2)
 PROBE_STEPS, PROBE_EVERY, PROBE_LR = 1600, 100, 1e-3
 TEST_CLIPS = 2000
-VARIANTS = ("Flamingo's resampler", "+ place codes", "+ change", "+ place codes + change")  # video.PROBE_VARIANTS
+VARIANTS = tuple(PROBE_VARIANTS)  # the chapter's four resamplers, in its order
 ROWS: list[tuple[str, str, int]] = [("probe", v, s) for s in SEEDS for v in VARIANTS] + \
     [("recipe", "video and single_frame", s) for s in SEEDS]
 _features: dict = {}
@@ -45,7 +46,7 @@ _features: dict = {}
 
 def probe_row(variant: str, seed: int) -> dict:
     from mllm_scratch.clip import pretrained_image_tower
-    from mllm_scratch.video import PROBE_VARIANTS, direction_features, direction_probe
+    from mllm_scratch.video import direction_features, direction_probe
 
     if not _features:
         tower = pretrained_image_tower()
