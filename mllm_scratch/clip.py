@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,10 +41,13 @@ from mllm_scratch.checkpoints import (
     load_verified,
 )
 from mllm_scratch.gpt import GPT, GPTConfig, tokenizer_sha256
+from mllm_scratch.shapeworld import COLOURS, SHAPES
 from mllm_scratch.train import History, TrainConfig, batches, no_weight_decay, train
 from mllm_scratch.vit import VisionTransformer, ViTConfig
 
 LOSSES = ("infonce", "sigmoid")
+# Classes of the dense head, per patch: no object or one of the 5 shapes; no object or one of the 6 colours.
+DENSE_CLASSES: tuple[int, int] = (len(SHAPES) + 1, len(COLOURS) + 1)
 
 # ----------------------------------------------------------------------------------
 # The model
@@ -70,6 +74,7 @@ class CLIPConfig:
     init_logit_scale: float | None = None  # None: log(1/0.07) for InfoNCE (CLIP), log(10) for sigmoid (SigLIP)
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped here (CLIP)
     init_logit_bias: float = -10.0  # SigLIP only: starts every pair at "probably not a match"
+    dense_weight: float = 0.0  # > 0: a dense head names what each patch shows; its loss is added with this weight
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -84,6 +89,8 @@ class CLIPConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.max_logit_scale <= 0:
             raise ValueError(f"max_logit_scale must be positive, got {self.max_logit_scale}")
+        if not isinstance(self.dense_weight, (int, float)) or isinstance(self.dense_weight, bool) or self.dense_weight < 0:
+            raise ValueError(f"dense_weight must be a number >= 0, got {self.dense_weight!r}")
         if self.init_logit_scale is None:
             self.init_logit_scale = math.log(1 / 0.07) if self.loss == "infonce" else math.log(10.0)
         if math.exp(self.init_logit_scale) > self.max_logit_scale:
@@ -126,6 +133,8 @@ class CLIP(nn.Module):
         self.logit_scale = no_weight_decay(nn.Parameter(torch.tensor(float(config.init_logit_scale))))
         if config.loss == "sigmoid":
             self.logit_bias = no_weight_decay(nn.Parameter(torch.tensor(float(config.init_logit_bias))))
+        if config.dense_weight > 0:  # one linear map per patch vector: shape logits, then colour logits
+            self.patch_head = nn.Linear(config.vision.dim, sum(DENSE_CLASSES))
 
     @property
     def scale(self) -> torch.Tensor:
@@ -142,6 +151,13 @@ class CLIP(nn.Module):
         pooled = self.vision(images).pooled  # (N, vision.dim): the [CLS] token
         emb = self.image_proj(pooled)  # (N, embed_dim)
         return l2_normalize(emb) if normalize else emb
+
+    def patch_logits(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense head on patch vectors (N, P, vision.dim) -> shape logits (N, P, 6), colour logits (N, P, 7)."""
+        if not hasattr(self, "patch_head"):
+            raise ValueError("this CLIP has no dense head: build it with CLIPConfig(dense_weight > 0)")
+        logits = self.patch_head(patches)  # (N, P, 13)
+        return logits[..., : DENSE_CLASSES[0]], logits[..., DENSE_CLASSES[0] :]
 
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Index of the first <|endoftext|> in each row of ids (N, T) -> (N,); a row without one is an error."""
@@ -203,11 +219,31 @@ def siglip_loss(logits: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(labels * logits.float()).sum() / n
 
 
-def batch_loss(model: CLIP, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The `loss_fn` for `train`: the loss the model's config names, on an (images, ids) batch."""
-    images, ids = batch
-    logits = model(images, ids)
-    return clip_loss(logits) if model.config.loss == "infonce" else siglip_loss(logits)
+def dense_loss(model: CLIP, patches: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the dense head on patch vectors (N, P, d) against `patch_labels` (N, 2, rows, cols), both heads averaged."""
+    if labels.dim() != 4 or labels.shape[1] != 2 or labels.shape[2] * labels.shape[3] != patches.shape[1]:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not fit {patches.shape[1]} patches: "
+            "expected (N, 2, rows, cols) from shapeworld.patch_labels"
+        )
+    shape_logits, colour_logits = model.patch_logits(patches)  # (N, P, 6), (N, P, 7)
+    labels = labels.flatten(2)  # (N, 2, P), patches in row-major order like the ViT's
+    return (F.cross_entropy(shape_logits.flatten(0, 1).float(), labels[:, 0].flatten())
+            + F.cross_entropy(colour_logits.flatten(0, 1).float(), labels[:, 1].flatten())) / 2
+
+
+def batch_loss(model: CLIP, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The `loss_fn` for `train`: the loss the model's config names, on an (images, ids) batch.
+
+    An (images, ids, patch labels) batch adds the dense head's loss times `config.dense_weight`.
+    """
+    images, ids, *dense = batch
+    features = model.vision(images)  # one pass of the tower serves both losses
+    logits = model.logits(l2_normalize(model.image_proj(features.pooled)), model.encode_text(ids))
+    loss = clip_loss(logits) if model.config.loss == "infonce" else siglip_loss(logits)
+    if dense:
+        loss = loss + model.config.dense_weight * dense_loss(model, features.patches, dense[0])
+    return loss
 
 
 # ----------------------------------------------------------------------------------
@@ -450,8 +486,11 @@ def pretrained_clip(path: str | Path | None = None, *, config: CLIPConfig | None
 
 
 def pretrained_image_tower(path: str | Path | None = None) -> VisionTransformer:
-    """The shipped CLIP's ViT (eval mode): images -> ViTOutput(patches (N, 64, 48), pooled (N, 48))."""
-    return pretrained_clip(path).vision.eval()
+    """The book's image tower (eval mode): the ViT of the shipped tower checkpoint (`TowerRecipe`), or of the CLIP file `path`.
+
+    Images -> ViTOutput(patches (N, 64, 48), pooled (N, 48)); chapters 06-09 feed its patch vectors to a language model.
+    """
+    return (pretrained_tower() if path is None else pretrained_clip(path)).vision.eval()
 
 
 def build_checkpoint(out: Path) -> dict:
@@ -476,6 +515,149 @@ def build_checkpoint(out: Path) -> dict:
             "trained_by": "mllm_scratch.clip.pretrain_clip(CLIPRecipe()) on one CPU thread, deterministic",
             "tokenizer_sha256": tokenizer_sha256(),
             "loader": "mllm_scratch.clip.pretrained_clip",
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------
+# The book's image tower: chapter 05's CLIP, trained on crowded scenes with a dense head beside InfoNCE
+
+
+@dataclass(frozen=True)
+class TowerRecipe:
+    """Chapter 05's CLIP, trained from scratch on crowded scenes with InfoNCE plus a dense head that names what each patch shows.
+
+    The contrastive loss only asks the pooled vector to tell captions apart; nothing asks a
+    patch vector what it covers, and the VLMs read patch vectors. The dense head (a linear
+    map per patch to the shape and colour of the object there, from `shapeworld.patch_labels`)
+    asks exactly that, as the dense objectives beside the contrastive one in SigLIP 2 do.
+    """
+
+    train_pairs: int = 20_000  # ShapeWorld "train" scenes as the VLMs see them: 1-3 objects, rendered text 30% of the time
+    batch_size: int = 64
+    steps: int = 3000
+    lr: float = 3e-3
+    warmup_steps: int = 25
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dense_weight: float = 10.0  # the dense loss would otherwise be a small share of the clipped gradient
+    seed: int = 0
+
+    def scene_config(self):
+        """The ShapeWorldConfig of the training scenes: the VLMs' scenes."""
+        from mllm_scratch.shapeworld import ShapeWorldConfig
+
+        return ShapeWorldConfig()
+
+    def model_config(self) -> CLIPConfig:
+        """Chapter 05's CLIPConfig with the dense head switched on."""
+        return replace(CLIPRecipe().model, dense_weight=self.dense_weight)
+
+    def train_config(self, **overrides) -> TrainConfig:
+        base = dict(
+            steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+            weight_decay=self.weight_decay, grad_clip=self.grad_clip, record_every=10, log_every=100,
+        )
+        return TrainConfig(**{**base, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dense_dataset(split: str, size: int, tokenizer, config=None, patch_size: int = 4) -> TensorDataset:
+    """(images (3, H, W), caption ids (T,), patch labels (2, rows, cols)) of `size` scenes of `split`."""
+    from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, patch_labels
+
+    data = CaptionDataset(split, size, config or ShapeWorldConfig())
+    images, texts = zip(*(data[i] for i in range(size)))
+    labels = torch.from_numpy(np.stack([patch_labels(data.scene(i), patch_size, data.config) for i in range(size)]))
+    return TensorDataset(torch.stack(images), tokenize_captions(texts, tokenizer, CLIPRecipe().model.text.context_length), labels)
+
+
+def tower_from_clip(clip: CLIP, dense_weight: float) -> CLIP:
+    """A copy of `clip` with a fresh dense head (seeded by the caller), ready for `TowerRecipe` training."""
+    model = CLIP(replace(clip.config, dense_weight=dense_weight))
+    missing, unexpected = model.load_state_dict(clip.state_dict(), strict=False)
+    if unexpected or set(missing) != {"patch_head.weight", "patch_head.bias"}:
+        raise ValueError(f"the CLIP does not fit: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def train_tower(recipe: TowerRecipe | None = None, tokenizer=None, *, clip: CLIP | None = None, dataset: TensorDataset | None = None,
+                log_every: int = 100, progress: bool = True, device: torch.device | str | None = None,
+                **overrides) -> tuple[CLIP, History]:
+    """Train the book's tower on `TowerRecipe` scenes: a new CLIP with a dense head (seeded), or `clip` with a fresh head."""
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    recipe = recipe or TowerRecipe()
+    tokenizer = tokenizer or load_tokenizer()
+    dataset = dataset if dataset is not None else dense_dataset("train", recipe.train_pairs, tokenizer, recipe.scene_config())
+    torch.manual_seed(recipe.seed)
+    model = CLIP(recipe.model_config()) if clip is None else tower_from_clip(clip, recipe.dense_weight)
+    history = train(model, batches(dataset, recipe.batch_size, seed=recipe.seed), batch_loss,
+                    recipe.train_config(log_every=log_every, progress=progress, **overrides),
+                    device=device, batch_size_of=lambda b: len(b[0]))
+    return model.eval(), history
+
+
+@torch.no_grad()
+def patch_accuracy(model: CLIP, dataset: TensorDataset, batch_size: int = 256) -> dict[str, float]:
+    """The dense head's accuracy on the patches that show an object: shape and colour (chance 1/5 and 1/6)."""
+    hits = {"shape": 0, "colour": 0}
+    total = 0
+    for start in range(0, len(dataset), batch_size):
+        images, _, labels = dataset[start : start + batch_size]
+        shape_logits, colour_logits = model.patch_logits(model.vision(images).patches)
+        labels = labels.flatten(2)  # (n, 2, P)
+        on_object = labels[:, 0] > 0
+        hits["shape"] += int((shape_logits.argmax(-1) == labels[:, 0])[on_object].sum())
+        hits["colour"] += int((colour_logits.argmax(-1) == labels[:, 1])[on_object].sum())
+        total += int(on_object.sum())
+    return {k: v / total for k, v in hits.items()}
+
+
+TOWER_CHECKPOINT_NAME = "tower"
+TOWER_CHECKPOINT = DEFAULT_DIR / f"{TOWER_CHECKPOINT_NAME}.pt"
+
+
+def pretrained_tower(path: str | Path | None = None) -> CLIP:
+    """The CLIP with a dense head that `scripts/build_checkpoints.py tower` trains with `TowerRecipe()` (eval mode, CPU)."""
+    recipe = TowerRecipe()
+    saved, state_dict, path, rebuild = load_verified(
+        TOWER_CHECKPOINT_NAME, path, TOWER_CHECKPOINT,
+        expected_config=recipe.model_config().to_dict() if path is None else None,
+        recipe=recipe.to_dict(), recipe_owner="TowerRecipe() in mllm_scratch/clip.py",
+        tokenizer_sha256=tokenizer_sha256(),
+    )
+    try:
+        model = CLIP(CLIPConfig.from_dict(saved))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} holds an invalid CLIPConfig ({err}); rebuild it with: {rebuild}") from None
+    load_state_dict_strict(model, state_dict, path, rebuild)
+    return model.eval()
+
+
+def build_tower_checkpoint(out: Path) -> dict:
+    """Train `TowerRecipe()` and save out/tower.pt + out/tower.json (what `build_checkpoints.py tower` calls)."""
+    from mllm_scratch.checkpoints import save_checkpoint
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    recipe = TowerRecipe()
+    tokenizer = load_tokenizer()
+    model, history = train_tower(recipe, tokenizer, log_every=100, progress=False, device="cpu")
+    test = dense_dataset("test", 1000, tokenizer, recipe.scene_config())
+    metrics = {f"test_patch_{k}_acc": round(v, 4) for k, v in patch_accuracy(model, test).items()}
+    metrics.update(evaluate_clip(model, tokenizer))
+    metrics.update(final_train_loss=round(history.loss[-1], 4), train_seconds=round(history.seconds, 1))
+    print("tower:", metrics)
+    return save_checkpoint(
+        Path(out) / f"{TOWER_CHECKPOINT_NAME}.pt", model, model.config.to_dict(), name=TOWER_CHECKPOINT_NAME,
+        recipe=recipe.to_dict(), metrics=metrics,
+        extra={
+            "trained_by": "mllm_scratch.clip.train_tower(TowerRecipe()) on one CPU thread, deterministic",
+            "tokenizer_sha256": tokenizer_sha256(),
+            "loader": "mllm_scratch.clip.pretrained_tower",
         },
     )
 
@@ -532,13 +714,20 @@ __all__ = [
     "CLIPConfig",
     "CLIPRecipe",
     "DEFAULT_CHECKPOINT",
+    "DENSE_CLASSES",
+    "TOWER_CHECKPOINT",
+    "TowerRecipe",
     "batch_loss",
+    "dense_dataset",
+    "dense_loss",
     "caption_pairs",
     "clip_loss",
     "colour_shape_prompts",
     "embed_images",
     "embed_texts",
     "evaluate_clip",
+    "patch_accuracy",
+    "pretrained_tower",
     "l2_normalize",
     "pretrain_clip",
     "pretrained_clip",
@@ -549,7 +738,9 @@ __all__ = [
     "siglip_loss",
     "single_object_test_set",
     "tokenize_captions",
+    "tower_from_clip",
     "train_dataset",
+    "train_tower",
     "zero_shot_accuracy",
     "zero_shot_classifier",
     "zero_shot_predict",

@@ -572,6 +572,32 @@ def label(scene: Scene, task: str = "shape", config: ShapeWorldConfig | None = N
     return class_names(task, config).index(name)
 
 
+def patch_labels(scene: Scene, patch_size: int = 4, config: ShapeWorldConfig | None = None) -> np.ndarray:
+    """What each patch shows, from the scene graph: (2, rows, cols) int64 of [shape, colour] class ids.
+
+    A patch is labelled with the object whose bounding box holds the patch's centre pixel:
+    1 + its index in `config.shapes` (plane 0) and in `config.colours` (plane 1); 0 means
+    no object (background or rendered text). Boxes never overlap, so the object is unique.
+    These are the targets of the image tower's dense head (chapter 05).
+    """
+    config = config or ShapeWorldConfig()
+    s = scene.image_size
+    if not isinstance(patch_size, int) or patch_size < 1 or s % patch_size:
+        raise ValueError(f"patch_size {patch_size!r} does not divide the {s} px canvas: expected a divisor of {s}")
+    grid = s // patch_size
+    centres = np.arange(grid) * patch_size + patch_size // 2  # pixel at the centre of each patch row / column
+    out = np.zeros((2, grid, grid), dtype=np.int64)
+    for obj in scene.objects:
+        if obj.shape not in config.shapes or obj.colour not in config.colours:
+            raise ValueError(f"object {obj.name!r} is not in the config's shapes {config.shapes} and colours {config.colours}")
+        rows = (centres >= obj.y) & (centres < obj.y + obj.side)  # (grid,)
+        cols = (centres >= obj.x) & (centres < obj.x + obj.side)
+        inside = rows[:, None] & cols[None, :]  # (grid, grid)
+        out[0][inside] = config.shapes.index(obj.shape) + 1
+        out[1][inside] = config.colours.index(obj.colour) + 1
+    return out
+
+
 # ----------------------------------------------------------------------------------
 # Video clips
 
@@ -806,8 +832,14 @@ class CaptionDataset(_SplitDataset):
         super().__init__(split, size, config, cache)
 
     def _make(self, rng, i):
-        scene = _sample_scene(rng, self.config, self.split)
+        scene = self.scene(i)
         return to_tensor(render(scene)), caption(scene)
+
+    def scene(self, i: int) -> Scene:
+        """The scene graph behind item i (for labels the caption does not carry, such as `patch_labels`)."""
+        if not -self.size <= i < self.size:
+            raise IndexError(f"index {i} out of range for a dataset of size {self.size}")
+        return _sample_scene(Rng(SPLIT_SEEDS[self.split][0] + i % self.size), self.config, self.split)
 
 
 class VQADataset(_SplitDataset):

@@ -106,11 +106,19 @@ def build_gpt(out: Path) -> dict:
     )
 
 
-@target("clip", "chapter 05's CLIP (its ViT is the image tower of chapters 06-09)", loader="mllm_scratch.clip:pretrained_clip")
+@target("clip", "chapter 05's CLIP (zero-shot classification and retrieval)", loader="mllm_scratch.clip:pretrained_clip")
 def build_clip(out: Path) -> dict:
     from mllm_scratch.clip import build_checkpoint
 
     return build_checkpoint(out)
+
+
+@target("tower", "the book's image tower: chapter 05's CLIP trained on crowded scenes with a dense head beside InfoNCE "
+        "(its ViT is the image tower of chapters 06-09)", loader="mllm_scratch.clip:pretrained_tower")
+def build_tower(out: Path) -> dict:
+    from mllm_scratch.clip import build_tower_checkpoint
+
+    return build_tower_checkpoint(out)
 
 
 @target("vlm", "chapter 06's unified VLM (CLIP tower + MLP projector + GPT, two stages)", loader="mllm_scratch.vlm:load_vlm")

@@ -249,3 +249,97 @@ def test_mismatched_config_or_corrupt_file_fails_clearly(tmp_path: Path):
     copy.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256.*build_checkpoints.py clip"):
         pretrained_clip(copy)
+
+
+# ----------------------------------------------------------------------------------
+# The dense head and the book's image tower
+
+
+def test_patch_labels_name_the_object_under_each_patch_centre():
+    from mllm_scratch.shapeworld import COLOURS, SHAPES, Scene, ShapeObject, patch_labels
+
+    # A small red circle whose box covers pixels 8..15 both ways: patch centres 10 and 14 fall inside.
+    scene = Scene((ShapeObject("circle", "red", "small", 8, 8, 8), ShapeObject("cross", "blue", "large", 20, 0, 12)), None, 32)
+    labels = patch_labels(scene)
+    assert labels.shape == (2, 8, 8)
+    assert (labels[0, 2:4, 2:4] == SHAPES.index("circle") + 1).all() and (labels[1, 2:4, 2:4] == COLOURS.index("red") + 1).all()
+    # the cross's box is x 20..31, y 0..11: columns 5-7, rows 0-2
+    assert (labels[0, 0:3, 5:8] == SHAPES.index("cross") + 1).all()
+    assert int((labels[0] > 0).sum()) == 4 + 9 and ((labels[0] > 0) == (labels[1] > 0)).all()
+    with pytest.raises(ValueError, match="patch_size 5 does not divide the 32 px canvas"):
+        patch_labels(scene, 5)
+
+
+def test_caption_dataset_scene_is_the_scene_of_the_item():
+    from mllm_scratch.shapeworld import CaptionDataset, caption, render, to_tensor
+
+    data = CaptionDataset("val", 5)
+    for i in range(5):
+        image, text = data[i]
+        assert text == caption(data.scene(i)) and torch.equal(image, to_tensor(render(data.scene(i))))
+    with pytest.raises(IndexError):
+        data.scene(5)
+
+
+def test_batch_loss_without_labels_is_the_contrastive_loss_and_labels_add_the_weighted_dense_loss():
+    from mllm_scratch.clip import dense_loss
+
+    torch.manual_seed(0)
+    plain = CLIP(TINY)
+    dense = CLIP(CLIPConfig(**{**TINY.to_dict(), "dense_weight": 3.0}))
+    dense.load_state_dict({**dense.state_dict(), **plain.state_dict()})
+    images, ids = torch.rand(4, 3, 32, 32), torch.full((4, 5), 500)
+    labels = torch.randint(0, 6, (4, 2, 4, 4))
+    expected = clip_loss(plain(images, ids))
+    torch.testing.assert_close(batch_loss(plain, (images, ids)), expected)
+    torch.testing.assert_close(batch_loss(dense, (images, ids)), expected)
+    with_dense = batch_loss(dense, (images, ids, labels))
+    torch.testing.assert_close(with_dense, expected + 3.0 * dense_loss(dense, dense.vision(images).patches, labels))
+    # the dense loss is the mean of the two heads' cross-entropies, computed here independently
+    shape_logits, colour_logits = dense.patch_logits(dense.vision(images).patches)
+    flat = labels.flatten(2)
+    manual = (F.cross_entropy(shape_logits.reshape(-1, 6), flat[:, 0].reshape(-1))
+              + F.cross_entropy(colour_logits.reshape(-1, 7), flat[:, 1].reshape(-1))) / 2
+    torch.testing.assert_close(dense_loss(dense, dense.vision(images).patches, labels), manual)
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 2, 3, 3\) do not fit 16 patches"):
+        dense_loss(dense, dense.vision(images).patches, labels[:, :, :3, :3])
+    with pytest.raises(ValueError, match="no dense head"):
+        plain.patch_logits(plain.vision(images).patches)
+    with pytest.raises(ValueError, match="dense_weight must be a number >= 0, got -1"):
+        CLIPConfig(dense_weight=-1)
+
+
+def test_infonce_never_reaches_the_final_patch_vectors_of_a_cls_tower():
+    # With [CLS] pooling the loss reads only token 0 of the last block's output, so the patch
+    # vectors there (the ones the VLMs read) get exactly zero gradient from it, while [CLS] gets some:
+    # the reason the book's tower adds a dense head.
+    torch.manual_seed(0)
+    model = CLIP(TINY)
+    outputs = []
+    model.vision.blocks[-1].register_forward_hook(lambda module, args, out: outputs.append(out) or out.retain_grad())
+    batch_loss(model, (torch.rand(4, 3, 32, 32), torch.full((4, 5), 500))).backward()
+    grad = outputs[0].grad  # (4, 1 + 16, dim)
+    assert torch.count_nonzero(grad[:, 1:]) == 0 and torch.count_nonzero(grad[:, 0]) > 0
+
+
+def test_tower_from_clip_keeps_the_clip_and_adds_a_fresh_head():
+    from mllm_scratch.clip import tower_from_clip
+
+    torch.manual_seed(0)
+    clip = CLIP(TINY)
+    tower = tower_from_clip(clip, 2.0)
+    assert tower.config.dense_weight == 2.0 and hasattr(tower, "patch_head")
+    for name, value in clip.state_dict().items():
+        assert torch.equal(tower.state_dict()[name], value), name
+
+
+def test_shipped_tower_reads_shape_and_colour_per_patch():
+    from mllm_scratch.clip import TOWER_CHECKPOINT, TowerRecipe, pretrained_tower
+
+    tower = pretrained_tower()
+    manifest = json.loads(manifest_path(TOWER_CHECKPOINT).read_text())
+    assert manifest["recipe"] == TowerRecipe().to_dict() and tower.config == TowerRecipe().model_config()
+    assert manifest["metrics"]["test_patch_shape_acc"] > 0.95 and manifest["metrics"]["test_patch_colour_acc"] > 0.95
+    # the VLM chapters' tower is this checkpoint's ViT
+    image = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(pretrained_image_tower()(image).patches, tower.vision(image).patches)
