@@ -8,8 +8,8 @@
 
 Mirrors LLaVA (Liu et al., 2023; a CLIP tower, a projector, stage 1 projector-only on
 captions, stage 2 with the LM unfrozen on instructions, the tower frozen throughout),
-NVLM-D (which also keeps its vision encoder frozen in every stage) and Molmo (which tunes
-every part, the encoder included, as this recipe does in stage 2: `VLMRecipe.train_encoder`),
+NVLM-D (which also keeps its vision encoder frozen in every stage, as this recipe does) and
+Molmo (which tunes every part, the encoder included: `VLMRecipe(train_encoder=True)`),
 and with `encoder="patches"` Fuyu (Adept, 2023): raw pixel patches, one linear layer, no
 image encoder at all. The VLM *composes* an image tower and a `GPT`; it never forks them.
 Which parts train is a flag (`set_trainable`), not a rewrite.
@@ -42,7 +42,7 @@ from mllm_scratch.checkpoints import (
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, tokenizer_sha256
 from mllm_scratch.patches import patchify
 from mllm_scratch.runtime import checked_on_host
-from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
+from mllm_scratch.shapeworld import SKILLS, CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
 from mllm_scratch.vit import ViTConfig, VisionTransformer
@@ -351,17 +351,17 @@ class VLMCollator:
 class VLMRecipe:
     """Everything that determines a trained unified VLM: parts, data, both stages' budgets and rates, seed."""
 
-    encoder: Literal["clip", "vit", "patches"] = "clip"  # clip: chapter 05's pretrained tower; vit: random; patches: Fuyu
+    encoder: Literal["clip", "vit", "patches"] = "clip"  # clip: the book's pretrained tower (chapter 05); vit: random; patches: Fuyu
     projector: Literal["linear", "mlp"] = "mlp"
     caption_pairs: int = 4_000  # stage 1 data: ShapeWorld "train" captions
-    qa_pairs: int = 20_000  # stage 2 data: "train" questions, skills equally common, plus the stage-1 captions
+    qa_pairs: int = 60_000  # stage 2 data: "train" questions, skills equally common, plus the stage-1 captions
     batch_size: int = 32
     stage1_steps: int = 150
     stage1_lr: float = 3e-3  # the projector, from scratch
-    stage2_steps: int = 1800
+    stage2_steps: int = 3000
     stage2_lr: float = 2e-3  # the projector (for Fuyu: the only thing that sees pixels)
     stage2_lm_lr: float = 1e-3  # the pretrained LM (and the encoder, if train_encoder): lower, not to forget
-    train_encoder: bool = True  # stage 2 tunes the tower too, at stage2_lm_lr, as Molmo does; LLaVA and NVLM keep it frozen
+    train_encoder: bool = False  # True: stage 2 tunes the tower too, at stage2_lm_lr, as Molmo does; LLaVA and NVLM keep it frozen
     warmup_steps: int = 20
     weight_decay: float = 0.0
     seed: int = 0
@@ -382,7 +382,7 @@ class VLMRecipe:
 
 
 def image_tower(kind: str, seed: int = 0) -> tuple[nn.Module | None, ViTConfig]:
-    """The recipe's image tower and its ViTConfig: chapter 05's CLIP tower, a random ViT, or none (Fuyu)."""
+    """The recipe's image tower and its ViTConfig: the book's tower (chapter 05), a random ViT, or none (Fuyu)."""
     if kind == "clip":
         from mllm_scratch.clip import pretrained_image_tower
 
@@ -397,12 +397,15 @@ def image_tower(kind: str, seed: int = 0) -> tuple[nn.Module | None, ViTConfig]:
     raise ValueError(f"encoder must be 'clip', 'vit' or 'patches', got {kind!r}")
 
 
-def build_vlm(recipe: VLMRecipe, tokenizer: Tokenizer | None = None, lm: GPT | None = None) -> UnifiedVLM:
-    """A fresh VLM for `recipe`: its image tower, a new projector (seeded) and chapter 04's pretrained GPT."""
+def build_vlm(recipe: VLMRecipe, tokenizer: Tokenizer | None = None, lm: GPT | None = None,
+              tower: VisionTransformer | None = None) -> UnifiedVLM:
+    """A fresh VLM for `recipe`: its image tower (or `tower`), a new projector (seeded) and chapter 04's pretrained GPT."""
     from mllm_scratch.gpt import pretrained_gpt
 
     tokenizer = tokenizer or load_tokenizer()
-    tower, vision = image_tower(recipe.encoder, recipe.seed)
+    if tower is not None and recipe.encoder == "patches":
+        raise ValueError("a Fuyu recipe (encoder='patches') has no image tower: leave tower=None")
+    tower, vision = (tower, tower.config) if tower is not None else image_tower(recipe.encoder, recipe.seed)
     lm = lm if lm is not None else pretrained_gpt()
     config = VLMConfig(
         encoder="patches" if recipe.encoder == "patches" else "vit", vision=vision, lm=lm.config,
@@ -601,6 +604,7 @@ def caption_accuracy(model: UnifiedVLM, tokenizer: Tokenizer, dataset: CaptionDa
 # Checkpoints
 
 CHECKPOINT_NAME = "vlm"
+EVAL_QUESTIONS_PER_SKILL = 1000  # the manifest's test and compositional scores: 1,000 questions per skill
 DEFAULT_CHECKPOINT = DEFAULT_DIR / f"{CHECKPOINT_NAME}.pt"
 
 
@@ -654,8 +658,10 @@ def build_checkpoint(out: Path) -> dict:
     model, histories = train_vlm(recipe, tokenizer, log_every=100, progress=False, device="cpu")
     metrics: dict[str, Any] = {f"{k}_loss": round(h.loss[-1], 4) for k, h in histories.items()}
     metrics["train_seconds"] = round(sum(h.seconds for h in histories.values()), 1)
+    metrics["vqa_questions_per_skill"] = EVAL_QUESTIONS_PER_SKILL
     for split in ("test", "compositional"):
-        acc = vqa_accuracy(model, tokenizer, VQADataset(split, 600, recipe.scene_config()))
+        data = VQADataset(split, EVAL_QUESTIONS_PER_SKILL * len(SKILLS), recipe.scene_config())  # skills take turns
+        acc = vqa_accuracy(model, tokenizer, data)
         metrics[f"{split}_vqa"] = {k: round(v, 4) for k, v in acc.items()}
         print(f"vlm: {split} VQA " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return save_vlm(Path(out) / f"{CHECKPOINT_NAME}.pt", model, recipe=recipe.to_dict(), metrics=metrics)

@@ -394,8 +394,8 @@ class XAttnRecipe:
 
 
 def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None = None, lm: GPT | None = None,
-                *, placement: Literal["after", "before"] = "after") -> CrossAttentionVLM:
-    """A fresh cross-attention VLM for `recipe`: its image tower, new gated blocks (seeded), chapter 04's GPT, frozen.
+                *, placement: Literal["after", "before"] = "after", tower: nn.Module | None = None) -> CrossAttentionVLM:
+    """A fresh cross-attention VLM for `recipe`: its image tower (or `tower`), new gated blocks (seeded), chapter 04's GPT, frozen.
 
     placement: run each gated block after its LM block (the book's default) or before it (Flamingo);
     the new weights are the same either way (same seed, same names), only the order differs.
@@ -407,7 +407,7 @@ def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None =
     tokenizer = tokenizer or load_tokenizer()
     if recipe.encoder not in ("clip", "vit"):
         raise ValueError(f"encoder must be 'clip' or 'vit', got {recipe.encoder!r}")
-    tower, vision = image_tower(recipe.encoder, recipe.seed)
+    tower, vision = (tower, tower.config) if tower is not None else image_tower(recipe.encoder, recipe.seed)
     lm = lm if lm is not None else pretrained_gpt()
     config = XAttnConfig(lm=lm.config, media_dim=vision.dim, media_tokens=vision.num_patches, vision=vision,
                          every=recipe.every, attend=recipe.attend, media_id=tokenizer.image_id, placement=placement)

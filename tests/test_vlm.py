@@ -259,3 +259,31 @@ def test_shipped_checkpoint_must_match_the_current_recipe(tmp_path, monkeypatch)
         load_vlm()
     save_vlm(path, tiny_vlm(encoder="patches"), recipe=VLMRecipe().to_dict())
     assert load_vlm().config == tiny_vlm(encoder="patches").config
+
+
+def test_build_vlm_takes_a_given_tower_and_refuses_one_for_fuyu():
+    from mllm_scratch.gpt import GPT
+    from mllm_scratch.vit import VisionTransformer
+    from mllm_scratch.vlm import build_vlm
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(ViTConfig(image_size=32, patch_size=4, dim=16, depth=1, num_heads=2))
+    lm = GPT(GPTConfig(vocab_size=TOK.vocab_size, context_length=96, dim=32, depth=1, num_heads=2))
+    model = build_vlm(VLMRecipe(), TOK, lm=lm, tower=tower)
+    assert model.encoder is tower and model.lm is lm and model.config.vision == tower.config
+    assert model.num_image_tokens == 64 and model.trainable() == {"encoder": True, "projector": True, "lm": True}
+    with pytest.raises(ValueError, match="Fuyu recipe .* has no image tower"):
+        build_vlm(VLMRecipe(encoder="patches"), TOK, lm=lm, tower=tower)
+
+
+def test_the_book_recipe_keeps_the_tower_frozen_in_stage_2():
+    """The dense tower's patch vectors are what the LM reads; tuning them in stage 2 wore them down (tower_search)."""
+    recipe = VLMRecipe()
+    assert recipe.train_encoder is False and recipe.encoder == "clip"
+    model = tiny_vlm()
+    tower_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    lm_before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    train_stage(model, recipe, 2, TOK, steps=2, progress=False, log_every=0,
+                data=batches(VQADataset("train", 8), 4, collate_fn=VLMCollator(TOK, model.num_image_tokens)))
+    assert all(torch.equal(v, tower_before[k]) for k, v in model.encoder.state_dict().items())
+    assert any(not torch.equal(v, lm_before[k]) for k, v in model.lm.state_dict().items())
