@@ -459,3 +459,15 @@ def test_shipped_checkpoint_keeps_the_chapter_04_lm():
     ids = torch.tensor([text("there are two objects. a small red circle")])
     with torch.no_grad():
         assert torch.equal(model(ids), lm(ids))
+
+
+def test_build_xattn_takes_a_given_tower():
+    from mllm_scratch.vit import VisionTransformer
+    from mllm_scratch.xattn import build_xattn
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(ViTConfig(image_size=32, patch_size=8, dim=16, depth=1, num_heads=2))
+    lm = GPT(GPTConfig(vocab_size=TOK.vocab_size, context_length=32, dim=32, depth=1, num_heads=2))
+    model = build_xattn(XAttnRecipe(), TOK, lm, tower=tower)
+    assert model.encoder is tower and model.lm is lm
+    assert model.config.media_tokens == 16 and model.config.media_dim == 16 and model.config.vision == tower.config
