@@ -11,7 +11,7 @@ questions (200 per skill; never test). The rows differ only in the image tower a
 whether stage 2 tunes it:
 
 - **clip**: chapter 05's CLIP tower (`pretrained_clip().vision`), the tower before this search;
-- **dense**: the book's tower (`pretrained_tower().vision`): the same CLIP trained further
+- **dense**: the book's tower (`pretrained_tower().vision`): the same CLIP architecture trained from scratch
   on crowded scenes with a dense head that names the shape and colour under every patch;
 - **tuned** rows train the tower in stage 2 at the LM's rate (as Molmo does); **frozen** rows
   keep it as it is (as LLaVA and NVLM do);
