@@ -284,6 +284,15 @@ def caption_pairs(split: str, size: int, config=None, *, distinct: bool = False)
     return torch.stack(images), texts
 
 
+def _train_config(recipe, overrides: dict[str, Any]) -> TrainConfig:
+    """A recipe's (`CLIPRecipe`, `TowerRecipe`) optimisation fields as a `TrainConfig`, with `overrides` applied."""
+    base = dict(
+        steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps, min_lr_ratio=recipe.min_lr_ratio,
+        weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip, record_every=10, log_every=100,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
 @dataclass(frozen=True)
 class CLIPRecipe:
     """Everything that determines the chapter's (and the shipped) CLIP: data, model, optimisation, seed."""
@@ -309,11 +318,7 @@ class CLIPRecipe:
 
     def train_config(self, **overrides) -> TrainConfig:
         """The `TrainConfig` of this recipe (overrides change only logging and progress, or the budget for a sidebar)."""
-        base = dict(
-            steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
-            weight_decay=self.weight_decay, grad_clip=self.grad_clip, record_every=10, log_every=100,
-        )
-        return TrainConfig(**{**base, **overrides})
+        return _train_config(self, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -471,11 +476,14 @@ def pretrained_clip(path: str | Path | None = None, *, config: CLIPConfig | None
     recipe = CLIPRecipe()
     if config is None and path is None:
         config = recipe.model
+    return _load_clip(CHECKPOINT_NAME, path, DEFAULT_CHECKPOINT, config, recipe.to_dict(), "CLIPRecipe()")
+
+
+def _load_clip(name: str, path, default: Path, config: CLIPConfig | None, recipe: dict, owner: str) -> CLIP:
+    """A CLIP checkpoint (`path`, default `default`) verified by `load_verified` and built; eval mode, CPU."""
     saved, state_dict, path, rebuild = load_verified(
-        CHECKPOINT_NAME, path, DEFAULT_CHECKPOINT,
-        expected_config=None if config is None else config.to_dict(),
-        recipe=recipe.to_dict(), recipe_owner="CLIPRecipe() in mllm_scratch/clip.py",
-        tokenizer_sha256=tokenizer_sha256(),
+        name, path, default, expected_config=None if config is None else config.to_dict(),
+        recipe=recipe, recipe_owner=f"{owner} in mllm_scratch/clip.py", tokenizer_sha256=tokenizer_sha256(),
     )
     try:
         model = CLIP(CLIPConfig.from_dict(saved))
@@ -555,11 +563,8 @@ class TowerRecipe:
         return replace(CLIPRecipe().model, dense_weight=self.dense_weight)
 
     def train_config(self, **overrides) -> TrainConfig:
-        base = dict(
-            steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
-            weight_decay=self.weight_decay, grad_clip=self.grad_clip, record_every=10, log_every=100,
-        )
-        return TrainConfig(**{**base, **overrides})
+        """The `TrainConfig` of this recipe (overrides change logging and progress, or the budget for a short run)."""
+        return _train_config(self, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -624,18 +629,8 @@ TOWER_CHECKPOINT = DEFAULT_DIR / f"{TOWER_CHECKPOINT_NAME}.pt"
 def pretrained_tower(path: str | Path | None = None) -> CLIP:
     """The CLIP with a dense head that `scripts/build_checkpoints.py tower` trains with `TowerRecipe()` (eval mode, CPU)."""
     recipe = TowerRecipe()
-    saved, state_dict, path, rebuild = load_verified(
-        TOWER_CHECKPOINT_NAME, path, TOWER_CHECKPOINT,
-        expected_config=recipe.model_config().to_dict() if path is None else None,
-        recipe=recipe.to_dict(), recipe_owner="TowerRecipe() in mllm_scratch/clip.py",
-        tokenizer_sha256=tokenizer_sha256(),
-    )
-    try:
-        model = CLIP(CLIPConfig.from_dict(saved))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} holds an invalid CLIPConfig ({err}); rebuild it with: {rebuild}") from None
-    load_state_dict_strict(model, state_dict, path, rebuild)
-    return model.eval()
+    config = recipe.model_config() if path is None else None
+    return _load_clip(TOWER_CHECKPOINT_NAME, path, TOWER_CHECKPOINT, config, recipe.to_dict(), "TowerRecipe()")
 
 
 def build_tower_checkpoint(out: Path) -> dict:
