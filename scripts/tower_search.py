@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Which image tower lets chapter 06's VLM see shape and place? The side-by-side runs chapter 06 prints.
 
-    python scripts/tower_search.py             # every row (about 35 minutes on one CPU thread)
+    python scripts/tower_search.py             # every row (six to ten minutes each, under an hour on one CPU thread)
     python scripts/tower_search.py --rows 2 3  # some rows only (merged into the results file)
 
 Every row trains chapter 06's unified VLM on one budget, on one thread with fixed seeds and
