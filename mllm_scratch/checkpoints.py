@@ -74,6 +74,21 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+# The book's shipped VLM files store float16: half the bytes, each weight rounded to about
+# 3 significant digits. Their build scripts round the model first (`round_to_dtype`) and
+# score it then, so the manifest's metrics are those of the weights the file holds.
+STORED_DTYPE = torch.float16
+
+
+def round_to_dtype(model: nn.Module, dtype: torch.dtype = STORED_DTYPE) -> nn.Module:
+    """Round every floating-point parameter and buffer to `dtype` and back, in place: the model as a file of `dtype` holds it."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.copy_(t.to(dtype))
+    return model
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,

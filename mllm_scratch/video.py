@@ -31,7 +31,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mllm_scratch.checkpoints import DEFAULT_DIR, CheckpointError, load_state_dict_strict, load_verified, save_checkpoint
+from mllm_scratch.checkpoints import (
+    DEFAULT_DIR,
+    STORED_DTYPE,
+    CheckpointError,
+    load_state_dict_strict,
+    load_verified,
+    round_to_dtype,
+    save_checkpoint,
+)
 from mllm_scratch.gpt import GPT, next_token_loss
 from mllm_scratch.perceiver import PerceiverResampler, ResamplerConfig
 from mllm_scratch.shapeworld import VIDEO_SKILLS, ShapeWorldConfig, VideoQADataset
@@ -612,18 +620,14 @@ def _checksums(tower: nn.Module, lm: nn.Module) -> dict[str, str]:
     return {"tower_checksum": lm_checksum(tower), "lm_checksum": lm_checksum(lm)}
 
 
-# The file stores float16: three models' trained parts (one with its own LM) fit in half the bytes.
-# `build_checkpoint` rounds the weights to it before scoring, so the metrics are the file's.
-STORED_DTYPE = torch.float16
+# The file stores float16 (checkpoints.STORED_DTYPE): three models' trained parts (one with
+# its own LM) fit in half the bytes. `build_checkpoint` rounds the weights to it before
+# scoring, so the metrics are the file's.
 
 
 def round_to_stored(model: nn.Module) -> nn.Module:
     """Round every floating-point parameter and buffer to STORED_DTYPE and back, in place: the model as the file holds it."""
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point():
-                t.copy_(t.to(STORED_DTYPE))
-    return model
+    return round_to_dtype(model, STORED_DTYPE)
 
 
 def save_video_models(path: str | Path, models: dict[str, nn.Module], recipes: dict[str, VideoRecipe], *,

@@ -33,10 +33,12 @@ from torch.utils.data import ConcatDataset
 
 from mllm_scratch.checkpoints import (
     DEFAULT_DIR,
+    STORED_DTYPE,
     CheckpointError,
     load_state_dict_strict,
     load_verified,
     rebuild_command,
+    round_to_dtype,
     save_checkpoint,
 )
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, tokenizer_sha256
@@ -609,13 +611,14 @@ DEFAULT_CHECKPOINT = DEFAULT_DIR / f"{CHECKPOINT_NAME}.pt"
 
 
 def save_vlm(path: str | Path, model: UnifiedVLM, *, recipe: dict | None = None, metrics: dict | None = None,
-             name: str = CHECKPOINT_NAME, tokenizer: Tokenizer | None = None) -> dict:
+             name: str = CHECKPOINT_NAME, tokenizer: Tokenizer | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Save a VLM (state dict + VLMConfig) and its manifest atomically; returns the manifest.
 
     The manifest records the sha256 of the tokenizer the model was trained with (default:
     the shipped one): token ids mean nothing without it, and `load_vlm` refuses a mismatch.
+    `dtype` float16 halves the file (the book's shipped one is stored so; see `round_to_dtype`).
     """
-    return save_checkpoint(path, model, model.config.to_dict(), name=name, recipe=recipe, metrics=metrics,
+    return save_checkpoint(path, model, model.config.to_dict(), name=name, recipe=recipe, metrics=metrics, dtype=dtype,
                            extra={"tokenizer_sha256": tokenizer_sha256(tokenizer), "loader": "mllm_scratch.vlm.load_vlm"})
 
 
@@ -656,6 +659,7 @@ def build_checkpoint(out: Path) -> dict:
     recipe = VLMRecipe()
     tokenizer = load_tokenizer()
     model, histories = train_vlm(recipe, tokenizer, log_every=100, progress=False, device="cpu")
+    round_to_dtype(model, STORED_DTYPE)  # score the weights the float16 file will hold
     metrics: dict[str, Any] = {f"{k}_loss": round(h.loss[-1], 4) for k, h in histories.items()}
     metrics["train_seconds"] = round(sum(h.seconds for h in histories.values()), 1)
     metrics["vqa_questions_per_skill"] = EVAL_QUESTIONS_PER_SKILL
@@ -664,7 +668,7 @@ def build_checkpoint(out: Path) -> dict:
         acc = vqa_accuracy(model, tokenizer, data)
         metrics[f"{split}_vqa"] = {k: round(v, 4) for k, v in acc.items()}
         print(f"vlm: {split} VQA " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    return save_vlm(Path(out) / f"{CHECKPOINT_NAME}.pt", model, recipe=recipe.to_dict(), metrics=metrics)
+    return save_vlm(Path(out) / f"{CHECKPOINT_NAME}.pt", model, recipe=recipe.to_dict(), metrics=metrics, dtype=STORED_DTYPE)
 
 
 __all__ = [
