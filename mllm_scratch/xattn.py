@@ -42,7 +42,15 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from mllm_scratch.attention import KVCache, MultiHeadAttention
-from mllm_scratch.checkpoints import DEFAULT_DIR, CheckpointError, load_state_dict_strict, load_verified, save_checkpoint
+from mllm_scratch.checkpoints import (
+    DEFAULT_DIR,
+    STORED_DTYPE,
+    CheckpointError,
+    load_state_dict_strict,
+    load_verified,
+    round_to_dtype,
+    save_checkpoint,
+)
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss
 from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
@@ -369,12 +377,12 @@ class XAttnRecipe:
     every: int = 1  # a gated block after every `every`-th of the LM's blocks
     attend: Literal["latest", "all"] = "latest"
     caption_pairs: int = 4_000  # ShapeWorld "train" captions (chapter 06's stage-1 data) ...
-    qa_pairs: int = 20_000  # ... mixed with "train" questions, skills equally common (chapter 06's stage 2)
+    qa_pairs: int = 60_000  # ... mixed with "train" questions, skills equally common (chapter 06's stage 2)
     batch_size: int = 32
-    steps: int = 1500
+    steps: int = 3000
     lr: float = 1e-3  # the new parts: media projection and gated blocks
     gate_lr: float = 1e-2  # the tanh gates: a higher rate lets them open in tens of steps, not hundreds
-    train_encoder: bool = True  # Llama 3.2 Vision also trains the image encoder (at a low rate); Flamingo keeps it frozen
+    train_encoder: bool = False  # Flamingo keeps the image encoder frozen; Llama 3.2 Vision trains it (at a low rate)
     encoder_lr: float = 3e-4  # the pretrained tower, when it trains
     warmup_steps: int = 20
     weight_decay: float = 0.0
@@ -540,14 +548,17 @@ def _trained_parts(model: CrossAttentionVLM) -> nn.Module:
 
 
 def save_xattn(path: str | Path, model: CrossAttentionVLM, *, recipe: dict | None = None, metrics: dict | None = None,
-               name: str = CHECKPOINT_NAME) -> dict:
-    """Save the tower and the xattn weights (not the frozen LM) with the config, the LM's checksum and the tokenizer's."""
+               name: str = CHECKPOINT_NAME, dtype: torch.dtype = torch.float32) -> dict:
+    """Save the tower and the xattn weights (not the frozen LM) with the config, the LM's checksum and the tokenizer's.
+
+    `dtype` float16 halves the file (the book's shipped one is stored so; see `round_to_dtype`).
+    """
     from mllm_scratch.gpt import tokenizer_sha256
 
     if model.config.vision is None:
         raise ValueError("save_xattn needs XAttnConfig.vision (a VisionTransformer encoder) to rebuild the encoder")
     return save_checkpoint(path, _trained_parts(model), model.config.to_dict(), name=name, recipe=recipe, metrics=metrics,
-                           extra={"lm_checksum": lm_checksum(model.lm), "tokenizer_sha256": tokenizer_sha256(),
+                           dtype=dtype, extra={"lm_checksum": lm_checksum(model.lm), "tokenizer_sha256": tokenizer_sha256(),
                                   "lm": "chapter 04's GPT (pretrained_gpt()), frozen: not stored here",
                                   "loader": "mllm_scratch.xattn.load_xattn"})
 
@@ -583,22 +594,27 @@ def load_xattn(path: str | Path | None = None, lm: GPT | None = None) -> CrossAt
 
 def build_checkpoint(out: Path, recipe: XAttnRecipe | None = None) -> dict:
     """Train `XAttnRecipe()` (or `recipe`) and save out/xattn.pt + out/xattn.json (what `build_checkpoints.py xattn` calls)."""
-    from mllm_scratch.vlm import vqa_accuracy
+    from mllm_scratch.shapeworld import SKILLS
+    from mllm_scratch.vlm import EVAL_QUESTIONS_PER_SKILL, vqa_accuracy
 
     recipe = recipe or XAttnRecipe()
     tokenizer = load_tokenizer()
     model, history = fit_xattn(recipe, tokenizer, log_every=100, progress=False, device="cpu")
+    round_to_dtype(_trained_parts(model), STORED_DTYPE)  # score the weights the float16 file will hold
     metrics: dict[str, Any] = {"final_loss": round(history.loss[-1], 4), "train_seconds": round(history.seconds, 1),
                                "gates": {k: round(v, 4) for k, v in gates_as_metrics(model).items()},
                                "loss_history": {"steps": history.steps, "loss": [round(v, 4) for v in history.loss]}}
     # tanh(gate) every 50 steps, for the chapter's plot of the full run
     metrics["gate_history"] = {k: {"steps": st[::5], "values": [round(v, 4) for v in vals[::5]]}
                                for k, (st, vals) in gate_history(history).items()}
+    metrics["vqa_questions_per_skill"] = EVAL_QUESTIONS_PER_SKILL
     for split in ("test", "compositional"):
-        acc = vqa_accuracy(model, tokenizer, VQADataset(split, 600, recipe.scene_config()))
+        data = VQADataset(split, EVAL_QUESTIONS_PER_SKILL * len(SKILLS), recipe.scene_config())  # skills take turns
+        acc = vqa_accuracy(model, tokenizer, data)
         metrics[f"{split}_vqa"] = {k: round(v, 4) for k, v in acc.items()}
         print(f"xattn: {split} VQA " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    return save_xattn(Path(out) / f"{CHECKPOINT_NAME}.pt", model, recipe=recipe.to_dict(), metrics=metrics)
+    return save_xattn(Path(out) / f"{CHECKPOINT_NAME}.pt", model, recipe=recipe.to_dict(), metrics=metrics,
+                      dtype=STORED_DTYPE)
 
 
 __all__ = [
