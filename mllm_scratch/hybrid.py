@@ -40,10 +40,12 @@ from torch import nn
 
 from mllm_scratch.checkpoints import (
     DEFAULT_DIR,
+    STORED_DTYPE,
     CheckpointError,
     load_checkpoint,
     load_state_dict_strict,
     rebuild_command,
+    round_to_dtype,
     save_checkpoint,
 )
 from mllm_scratch.gpt import GPT, next_token_loss
@@ -264,8 +266,8 @@ class MethodsRecipe:
 
     Stage 1 (alignment, captions): only the new parts train (A and Fuyu: projector; B:
     cross-attention; H: both), the LM and the tower frozen, as LLaVA, Flamingo and NVLM do.
-    Stage 2 (questions plus those captions): the new parts, and the tower at `pretrained_lr`
-    (NVLM keeps its encoder frozen throughout; Molmo tunes it); method A and Fuyu also unfreeze
+    Stage 2 (questions plus those captions): the new parts, and with `train_encoder` the tower at
+    `pretrained_lr` (NVLM keeps its encoder frozen throughout, as the book does; Molmo tunes it); method A and Fuyu also unfreeze
     their LM (chapter 06, LLaVA, NVLM-D), B and H keep it frozen (chapter 07, Flamingo, Llama 3.2
     Vision, NVLM-X, which freezes its LLM in both stages), which leaves them with similar
     numbers of trained parameters (the chapter prints them).
@@ -278,8 +280,8 @@ class MethodsRecipe:
     stage1_lr: float = 3e-3
     stage2_steps: int = 800
     stage2_lr: float = 2e-3  # new parts
-    pretrained_lr: float = 1e-3  # the tower (and A's LM) in stage 2
-    train_encoder: bool = True
+    pretrained_lr: float = 1e-3  # A's LM in stage 2 (and the tower, if train_encoder)
+    train_encoder: bool = False  # the book's tower stays frozen, as in chapters 06 and 07 (chapter 06's tower search)
     warmup_steps: int = 20
     every: int = 1  # cross-attention after every `every`-th LM block (B and H)
     thumbnail_grid: int = 4  # H: 4 x 4 = 16 thumbnail tokens in the sequence
@@ -478,15 +480,19 @@ def _saved_parts(model: nn.Module, method: str) -> nn.Module:
     return holder
 
 
-def save_method(path: str | Path, model: nn.Module, *, recipe: dict | None = None, metrics: dict | None = None) -> dict:
-    """Save a trained method's model (for B and H: without the frozen LM, recorded by its sha256); returns the manifest."""
+def save_method(path: str | Path, model: nn.Module, *, recipe: dict | None = None, metrics: dict | None = None,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """Save a trained method's model (for B and H: without the frozen LM, recorded by its sha256); returns the manifest.
+
+    `dtype` float16 halves the file (the book's shipped ones are stored so; see `round_to_dtype`).
+    """
     from mllm_scratch.gpt import tokenizer_sha256
 
     method = method_of(model)
     extra = {"method": method, "tokenizer_sha256": tokenizer_sha256(), "lm_sha256": _sha256_state(model.lm),
              "loader": "mllm_scratch.hybrid.load_method", "rebuild": rebuild_command(build_target(method))}
     return save_checkpoint(path, _saved_parts(model, method), {"method": method, **model.config.to_dict()},
-                           name=Path(path).stem, recipe=recipe, metrics=metrics, extra=extra)
+                           name=Path(path).stem, recipe=recipe, metrics=metrics, extra=extra, dtype=dtype)
 
 
 def load_method(path: str | Path) -> nn.Module:
@@ -541,7 +547,7 @@ def load_methods(path: str | Path | None = None, methods: tuple[str, ...] = METH
     return {method: load_method(checkpoint_path(method, directory)) for method in methods}
 
 
-def build_checkpoints(out: Path, recipe: MethodsRecipe | None = None, *, test_size: int = 600,
+def build_checkpoints(out: Path, recipe: MethodsRecipe | None = None, *, test_size: int = 6000,
                       methods: tuple[str, ...] = METHODS) -> dict:
     """Train `methods` (default the three) with `recipe` (default `MethodsRecipe()`), evaluate, save.
 
@@ -549,7 +555,7 @@ def build_checkpoints(out: Path, recipe: MethodsRecipe | None = None, *, test_si
     """
     import time
 
-    from mllm_scratch.shapeworld import VQADataset
+    from mllm_scratch.shapeworld import SKILLS, VQADataset
 
     recipe = recipe or MethodsRecipe()
     tokenizer = load_tokenizer()
@@ -563,14 +569,17 @@ def build_checkpoints(out: Path, recipe: MethodsRecipe | None = None, *, test_si
                      for s in (1, 2)}
         seconds = time.perf_counter() - start
         model.eval()
+        round_to_dtype(_saved_parts(model, method), STORED_DTYPE)  # score the weights the float16 file will hold
         acc = evaluate_vqa(model, tokenizer, test)
         print(f"methods/{method}: {seconds:.0f} s, test " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
         metrics = {"stage1_loss": round(histories[1].loss[-1], 4), "stage2_loss": round(histories[2].loss[-1], 4),
                    "train_seconds": round(seconds, 1),
                    "loss_curves": {f"stage{s}": [round(x, 3) for x in h.loss] for s, h in histories.items()},
                    "trained_parameters": {f"stage{s}": n for s, n in trained_counts(model, recipe).items()},
+                   "vqa_questions_per_skill": test_size // len(SKILLS),
                    "test_vqa": {k: round(v, 4) for k, v in acc.items()}}
-        manifests[method] = save_method(checkpoint_path(method, out), model, recipe=recipe.to_dict(), metrics=metrics)
+        manifests[method] = save_method(checkpoint_path(method, out), model, recipe=recipe.to_dict(), metrics=metrics,
+                                        dtype=STORED_DTYPE)
     return manifests
 
 
