@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Do chapters 06 and 07's short training runs hold on other seeds? The runs the chapters print and check.
+"""Do chapters 05, 06 and 07's short training runs hold on other seeds? The runs the chapters print and check.
 
-    python scripts/short_runs_seeds.py             # every row (about ten minutes on one CPU thread)
+    python scripts/short_runs_seeds.py             # every row (about fifteen minutes on one CPU thread)
     python scripts/short_runs_seeds.py --rows 0 3  # some rows only (merged into the results file)
 
 A chapter trains a short run in front of the reader and asserts what it shows. One seed
@@ -15,9 +15,14 @@ the chapter's assertions test:
   stage 1; Fuyu (raw patches, linear projector) for 40 + 80 steps, scored on the same questions.
 - **chapter 07** (seeds 0, 1, 2): `build_xattn(XAttnRecipe(seed=s))` trained 200 steps; its
   loss, its gates and 300 test questions.
+- **chapter 05** (seeds 0, 1, 2): CLIP trained with `CLIPRecipe(seed=s)` (its first weights and
+  the order of the batches), with the chapter's zero-shot evaluation every 200 steps; the
+  similarity of 12 test pairs, zero-shot accuracy and retrieval; the two small runs (InfoNCE and
+  SigLIP's sigmoid loss, batch 8, 300 steps); a linear probe of that CLIP's patch vectors; and
+  the dense head's 150-step run on top of it (`TowerRecipe(seed=s)`).
 
-The results go to data/results/short_runs_seeds.json (with the PyTorch version); chapters 06
-and 07 print their rows and check their assertions on every seed in the file.
+The results go to data/results/short_runs_seeds.json (with the PyTorch version); chapters 05,
+06 and 07 print their rows and check their assertions on every seed in the file.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ SEEDS = (0, 1, 2)
 SHORT1, SHORT2 = 40, 80  # chapter 06's shortened stages
 SHORT_XATTN = 200  # chapter 07's short run
 TEST_QUESTIONS = 300
-ROWS: list[tuple[str, int]] = [("06", s) for s in SEEDS] + [("07", s) for s in SEEDS]
+ROWS: list[tuple[str, int]] = [("06", s) for s in SEEDS] + [("07", s) for s in SEEDS] + [("05", s) for s in SEEDS]
 
 
 def _losses(history) -> dict:
@@ -85,11 +90,97 @@ def chapter07(seed: int) -> dict:
             "vqa_image": round(vqa_accuracy(model.eval(), tok, VQADataset("test", TEST_QUESTIONS))["all"], 4)}
 
 
+def chapter05(seed: int) -> dict:
+    import torch
+
+    from mllm_scratch.clip import (
+        CLIP,
+        CLIPConfig,
+        CLIPRecipe,
+        TowerRecipe,
+        colour_shape_prompts,
+        dense_dataset,
+        embed_images,
+        embed_texts,
+        patch_accuracy,
+        pretrain_clip,
+        retrieval_chance,
+        retrieval_recall,
+        retrieval_sets,
+        single_object_test_set,
+        train_dataset,
+        train_tower,
+        zero_shot_classifier,
+        zero_shot_predict,
+    )
+    from mllm_scratch.probes import linear_probe
+    from mllm_scratch.shapeworld import class_names
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    recipe = replace(CLIPRecipe(), seed=seed)
+    train_set = train_dataset(recipe, tok)
+    test_images, test_labels = single_object_test_set("test", 500)
+    classes, prompts = class_names("colour_shape"), colour_shape_prompts()
+
+    def attribute(pred, labels, part):  # the fraction whose colour (part 0) or shape (part 1) is right
+        return sum(classes[p].split()[part] == classes[y].split()[part] for p, y in zip(pred.tolist(), labels.tolist())) / len(labels)
+
+    def zero_shot(m, images=test_images, labels=test_labels):
+        pred = zero_shot_predict(m, zero_shot_classifier(m, prompts, tok), images)
+        return {"all": (pred == labels).float().mean().item(), "colour": attribute(pred, labels, 0),
+                "shape": attribute(pred, labels, 1)}
+
+    torch.manual_seed(seed)
+    model, history = pretrain_clip(recipe, tok, dataset=train_set, model=CLIP(recipe.model), evaluate=zero_shot,
+                                   eval_every=200, log_every=0, progress=False)
+    gallery = retrieval_sets(recipe)
+    gal_images, gal_texts, _ = gallery["test"]
+    pick = torch.arange(0, 48, 4)  # the chapter's 12 test pairs, all captions distinct
+    with torch.no_grad():
+        sim = embed_images(model, gal_images[pick]) @ embed_texts(model, [gal_texts[i] for i in pick], tok).T
+    comp_images, comp_labels = single_object_test_set("compositional", 500)
+    recall = {}
+    for split, (images, texts, queries) in gallery.items():  # each recall over its chance level
+        r = retrieval_recall(embed_images(model, images), embed_texts(model, texts, tok), queries=queries)
+        chance = retrieval_chance(len(texts))
+        recall[split] = {k: round(v / chance[int(k.rsplit("@", 1)[1])], 2) for k, v in r.items()}
+    small = {}
+    for loss in ("infonce", "sigmoid"):
+        small_recipe = replace(CLIPRecipe(batch_size=8, steps=300, warmup_steps=15, model=CLIPConfig(loss=loss)), seed=seed)
+        m, _ = pretrain_clip(small_recipe, tok, dataset=train_set, log_every=0, progress=False)
+        r = retrieval_recall(embed_images(m, gal_images), embed_texts(m, gal_texts, tok))
+        small[loss] = {"colour": round(zero_shot(m)["colour"], 4), "R@1 i->t": round(r["image_to_text_R@1"], 4)}
+    crowded = TowerRecipe().scene_config()
+    probe_train, probe_val = dense_dataset("train", 1000, tok, crowded), dense_dataset("val", 500, tok, crowded)
+
+    def patch_features(data):  # CLIP's patch vectors over objects, and the shape under each
+        images, _, labels = data.tensors
+        with torch.no_grad():
+            feats = model.vision(images).patches
+        shape = labels[:, 0].flatten(1)
+        return feats[shape > 0], shape[shape > 0] - 1
+
+    clip_probe = linear_probe(*patch_features(probe_train), *patch_features(probe_val))
+    tower, tower_history = train_tower(replace(TowerRecipe(), seed=seed), tok, clip=model,
+                                       dataset=dense_dataset("train", 4000, tok, crowded), steps=150, warmup_steps=10,
+                                       log_every=0, progress=False)
+    head = patch_accuracy(tower, probe_val)
+    (_, first), (_, last) = history.evals[0], history.evals[-1]
+    return {"clip": _losses(history), "first_eval": {k: round(v, 4) for k, v in first.items()},
+            "last_eval": {k: round(v, 4) for k, v in last.items()},
+            "diagonal": round((sim.argmax(1) == torch.arange(len(pick))).float().mean().item(), 4),
+            "zero_shot": {"test": round(zero_shot(model)["all"], 4),
+                          "compositional": round(zero_shot(model, comp_images, comp_labels)["all"], 4)},
+            "recall_over_chance": recall, "small": small, "clip_patch_probe": round(clip_probe, 4),
+            "dense_head": _losses(tower_history), "dense_head_accuracy": {k: round(v, 4) for k, v in head.items()}}
+
+
 def run(index: int) -> dict:
     chapter, seed = ROWS[index]
     setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
     start = time.perf_counter()
-    result = chapter06(seed) if chapter == "06" else chapter07(seed)
+    result = {"05": chapter05, "06": chapter06, "07": chapter07}[chapter](seed)
     return {"row": index, "chapter": chapter, "seed": seed, **result, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -104,7 +195,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     return search_rows.main(
         argv, __doc__, [f"chapter {c}, seed {s}" for c, s in ROWS], run, RESULTS,
-        header=lambda: {"what": "chapters 06 and 07's short runs, one row per seed (scripts/short_runs_seeds.py)",
+        header=lambda: {"what": "chapters 05, 06 and 07's short runs, one row per seed (scripts/short_runs_seeds.py)",
                         "short1": SHORT1, "short2": SHORT2, "short_xattn": SHORT_XATTN, "test_questions": TEST_QUESTIONS},
         table=table,
     )
