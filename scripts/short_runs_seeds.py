@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Do chapters 05, 06 and 07's short training runs hold on other seeds? The runs the chapters print and check.
+"""Do chapters 03 to 07's training runs hold on other seeds? The runs the chapters print and check.
 
-    python scripts/short_runs_seeds.py             # every row (about fifteen minutes on one CPU thread)
+    python scripts/short_runs_seeds.py             # every row (about twenty minutes on one CPU thread)
     python scripts/short_runs_seeds.py --rows 0 3  # some rows only (merged into the results file)
 
 A chapter trains a short run in front of the reader and asserts what it shows. One seed
@@ -20,9 +20,13 @@ the chapter's assertions test:
   similarity of 12 test pairs, zero-shot accuracy and retrieval; the two small runs (InfoNCE and
   SigLIP's sigmoid loss, batch 8, 300 steps); a linear probe of that CLIP's patch vectors; and
   the dense head's 150-step run on top of it (`TowerRecipe(seed=s)`).
+- **chapter 03** (seeds 0, 1, 2): the ViT classifier and the linear classifier on pixels, each
+  600 steps with that seed (weights and batches), scored on the 1,000 test images.
+- **chapter 04** (seeds 0, 1, 2): the GPT pretrained with `PretrainRecipe(seed=s)`, its
+  held-out perplexity against the unigram baseline's.
 
-The results go to data/results/short_runs_seeds.json (with the PyTorch version); chapters 05,
-06 and 07 print their rows and check their assertions on every seed in the file.
+The results go to data/results/short_runs_seeds.json (with the PyTorch version); chapters 03
+to 07 print their rows and check their assertions on every seed in the file.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ SEEDS = (0, 1, 2)
 SHORT1, SHORT2 = 40, 80  # chapter 06's shortened stages
 SHORT_XATTN = 200  # chapter 07's short run
 TEST_QUESTIONS = 300
-ROWS: list[tuple[str, int]] = [("06", s) for s in SEEDS] + [("07", s) for s in SEEDS] + [("05", s) for s in SEEDS]
+ROWS: list[tuple[str, int]] = [(chapter, s) for chapter in ("06", "07", "05", "03", "04") for s in SEEDS]
 
 
 def _losses(history) -> dict:
@@ -176,11 +180,61 @@ def chapter05(seed: int) -> dict:
             "dense_head": _losses(tower_history), "dense_head_accuracy": {k: round(v, 4) for k, v in head.items()}}
 
 
+def chapter03(seed: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from mllm_scratch.shapeworld import ShapeClassificationDataset, class_names
+    from mllm_scratch.train import TrainConfig, batches, train
+    from mllm_scratch.vit import ViTClassifier, ViTConfig
+
+    def as_tensors(split, size):
+        ds = ShapeClassificationDataset(split, size, task="shape")
+        images, labels = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack(images), torch.tensor(labels)
+
+    (train_x, train_y), (test_x, test_y) = as_tensors("train", 4000), as_tensors("test", 1000)
+    classes = class_names("shape")
+    config = ViTConfig(image_size=32, patch_size=4, dim=48, depth=3, num_heads=4, pos_embedding="learned", pool="cls",
+                       num_classes=len(classes))  # the chapter's ViT
+
+    def cross_entropy(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    def fit(model):
+        data = batches(TensorDataset(train_x, train_y), 64, seed=seed)
+        train(model, data, cross_entropy, TrainConfig(steps=600, lr=3e-3, warmup_steps=30, log_every=0, progress=False),
+              device="cpu", batch_size_of=lambda b: len(b[0]))
+        with torch.no_grad():
+            return (model(test_x).argmax(-1) == test_y).float().mean().item()
+
+    torch.manual_seed(seed)
+    vit = ViTClassifier(config)
+    torch.manual_seed(seed)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, len(classes)))
+    return {"vit_test": round(fit(vit), 4), "linear_test": round(fit(linear), 4), "chance": round(1 / len(classes), 4)}
+
+
+def chapter04(seed: int) -> dict:
+    from mllm_scratch.gpt import PretrainRecipe, pretrain_gpt, text_datasets
+    from mllm_scratch.text import perplexity, unigram_cross_entropy
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    recipe = replace(PretrainRecipe(), seed=seed)
+    train_set, val_set = text_datasets(recipe, tok)
+    unigram = perplexity(unigram_cross_entropy(train_set.targets, val_set.targets, tok.vocab_size))
+    _, history = pretrain_gpt(recipe, tok, log_every=0, progress=False)
+    return {"val_perplexity": round(perplexity(history.final_eval["val_loss"]), 4), "unigram_perplexity": round(unigram, 4)}
+
+
 def run(index: int) -> dict:
     chapter, seed = ROWS[index]
     setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
     start = time.perf_counter()
-    result = {"05": chapter05, "06": chapter06, "07": chapter07}[chapter](seed)
+    result = {"03": chapter03, "04": chapter04, "05": chapter05, "06": chapter06, "07": chapter07}[chapter](seed)
     return {"row": index, "chapter": chapter, "seed": seed, **result, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -195,7 +249,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     return search_rows.main(
         argv, __doc__, [f"chapter {c}, seed {s}" for c, s in ROWS], run, RESULTS,
-        header=lambda: {"what": "chapters 05, 06 and 07's short runs, one row per seed (scripts/short_runs_seeds.py)",
+        header=lambda: {"what": "chapters 03 to 07's training runs, one row per seed (scripts/short_runs_seeds.py)",
                         "short1": SHORT1, "short2": SHORT2, "short_xattn": SHORT_XATTN, "test_questions": TEST_QUESTIONS},
         table=table,
     )
