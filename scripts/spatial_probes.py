@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 import search_rows  # noqa: E402  (scripts/, next to this file)
 from tower_search import PlaceCodes  # noqa: E402
 
+import torch  # noqa: E402
 from torch.utils.data import ConcatDataset, Dataset  # noqa: E402
 
 from mllm_scratch.runtime import setup_notebook  # noqa: E402
@@ -139,18 +141,13 @@ def run(i: int) -> dict:
     seconds = time.perf_counter() - start
     val = data_for(kind, "val", VAL_QUESTIONS)
     items = [val[j] for j in range(len(val))]
-    import torch
-
     said = model.eval().generate(tokenizer, torch.stack([it[0] for it in items]), [it[1] for it in items], max_new_tokens=6)
     acc: dict[str, list[bool]] = {}
     for it, s in zip(items, said):
         acc.setdefault(it[3], []).append(s == it[2])
         if it[3] == "where":  # the column alone: is the horizontal place read, if not to the patch?
             acc.setdefault("where, column", []).append(s.split()[:1] == it[2].split()[:1])
-    answers: dict[str, int] = {}
-    for s in said:
-        answers[s] = answers.get(s, 0) + 1
-    top = sorted(answers.items(), key=lambda kv: -kv[1])[:3]
+    top = Counter(said).most_common(3)
     name = kind if steps == STEPS else f"{kind}, {steps:,} steps"
     return {"row": i, "name": name, "stage2_steps": steps, "qa_pairs": qa_pairs, "val_questions": VAL_QUESTIONS,
             "val": {k: round(sum(v) / len(v), 4) for k, v in acc.items()}, "most_common_answers": top,
