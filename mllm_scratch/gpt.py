@@ -5,10 +5,10 @@
         -> final LayerNorm -> linear head -> next-token logits
 
 Mirrors GPT-2 (Radford et al., 2019); Llama swaps LayerNorm for RMSNorm, GELU for SwiGLU
-and learned positions for RoPE, but the skeleton is this one. Chapter 04 builds it by
-hand, pretrains it on ShapeWorld descriptions and ships the weights
-(`pretrained_gpt()`), so later chapters start from a model that already writes
-ShapeWorld English.
+and learned positions for RoPE, and shares key/value heads between query heads (GQA),
+but the skeleton is this one. Chapter 04 builds it by hand, pretrains it on ShapeWorld
+descriptions and ships the weights (`pretrained_gpt()`), so later chapters start from a
+model that already writes ShapeWorld English.
 
 Hooks for the multimodal chapters, so that they wrap this model instead of forking it:
 
