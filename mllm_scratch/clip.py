@@ -324,6 +324,13 @@ class CLIPRecipe:
         return asdict(self)
 
 
+@dataclass
+class CLIPHistory(History):
+    """A `History` plus the temperature: `scale[i]` is the clamped scale exp(t) after step `steps[i]` (`record_scale=True`)."""
+
+    scale: list[float] = field(default_factory=list)
+
+
 def train_dataset(recipe: CLIPRecipe, tokenizer) -> TensorDataset:
     """The recipe's training pairs as a TensorDataset of (images (3, H, W), ids (T,))."""
     if tokenizer.eot_id != recipe.model.eot_id or tokenizer.vocab_size != recipe.model.text.vocab_size:
@@ -346,6 +353,7 @@ def pretrain_clip(
     log_every: int = 100,
     progress: bool = True,
     device: torch.device | str | None = None,
+    record_scale: bool = False,
     **overrides,
 ) -> tuple[CLIP, History]:
     """Train a CLIP with `recipe` on ShapeWorld pairs; returns the model (eval mode) and its History.
@@ -353,6 +361,8 @@ def pretrain_clip(
     Deterministic on one thread: the weights depend only on the recipe (the model is
     initialised from recipe.seed unless `model` is given; batches are shuffled by their own
     seeded generator). `scripts/build_checkpoints.py clip` runs exactly `pretrain_clip(CLIPRecipe())`.
+    `record_scale=True` returns a `CLIPHistory` that also holds the temperature at every
+    recorded step; reading it changes nothing in training (the same weights, bit for bit).
     """
     from mllm_scratch.tokenizer import load_tokenizer
 
@@ -362,15 +372,28 @@ def pretrain_clip(
     if model is None:
         torch.manual_seed(recipe.seed)
         model = CLIP(recipe.model)
+    before_step: list[torch.Tensor] = []  # the scale each step's logits used, kept on the device (no host sync per step)
+
+    def loss_fn(m: CLIP, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        loss = batch_loss(m, batch)
+        if record_scale:
+            before_step.append(m.scale.detach())  # read after the forward pass clamped it
+        return loss
+
     history = train(
         model,
         batches(dataset, recipe.batch_size, seed=recipe.seed),
-        batch_loss,
+        loss_fn,
         recipe.train_config(log_every=log_every, progress=progress, **overrides),
         evaluate=evaluate,
         device=device,
         batch_size_of=lambda b: len(b[0]),
     )
+    if record_scale:
+        # The scale after step k is the one step k + 1 used; after the last step, the model's own.
+        after_step = torch.stack(before_step[1:] + [model.scale.detach()]).tolist()
+        history = CLIPHistory(**{f.name: getattr(history, f.name) for f in fields(history)},
+                              scale=[after_step[k - 1] for k in history.steps])
     return model, history
 
 
@@ -707,6 +730,7 @@ def evaluate_clip(model: CLIP, tokenizer, recipe: CLIPRecipe | None = None, size
 __all__ = [
     "CLIP",
     "CLIPConfig",
+    "CLIPHistory",
     "CLIPRecipe",
     "DEFAULT_CHECKPOINT",
     "DENSE_CLASSES",

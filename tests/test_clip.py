@@ -17,9 +17,11 @@ from mllm_scratch.clip import (
     CLIP,
     DEFAULT_CHECKPOINT,
     CLIPConfig,
+    CLIPHistory,
     CLIPRecipe,
     batch_loss,
     clip_loss,
+    pretrain_clip,
     pretrained_clip,
     pretrained_image_tower,
     retrieval_recall,
@@ -143,6 +145,25 @@ def test_temperature_clamp_holds_after_training_steps():
     logits = model(images, ids)  # every forward clamps the stored log scale first
     assert model.logit_scale.item() <= math.log(100.0) + 1e-6
     assert logits.abs().max().item() <= 100.0 + 1e-3  # cosines are in [-1, 1]
+
+
+def test_record_scale_keeps_training_bit_identical_and_logs_the_temperature():
+    images, ids = random_batch(16)
+    data = TensorDataset(images, ids)
+    recipe = CLIPRecipe(batch_size=4, steps=20, warmup_steps=2, lr=3e-2, model=TINY)
+    runs = {}
+    for record in (False, True):
+        torch.manual_seed(0)
+        runs[record] = pretrain_clip(recipe, dataset=data, model=CLIP(TINY), log_every=0, progress=False,
+                                     device="cpu", record_every=5, record_scale=record)
+    (plain, plain_history), (logged, history) = runs[False], runs[True]
+    for a, b in zip(plain.state_dict().values(), logged.state_dict().values()):
+        assert torch.equal(a, b)  # reading the temperature changes nothing
+    assert type(plain_history).__name__ == "History" and isinstance(history, CLIPHistory)
+    assert history.steps == plain_history.steps == [5, 10, 15, 20] and history.loss == plain_history.loss
+    assert len(history.scale) == len(history.steps)
+    assert history.scale[-1] == pytest.approx(logged.scale.item())  # the scale after the last step
+    assert history.scale != [history.scale[0]] * 4  # it is learned: it moved
 
 
 def test_temperature_is_excluded_from_weight_decay():
