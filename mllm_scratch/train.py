@@ -186,7 +186,14 @@ def train(
     stream = iter(data)
     progress = None
     if config.progress:
-        from tqdm.auto import tqdm
+        import warnings
+
+        from tqdm import TqdmWarning
+
+        with warnings.catch_warnings():
+            # Without ipywidgets, tqdm.auto warns once and falls back to the text bar, which works as well.
+            warnings.simplefilter("ignore", TqdmWarning)
+            from tqdm.auto import tqdm
 
         progress = tqdm(total=config.steps, desc="train", leave=False)
 

@@ -11,12 +11,14 @@ called there with `causal=True`.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mllm_scratch.attention import KVCache, MultiHeadAttention
@@ -28,7 +30,7 @@ from mllm_scratch.train import no_weight_decay
 
 @dataclass
 class ViTConfig:
-    """Shape of a ViT; the defaults train on 32 px ShapeWorld images on a CPU in about a minute."""
+    """Shape of a ViT; the defaults are chapter 03's tiny ViT for 32 px ShapeWorld images, trained on one CPU thread."""
 
     image_size: int = 32
     patch_size: int = 4
@@ -119,16 +121,47 @@ def sincos_1d_position_embedding(positions: torch.Tensor, dim: int, temperature:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()  # (n, dim)
 
 
-def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """(grid_h * grid_w, dim) fixed position codes, row-major: first half encodes the row, second half the column."""
+def sincos_2d_position_embedding(
+    grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0, trained_grid: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """(grid_h * grid_w, dim) fixed position codes, row-major: first half encodes the row, second half the column.
+
+    Row r and column c are the positions, 0 .. grid - 1. With `trained_grid=(h, w)` they are
+    stretched onto a smaller grid's range instead, (r + 0.5) * h / grid_h - 0.5 (as bilinear
+    interpolation maps pixel centres), so a model trained on an h x w grid sees no position
+    beyond those it was trained on.
+    """
     if dim % 4:
         raise ValueError(f"2-D sin-cos position embeddings need dim divisible by 4, got dim {dim}")
-    rows = torch.arange(grid_h).repeat_interleave(grid_w)  # (grid_h * grid_w,): 0 0 0 1 1 1 ...
-    cols = torch.arange(grid_w).repeat(grid_h)  # 0 1 2 0 1 2 ...
+    rows = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)  # (grid_h * grid_w,): 0 0 0 1 1 1 ...
+    cols = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)  # 0 1 2 0 1 2 ...
+    if trained_grid is not None:
+        rows = (rows + 0.5) * trained_grid[0] / grid_h - 0.5
+        cols = (cols + 0.5) * trained_grid[1] / grid_w - 0.5
     return torch.cat(
         [sincos_1d_position_embedding(rows, dim // 2, temperature), sincos_1d_position_embedding(cols, dim // 2, temperature)],
         dim=1,
     )  # (num_patches, dim)
+
+
+def interpolate_pos_embed(
+    pos_embed: torch.Tensor, new_grid: int, num_prefix: int = 1, mode: str = "bicubic"
+) -> torch.Tensor:
+    """Resize a learned position table (1, prefix + g * g, dim) to (1, prefix + new_grid ** 2, dim).
+
+    The patch rows are laid back on their g x g grid, resized like an image (`mode`: "bicubic"
+    or "bilinear", as `F.interpolate`) and flattened again; the prefix rows ([CLS]) are kept.
+    This is how a ViT is fine-tuned at a higher resolution than it was trained at (ViT, CLIP).
+    """
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
+    prefix, grid_rows = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    old = math.isqrt(grid_rows.shape[1])
+    if old * old != grid_rows.shape[1]:
+        raise ValueError(f"{grid_rows.shape[1]} position rows after {num_prefix} prefix rows do not form a square grid")
+    g = grid_rows.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, dim, old, old)
+    g = F.interpolate(g, size=(new_grid, new_grid), mode=mode, align_corners=False)  # (1, dim, new, new)
+    return torch.cat([prefix, g.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1)], dim=1)
 
 
 class ViTOutput(NamedTuple):
@@ -217,6 +250,63 @@ class ViTClassifier(nn.Module):
         return self.head(self.encoder(images).pooled)  # (batch, num_classes)
 
 
+def resize_vit(model: nn.Module, image_size: int, mode: str = "bicubic", sincos: str = "extend") -> nn.Module:
+    """A copy of a `VisionTransformer` or `ViTClassifier` for another image size: same weights, positions resized.
+
+    Learned positions are interpolated over the patch grid (`interpolate_pos_embed`, `mode`).
+    Sin-cos positions are recomputed for the new grid: `sincos="extend"` uses positions
+    0 .. new_grid - 1 (the codes go on past the trained grid), `"stretch"` squeezes them onto
+    the trained grid's range, as interpolating a learned table does.
+    """
+    if type(model) not in (VisionTransformer, ViTClassifier):
+        raise TypeError(f"resize_vit resizes a VisionTransformer or a ViTClassifier, got {type(model).__name__}")
+    if sincos not in ("extend", "stretch"):
+        raise ValueError(f"sincos must be 'extend' or 'stretch', got {sincos!r}")
+    encoder = model.encoder if isinstance(model, ViTClassifier) else model
+    if encoder.attn_mask is not None:
+        raise ValueError("resize_vit cannot resize a ViT whose attn_mask is set: the mask is tied to the old grid")
+    new = type(model)(replace(model.config, image_size=image_size))
+    new_encoder = new.encoder if isinstance(new, ViTClassifier) else new
+    state = model.state_dict()
+    key = ("encoder." if isinstance(model, ViTClassifier) else "") + "pos_embed"
+    if model.config.pos_embedding == "learned":
+        state[key] = interpolate_pos_embed(state[key], new.config.grid_size, encoder.num_prefix, mode)
+    elif sincos == "stretch":
+        old_grid = model.config.grid_size
+        table = sincos_2d_position_embedding(
+            new.config.grid_size, new.config.grid_size, new.config.dim, trained_grid=(old_grid, old_grid)
+        )
+        new_encoder.pos_embed = torch.cat([torch.zeros(encoder.num_prefix, new.config.dim), table])[None]
+    new.load_state_dict(state)
+    return new.to(next(model.parameters()).device).train(model.training)
+
+
+class ConvNetClassifier(nn.Module):
+    """A small CNN baseline: 3 x 3 convolutions with ReLU and 2 x 2 max-pooling, a global average, a linear head.
+
+    A convolution looks only at neighbouring pixels and applies the same filter everywhere:
+    the locality and translation equivariance a ViT must learn from data. Any image size
+    divisible by 2 ** (len(channels) - 1) works, since the average pools whatever grid is left.
+    """
+
+    def __init__(self, num_classes: int, channels: tuple[int, ...] = (32, 64, 128), in_channels: int = 3):
+        super().__init__()
+        if not channels:
+            raise ValueError("channels must name at least one convolution, got ()")
+        layers: list[nn.Module] = []
+        for i, c in enumerate(channels):
+            layers += [nn.Conv2d(in_channels, c, kernel_size=3, padding=1), nn.ReLU()]
+            if i < len(channels) - 1:
+                layers.append(nn.MaxPool2d(2))  # halves the height and width
+            in_channels = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.features(images)  # (batch, channels[-1], H / 2 ** (len(channels) - 1), W / ...)
+        return self.head(x.mean(dim=(2, 3)))  # global average pool -> (batch, num_classes)
+
+
 # ----------------------------------------------------------------------------------
 # Saving a ViT you trained: a state dict plus the config as a plain dict, loaded with
 # weights_only=True. (The book's shipped, manifest-checked checkpoints are in checkpoints.py.)
@@ -252,13 +342,16 @@ def load_vit(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Modu
 
 
 __all__ = [
+    "ConvNetClassifier",
     "MLP",
     "TransformerBlock",
     "ViTClassifier",
     "ViTConfig",
     "ViTOutput",
     "VisionTransformer",
+    "interpolate_pos_embed",
     "load_vit",
+    "resize_vit",
     "save_vit",
     "sincos_1d_position_embedding",
     "sincos_2d_position_embedding",

@@ -87,3 +87,40 @@ def test_compile_option_trains_the_same_model():
 def test_compile_option_rejects_unknown_backend():
     with pytest.raises(ValueError, match="torch.compile backend.*'nope'"):
         TrainConfig(compile="nope")
+
+
+def test_train_is_adamw_with_the_schedule_and_clipping():
+    # train() takes exactly the steps of a plain loop: AdamW (decay on weight matrices only), lr_at's
+    # warm-up and cosine, gradients clipped to a norm of grad_clip; the losses and weights agree bit for bit
+    def fresh():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    torch.manual_seed(1)
+    x = torch.randn(64, 4)
+    y = (x**2).sum(1)
+    cfg = TrainConfig(steps=12, lr=0.05, warmup_steps=3, weight_decay=0.1, grad_clip=0.5, record_every=1,
+                      log_every=0, progress=False)
+    loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]).squeeze(-1), b[1])  # noqa: E731
+    model = fresh()
+    history = train(model, batches(TensorDataset(x, y), 16, seed=0), loss_fn, cfg, device="cpu")
+
+    ref = fresh()
+    decay = [p for p in ref.parameters() if p.dim() >= 2]
+    rest = [p for p in ref.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=0.05)
+    data = batches(TensorDataset(x, y), 16, seed=0)
+    losses = []
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = 0.05 * (lr_at(step, cfg) / 0.05)
+        loss = loss_fn(ref, next(data))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt.step()
+        losses.append(loss.item())
+    assert history.loss == losses
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+

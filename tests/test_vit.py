@@ -9,12 +9,16 @@ from torch.utils.data import TensorDataset
 from mllm_scratch.attention import KVCache, causal_mask
 from mllm_scratch.train import TrainConfig, batches, train
 from mllm_scratch.vit import (
+    ConvNetClassifier,
     TransformerBlock,
     ViTClassifier,
     ViTConfig,
     VisionTransformer,
+    interpolate_pos_embed,
     load_vit,
+    resize_vit,
     save_vit,
+    sincos_1d_position_embedding,
     sincos_2d_position_embedding,
 )
 
@@ -222,3 +226,92 @@ def test_short_training_run_loss_falls():
     hist = train(model, batches(TensorDataset(images, labels), 32), lambda m, b: F.cross_entropy(m(b[0]), b[1]), cfg,
                  device="cpu")
     assert hist.loss[-1] < 0.3 * hist.loss[0]
+
+
+def test_sincos_stretched_onto_a_trained_grid():
+    plain = sincos_2d_position_embedding(8, 8, 32)
+    assert torch.equal(sincos_2d_position_embedding(8, 8, 32, trained_grid=(8, 8)), plain)  # same grid: unchanged
+    big = sincos_2d_position_embedding(12, 6, 32, trained_grid=(8, 4)).reshape(12, 6, 32)
+    rows = (torch.arange(12, dtype=torch.float64) + 0.5) * 8 / 12 - 0.5  # pixel centres, as F.interpolate maps them
+    cols = (torch.arange(6, dtype=torch.float64) + 0.5) * 4 / 6 - 0.5
+    torch.testing.assert_close(big[:, 0, :16], sincos_1d_position_embedding(rows, 16))
+    torch.testing.assert_close(big[0, :, 16:], sincos_1d_position_embedding(cols, 16))
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1])
+def test_interpolate_pos_embed(num_prefix):
+    torch.manual_seed(0)
+    pos = torch.randn(1, num_prefix + 64, 8)
+    torch.testing.assert_close(interpolate_pos_embed(pos, 8, num_prefix), pos)  # same grid: unchanged
+    for mode in ("bicubic", "bilinear"):
+        big = interpolate_pos_embed(pos, 12, num_prefix, mode)
+        assert big.shape == (1, num_prefix + 144, 8)
+        assert torch.equal(big[:, :num_prefix], pos[:, :num_prefix])  # [CLS]'s row is kept as it is
+    # a table that is constant along the rows stays constant along the rows
+    smooth = torch.arange(8.0).repeat(8)[None, :, None].expand(1, 64, 3)  # value = column index
+    grid = interpolate_pos_embed(smooth, 16, 0, "bilinear").reshape(16, 16, 3)
+    torch.testing.assert_close(grid[0], grid[15])
+    with pytest.raises(ValueError, match="mode must be 'bicubic' or 'bilinear', got 'nearest'"):
+        interpolate_pos_embed(pos, 12, num_prefix, "nearest")
+    with pytest.raises(ValueError, match="do not form a square grid"):
+        interpolate_pos_embed(pos[:, :-1], 12, num_prefix)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_resize_vit_learned_positions(pool):
+    torch.manual_seed(0)
+    model = ViTClassifier(ViTConfig(dim=32, depth=1, num_heads=2, pool=pool, num_classes=3)).eval()
+    images = torch.rand(2, 3, 32, 32)
+    same = resize_vit(model, 32)
+    torch.testing.assert_close(same(images), model(images))  # same size: the same model
+    big = resize_vit(model, 48, mode="bilinear")
+    assert big.config.image_size == 48 and big(torch.rand(2, 3, 48, 48)).shape == (2, 3) and not big.training
+    prefix = 1 if pool == "cls" else 0
+    expected = interpolate_pos_embed(model.encoder.pos_embed, 12, prefix, "bilinear")
+    torch.testing.assert_close(big.encoder.pos_embed, expected)
+    torch.testing.assert_close(big.head.weight, model.head.weight)
+    assert big.encoder.pos_embed is not model.encoder.pos_embed  # a copy: training one leaves the other alone
+    encoder = resize_vit(model.encoder.train(), 40)
+    assert isinstance(encoder, VisionTransformer) and encoder.training and encoder.config.grid_size == 10
+
+
+def test_resize_vit_sincos_positions():
+    torch.manual_seed(0)
+    model = ViTClassifier(ViTConfig(dim=32, depth=1, num_heads=2, pos_embedding="sincos", num_classes=3)).eval()
+    extended = resize_vit(model, 48)
+    torch.testing.assert_close(extended.encoder.pos_embed[0, 1:], sincos_2d_position_embedding(12, 12, 32))
+    stretched = resize_vit(model, 48, sincos="stretch")
+    torch.testing.assert_close(stretched.encoder.pos_embed[0, 1:],
+                               sincos_2d_position_embedding(12, 12, 32, trained_grid=(8, 8)))
+    torch.testing.assert_close(stretched.encoder.pos_embed[0, 0], torch.zeros(32))  # [CLS] still has no position
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(resize_vit(model, 32, sincos="stretch")(images), model(images))
+    with pytest.raises(ValueError, match="sincos must be 'extend' or 'stretch', got 'wrap'"):
+        resize_vit(model, 48, sincos="wrap")
+
+
+def test_resize_vit_refuses_what_it_cannot_resize():
+    class Sub(VisionTransformer):
+        pass
+
+    with pytest.raises(TypeError, match="resizes a VisionTransformer or a ViTClassifier, got Sub"):
+        resize_vit(Sub(ViTConfig(depth=1)), 48)
+    vit = VisionTransformer(ViTConfig(depth=1))
+    vit.attn_mask = torch.ones(64, 64, dtype=torch.bool)
+    with pytest.raises(ValueError, match="attn_mask is set"):
+        resize_vit(vit, 48)
+
+
+def test_conv_net_classifier():
+    torch.manual_seed(0)
+    cnn = ConvNetClassifier(5)
+    assert sum(p.numel() for p in cnn.parameters()) == 93_893  # about the size of chapter 03's ViT
+    assert cnn(torch.rand(2, 3, 32, 32)).shape == (2, 5) and cnn(torch.rand(2, 3, 48, 48)).shape == (2, 5)
+    # convolutions + a global average: moving an object (by a multiple of the pooling stride, 4, and far
+    # enough from the borders that no padding is in view) does not change the output
+    x = torch.zeros(1, 3, 64, 64)
+    x[:, :, 24:28, 24:28] = 1.0
+    torch.testing.assert_close(cnn(x), cnn(torch.roll(x, shifts=(8, 4), dims=(2, 3))))
+    assert ConvNetClassifier(2, channels=(8,))(torch.rand(1, 3, 5, 5)).shape == (1, 2)
+    with pytest.raises(ValueError, match="at least one convolution"):
+        ConvNetClassifier(5, channels=())
