@@ -446,7 +446,7 @@ def vit(config: ViTConfig | None = None):
     fig, ax = _canvas(9.0, 2.8, "The Vision Transformer (ViT)")
     y = 1.5
     below = y - 0.47  # shape labels sit under the arrows, below the boxes
-    pixels = _example_image(c.image_size)
+    pixels = _object_image("cross", "purple", c.image_size)  # chapter 03's task: one object, which shape?
     _image(ax, pixels, 0.15, y - 0.3, 0.6)
     _note(ax, 0.45, below, _shape("B", c.in_channels, c.image_size, c.image_size))
     pe = _box(ax, 1.7, y, 1.1, 0.62, f"patch embedding\nConv2d {c.patch_size}×{c.patch_size},\nstride {c.patch_size}")
