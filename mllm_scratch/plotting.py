@@ -28,9 +28,10 @@ def show_image(image: torch.Tensor, ax=None, patch_size: int | None = None, titl
             cols = w // patch_size
             for k in range((h // patch_size) * cols):
                 r, c = divmod(k, cols)
-                ax.text((c + 0.5) * patch_size, (r + 0.5) * patch_size, str(k), color="white",
-                        ha="center", va="center", fontsize=7,
-                        bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.8, "linewidth": 0})
+                # in the patch's top-left corner, so the number hides as little of the patch as it can
+                ax.text(c * patch_size + 0.6, r * patch_size + 0.6, str(k), color="white",
+                        ha="left", va="top", fontsize=6,
+                        bbox={"facecolor": "black", "alpha": 0.75, "pad": 0.6, "linewidth": 0})
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
