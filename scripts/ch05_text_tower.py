@@ -46,6 +46,7 @@ def row(seed: int) -> dict:
         train_dataset,
         zero_shot_accuracy,
         zero_shot_classifier,
+        zero_shot_predict,
     )
     from mllm_scratch.gpt import pretrained_gpt
     from mllm_scratch.runtime import count_parameters
@@ -59,10 +60,16 @@ def row(seed: int) -> dict:
     model.text.load_state_dict(gpt.state_dict())
     model, history = pretrain_clip(recipe, tok, dataset=train_dataset(recipe, tok), model=model, log_every=0, progress=False)
     classifier = zero_shot_classifier(model, colour_shape_prompts(), tok)
-    zero_shot = {split: round(zero_shot_accuracy(model, classifier, *single_object_test_set(split, 500)), 4)
-                 for split in ("test", "compositional")}
+    zero_shot, by_skill = {}, {}
+    for split in ("test", "compositional"):
+        images, labels = single_object_test_set(split, 500)
+        zero_shot[split] = round(zero_shot_accuracy(model, classifier, images, labels), 4)
+        pred = zero_shot_predict(model, classifier, images)  # class c is colour c // 5, shape c % 5
+        by_skill[split] = {"colour": round((pred // 5 == labels // 5).float().mean().item(), 4),
+                           "shape": round((pred % 5 == labels % 5).float().mean().item(), 4)}
     return {"text_tower": {"depth": gpt.config.depth, "dim": gpt.config.dim, "parameters": count_parameters(model.text)},
-            "zero_shot": zero_shot, "first_loss": round(history.loss[0], 4), "last_loss": round(history.loss[-1], 4)}
+            "zero_shot": zero_shot, "by_skill": by_skill,
+            "first_loss": round(history.loss[0], 4), "last_loss": round(history.loss[-1], 4)}
 
 
 def run(index: int) -> dict:
@@ -74,8 +81,9 @@ def run(index: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    return "\n".join(f"seed {r['seed']}: zero-shot test {r['zero_shot']['test']:.3f}, "
-                     f"compositional {r['zero_shot']['compositional']:.3f}" for r in sorted(rows, key=lambda r: r["row"]))
+    return "\n".join(f"seed {r['seed']}: zero-shot test {r['zero_shot']['test']:.3f} (colour {r['by_skill']['test']['colour']:.3f}, "
+                     f"shape {r['by_skill']['test']['shape']:.3f}), compositional {r['zero_shot']['compositional']:.3f}"
+                     for r in sorted(rows, key=lambda r: r["row"]))
 
 
 def main(argv: list[str] | None = None) -> int:
