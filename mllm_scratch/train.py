@@ -4,13 +4,25 @@ A chapter supplies the model, a stream of batches and a `loss_fn(model, batch)`;
 does the rest: AdamW with weight decay only on weight matrices, warm-up then cosine
 decay, gradient clipping, a progress bar, periodic evaluation, and on a GPU bf16
 autocast with no host-device synchronisation between log steps.
+
+A long run can be stopped and continued: with `checkpoint=PATH` the loop saves everything
+it needs to go on (model, optimizer, step, loss history, random states) every
+`checkpoint_every` steps, when Ctrl-C is pressed (at the end of the step under way) and at
+the end, each time by an atomic rename; `resume=True` continues from that file, and the
+continued run ends with the same parameters, bit for bit on a CPU, as one never stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import random
+import signal
+import threading
 import time
+from dataclasses import asdict
+from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mllm_scratch.checkpoints import CheckpointError, atomic_write
 from mllm_scratch.runtime import choose_device
 
 
@@ -38,8 +51,11 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on a GPU that supports it; ignored on CPU
     compile: bool | str = False  # torch.compile the model for the training steps (True: inductor; or a backend name)
     progress: bool = True
+    checkpoint_every: int = 0  # with train(checkpoint=...): save every this many steps (0: only on Ctrl-C and at the end)
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be 0 (off) or a number of steps, got {self.checkpoint_every}")
         if self.record_every < 1:
             raise ValueError(f"record_every must be at least 1, got {self.record_every}")
         if self.steps < 1:
@@ -161,6 +177,82 @@ def batches(
         yield from loader
 
 
+# What a resumed run must agree on with the run that wrote the checkpoint: everything in
+# TrainConfig that changes the parameters (not logging, progress or how often it saves).
+_RUN_ONLY = ("log_every", "progress", "checkpoint_every", "eval_every")
+CHECKPOINT_FORMAT = "mllm_scratch.train-state/1"
+
+
+def _fingerprint(config: TrainConfig, run: dict[str, Any] | None) -> dict[str, Any]:
+    fields = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY}
+    return {"train_config": {k: repr(v) for k, v in fields.items()}, "run": {k: repr(v) for k, v in (run or {}).items()}}
+
+
+def _rng_states() -> dict[str, Any]:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint written by `train(checkpoint=...)`; a clear CheckpointError if it is not one."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a file cut short (a crash mid-copy, a full disk) fails here, never half-loads
+        raise CheckpointError(
+            f"{path} is not a complete training checkpoint ({type(exc).__name__}: {exc}); "
+            "delete it to start the run over, or put back an earlier copy"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint of train(checkpoint=...): expected format "
+                              f"{CHECKPOINT_FORMAT!r}, got {state.get('format') if isinstance(state, dict) else type(state).__name__!r}")
+    return state
+
+
+class _StopRequest:
+    """Turns Ctrl-C into a request that the loop honours at the end of the step under way."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "_StopRequest":
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C: stop at once, as without a checkpoint
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving a checkpoint at the end of this step (press again to stop at once)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def train(
     model: nn.Module,
     data: Iterable[Any],
@@ -171,12 +263,23 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | str | None = None,
     batch_size_of: Callable[[Any], int] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    run: dict[str, Any] | None = None,
 ) -> History:
     """Train `model` for `config.steps` steps of `loss_fn(model, batch)` over batches from `data`.
 
     `evaluate(model)` returns metrics; it runs in eval mode without gradients every
     `eval_every` steps and at the end. Returns the `History`.
+
+    With `checkpoint`, the training state is saved there (see the module's docstring);
+    `resume=True` continues from it (or starts afresh if the file does not exist yet). `data`
+    must then be a fresh stream that yields the same batches as the first run's (the loop
+    skips the batches already used); `run` (any picklable description of the recipe) and the
+    TrainConfig must equal the saved ones, or the resume is refused.
     """
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=PATH: the file to continue from")
     config = config or TrainConfig()
     device = choose_device(device) if not isinstance(device, torch.device) else device
     model.to(device)
@@ -218,43 +321,87 @@ def train(
     model.train()
     running = torch.zeros((), device=device)  # summed on the device: no sync until we log
     since_log = 0
-    start = time.perf_counter()
-    for step in range(config.steps):
-        scale = lr_at(step, config) / config.lr
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * scale
-        batch = to_device(next(stream), device)
-        with autocast(device, config.amp):
-            loss = loss_fn(step_model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        running += loss.detach().float()
-        since_log += 1
-        if batch_size_of is not None:
-            history.examples += batch_size_of(batch)
-        done = step + 1
-        if done % config.record_every == 0 or done == config.steps:
-            mean = (running / since_log).item()  # the only host-device sync, once per record_every steps
-            history.steps.append(done)
-            history.loss.append(mean)
-            running.zero_()
-            since_log = 0
-            if config.log_every and (done % config.log_every == 0 or done == config.steps):
-                print(f"step {done:5d} | loss {mean:.4f} | lr {optimizer.param_groups[0]['lr']:.2e}")
-            if progress is not None:
-                progress.set_postfix(loss=f"{mean:.3f}")
+    first_step = 0
+    fingerprint = _fingerprint(config, run) if checkpoint is not None else None
+    if resume and Path(checkpoint).exists():
+        state = load_train_state(checkpoint)
+        if state["fingerprint"] != fingerprint:
+            theirs, ours = state["fingerprint"], fingerprint
+            differ = sorted({f"{part}.{k}" for part in ours for k in set(ours[part]) | set(theirs.get(part, {}))
+                             if ours[part].get(k) != theirs.get(part, {}).get(k)})
+            raise CheckpointError(f"{checkpoint} was written by a different run (differs in: {', '.join(differ)}); "
+                                  "resume with the same recipe, or pass another checkpoint path to start a new run")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for key, value in state["history"].items():
+            setattr(history, key, value)
+        running.fill_(state["running"])
+        since_log, first_step = state["since_log"], state["step"]
+        for _ in range(first_step if first_step < config.steps else 0):  # the data position: skip the used batches
+            next(stream)
+        _set_rng_states(state["rng"])
+        if config.log_every:
+            print(f"resumed from {checkpoint} at step {first_step}")
         if progress is not None:
-            progress.update(1)
-        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
-            run_eval(done)
+            progress.update(first_step)
+    elif resume and config.log_every:
+        print(f"no checkpoint at {checkpoint} yet: starting at step 0")
+
+    def save(done: int) -> None:
+        state = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": done,
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "history": {"steps": history.steps, "loss": history.loss, "evals": history.evals,
+                             "seconds": history.seconds + time.perf_counter() - start, "examples": history.examples},
+                 "running": running.item(), "since_log": since_log, "rng": _rng_states()}
+        atomic_write(Path(checkpoint), lambda f: torch.save(state, f))
+
+    start = time.perf_counter()
+    stop = _StopRequest(active=checkpoint is not None)
+    with stop:
+        for step in range(first_step, config.steps):
+            scale = lr_at(step, config) / config.lr
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * scale
+            batch = to_device(next(stream), device)
+            with autocast(device, config.amp):
+                loss = loss_fn(step_model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            running += loss.detach().float()
+            since_log += 1
+            if batch_size_of is not None:
+                history.examples += batch_size_of(batch)
+            done = step + 1
+            if done % config.record_every == 0 or done == config.steps:
+                mean = (running / since_log).item()  # the only host-device sync, once per record_every steps
+                history.steps.append(done)
+                history.loss.append(mean)
+                running.zero_()
+                since_log = 0
+                if config.log_every and (done % config.log_every == 0 or done == config.steps):
+                    print(f"step {done:5d} | loss {mean:.4f} | lr {optimizer.param_groups[0]['lr']:.2e}")
+                if progress is not None:
+                    progress.set_postfix(loss=f"{mean:.3f}")
+            if progress is not None:
+                progress.update(1)
+            if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+                run_eval(done)
+            if checkpoint is not None and (stop.requested or done == config.steps
+                                           or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                save(done)
+                if stop.requested and done != config.steps:
+                    if progress is not None:
+                        progress.close()
+                    print(f"saved {checkpoint} at step {done}; continue with resume=True", flush=True)
+                    raise KeyboardInterrupt
     if progress is not None:
         progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    history.seconds = time.perf_counter() - start
+    history.seconds += time.perf_counter() - start
     run_eval(config.steps)
     model.eval()
     return history

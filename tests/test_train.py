@@ -124,3 +124,159 @@ def test_train_is_adamw_with_the_schedule_and_clipping():
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
 
+
+
+# --- long runs: checkpoints, Ctrl-C and resume --------------------------------------------
+
+RESUME_CONFIG = TrainConfig(steps=24, lr=0.01, warmup_steps=4, record_every=4, checkpoint_every=5,
+                            log_every=0, progress=False)
+
+
+def _resume_problem():
+    """A small classifier with dropout (so the random state matters) and its endless batch stream."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
+    model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    return model, batches(TensorDataset(x, y), 16, seed=3)  # 12 batches a pass: the run crosses a reshuffle
+
+
+def _loss(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def _failing_at(call: int, error: BaseException | None = None):
+    """A loss that fails on its `call`-th use (1-based), as a crash or a Ctrl-C would."""
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        if len(calls) == call:
+            if error is None:
+                import signal
+
+                signal.raise_signal(signal.SIGINT)  # the loop finishes this step, saves, then stops
+            else:
+                raise error
+        return _loss(model, batch)
+
+    return loss_fn
+
+
+def _uninterrupted():
+    model, data = _resume_problem()
+    history = train(model, data, _loss, RESUME_CONFIG, device="cpu")
+    return model, history
+
+
+def _assert_same_run(model, history, reference_model, reference_history):
+    for (name, a), b in zip(model.state_dict().items(), reference_model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert history.steps == reference_history.steps and history.loss == reference_history.loss
+
+
+def test_checkpointing_does_not_change_the_run(tmp_path):
+    reference_model, reference_history = _uninterrupted()
+    model, data = _resume_problem()
+    history = train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=tmp_path / "run.pt")
+    _assert_same_run(model, history, reference_model, reference_history)
+
+
+def test_a_crashed_run_resumes_bit_identical_from_its_last_checkpoint(tmp_path):
+    reference_model, reference_history = _uninterrupted()
+    path = tmp_path / "run.pt"
+    model, data = _resume_problem()
+    with pytest.raises(RuntimeError, match="power cut"):  # step 13 fails; the last checkpoint is step 10
+        train(model, data, _failing_at(13, RuntimeError("power cut")), RESUME_CONFIG, device="cpu", checkpoint=path)
+    from mllm_scratch.train import load_train_state
+
+    assert load_train_state(path)["step"] == 10
+    model, data = _resume_problem()  # a fresh process: new model, new stream, and other random draws since
+    torch.manual_seed(1234)
+    history = train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=path, resume=True)
+    _assert_same_run(model, history, reference_model, reference_history)
+    assert load_train_state(path)["step"] == RESUME_CONFIG.steps
+
+
+def test_ctrl_c_saves_the_step_under_way_then_resume_finishes_the_run(tmp_path):
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Ctrl-C is caught only in the main thread")
+    reference_model, reference_history = _uninterrupted()
+    path = tmp_path / "run.pt"
+    model, data = _resume_problem()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data, _failing_at(8), RESUME_CONFIG, device="cpu", checkpoint=path)
+    from mllm_scratch.train import load_train_state
+
+    assert load_train_state(path)["step"] == 8  # not a periodic step: saved because of the Ctrl-C
+    model, data = _resume_problem()
+    history = train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=path, resume=True)
+    _assert_same_run(model, history, reference_model, reference_history)
+
+
+def test_a_checkpoint_cut_short_is_refused_and_a_failed_write_keeps_the_last_one(tmp_path, monkeypatch):
+    from mllm_scratch.checkpoints import CheckpointError
+    from mllm_scratch.train import load_train_state
+
+    path = tmp_path / "run.pt"
+    model, data = _resume_problem()
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(model, data, _failing_at(7, RuntimeError("power cut")), RESUME_CONFIG, device="cpu", checkpoint=path)
+    good = path.read_bytes()  # step 5
+
+    # a write that dies halfway (a full disk, a kill) leaves the previous checkpoint as it was, and no stray file
+    real_save = torch.save
+
+    def dying_save(obj, f):
+        real_save(obj, f)
+        f.truncate(100)
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    model, data = _resume_problem()
+    with pytest.raises(OSError, match="no space"):
+        train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=path, resume=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+    assert load_train_state(path)["step"] == 5
+
+    # a file cut short by other means (a copy that stopped) is refused with a clear error, never half-loaded
+    path.write_bytes(good[: len(good) // 2])
+    model, data = _resume_problem()
+    with pytest.raises(CheckpointError, match="not a complete training checkpoint"):
+        train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=path, resume=True)
+
+
+def test_resuming_another_runs_checkpoint_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from mllm_scratch.checkpoints import CheckpointError
+
+    path = tmp_path / "run.pt"
+    model, data = _resume_problem()
+    with pytest.raises(RuntimeError):
+        train(model, data, _failing_at(7, RuntimeError("stop")), RESUME_CONFIG, device="cpu", checkpoint=path,
+              run={"seed": 0})
+    model, data = _resume_problem()
+    with pytest.raises(CheckpointError, match=r"train_config\.lr"):
+        train(model, data, _loss, replace(RESUME_CONFIG, lr=0.02), device="cpu", checkpoint=path, resume=True,
+              run={"seed": 0})
+    with pytest.raises(CheckpointError, match=r"run\.seed"):
+        train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=path, resume=True, run={"seed": 1})
+    # logging and how often to save are not part of the recipe: changing them is fine
+    history = train(model, data, _loss, replace(RESUME_CONFIG, checkpoint_every=3), device="cpu", checkpoint=path,
+                    resume=True, run={"seed": 0})
+    assert history.steps[-1] == RESUME_CONFIG.steps
+
+
+def test_resume_needs_a_checkpoint_path_and_starts_afresh_without_a_file(tmp_path):
+    model, data = _resume_problem()
+    with pytest.raises(ValueError, match="resume=True needs checkpoint"):
+        train(model, data, _loss, RESUME_CONFIG, device="cpu", resume=True)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainConfig(checkpoint_every=-1)
+    reference_model, reference_history = _uninterrupted()
+    model, data = _resume_problem()
+    history = train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=tmp_path / "new.pt", resume=True)
+    _assert_same_run(model, history, reference_model, reference_history)
