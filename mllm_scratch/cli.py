@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from dataclasses import replace
 from functools import lru_cache
@@ -83,8 +84,17 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
           f"batch {recipe.batch_size}, on {device}")
     model = build_vlm(recipe, tokenizer)
     metrics: dict = {}
+    # Each stage keeps its training state beside the output, so Ctrl-C (or a crash, back to the last
+    # --checkpoint-every) loses nothing: run the same command with --resume to continue.
+    if args.checkpoint_every < 0:
+        raise CLIError(f"--checkpoint-every {args.checkpoint_every}: expected a number of steps, or 0 for only Ctrl-C")
+    state_dir = out.with_name(out.stem + ".train-state")
+    if not args.resume and state_dir.exists() and any(state_dir.iterdir()):
+        raise CLIError(f"{state_dir} holds an unfinished run: add --resume to continue it, or delete the folder to start over")
     for stage in (1, 2):
-        history = train_stage(model, recipe, stage, tokenizer, log_every=0, progress=not args.no_progress, device=device)
+        history = train_stage(model, recipe, stage, tokenizer, log_every=0, progress=not args.no_progress, device=device,
+                              checkpoint=state_dir / f"stage{stage}.pt", resume=args.resume,
+                              checkpoint_every=args.checkpoint_every)
         metrics[f"stage{stage}_loss"] = round(history.loss[-1], 4)
         print(f"stage {stage}: loss {history.loss[-1]:.4f} after {history.steps[-1]} steps ({history.seconds:.0f} s)")
     if args.eval:
@@ -94,6 +104,7 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
     model.to("cpu")
     save_vlm(out, model, recipe=recipe.to_dict(), metrics=metrics)
     print(f"wrote {out} and {out.with_suffix('.json').name}")
+    shutil.rmtree(state_dir)  # the run is finished: its training state is no longer needed
     return 0
 
 
@@ -447,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cuda, mps or cpu (default: the GPU if there is one; $MLLM_DEVICE overrides)")
     t.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
+                   help="save the training state every this many steps (default 500; Ctrl-C always saves)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run whose state sits beside --out (OUT.train-state/)")
     t.set_defaults(run=cmd_train_vlm)
     return parser
 
@@ -462,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train-vlm has saved its state by now; the traceback would say nothing more
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 __all__ = ["MODELS", "PRESETS", "build_parser", "main", "matching_form", "question_forms"]

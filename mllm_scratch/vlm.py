@@ -21,6 +21,7 @@ ids with -100 on every position that is not scored (image, prompt, padding).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -456,11 +457,15 @@ def train_stage(
     log_every: int = 100,
     progress: bool = True,
     device: torch.device | str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 0,
 ) -> History:
     """Stage 1: projector only, on captions. Stage 2: projector + LM (+ tower if recipe.train_encoder; lower rate), on QA.
 
     `steps` shortens a run; `data`, a stream of batches, replaces the stage's own (`stage_data`)
-    for an experiment on other data with the same parts, rates and schedule.
+    for an experiment on other data with the same parts, rates and schedule. `checkpoint` and
+    `resume` are `train`'s: the stage saves its state there and can continue from it.
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -472,7 +477,8 @@ def train_stage(
         model.set_trainable(encoder=recipe.train_encoder, projector=True, lm=True)
         groups = param_groups(model, recipe.stage2_lr, recipe.stage2_lm_lr, recipe.weight_decay)
     history = run_stage(model, recipe, stage, groups, vlm_loss, model.num_image_tokens, tokenizer,
-                        steps=steps, data=data, log_every=log_every, progress=progress, device=device)
+                        steps=steps, data=data, log_every=log_every, progress=progress, device=device,
+                        checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every)
     model.set_trainable(encoder=False, projector=False, lm=False)
     return history
 
@@ -491,18 +497,24 @@ def run_stage(
     log_every: int = 100,
     progress: bool = True,
     device: torch.device | str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 0,
 ) -> History:
     """One stage's run, once the caller has chosen what trains (`groups`): the stage's data, schedule and AdamW.
 
     Chapter 06's `train_stage` and chapter 08's `train_method` both end here, so every method
     sees the same batches in the same order. `data` replaces the stage's own batch stream.
     """
-    config = recipe.train_config(stage, **run_overrides(log_every, progress, steps, recipe.warmup_steps))
+    config = recipe.train_config(stage, **run_overrides(log_every, progress, steps, recipe.warmup_steps),
+                                 checkpoint_every=checkpoint_every)
     dev = torch.device(device) if device is not None else None
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
     if data is None:
         data = stage_data(recipe, stage, tokenizer, num_image_tokens, dev)
-    return train(model, data, loss_fn, config, optimizer=optimizer, device=device, batch_size_of=lambda b: b.ids.shape[0])
+    run = {"recipe": recipe.to_dict(), "stage": stage} if checkpoint is not None else None
+    return train(model, data, loss_fn, config, optimizer=optimizer, device=device, batch_size_of=lambda b: b.ids.shape[0],
+                 checkpoint=checkpoint, resume=resume, run=run)
 
 
 def train_vlm(

@@ -278,3 +278,36 @@ def test_help_on_every_command(argv, capsys):
         assert "python -m mllm_scratch questions" in out
     if argv == ["ask-video"]:
         assert "8 evenly spaced" in out and "render --video" in out
+
+
+def test_train_vlm_resumes_a_crashed_run_to_the_same_model(tmp_path, monkeypatch):
+    import mllm_scratch.vlm as vlm
+
+    reference = tmp_path / "whole.pt"
+    assert main(["train-vlm", "--out", str(reference), *TINY, "--checkpoint-every", "1"]) == 0
+    assert not (tmp_path / "whole.train-state").exists()  # a finished run leaves only its model
+
+    real_loss, calls = vlm.vlm_loss, []
+
+    def crash_in_stage_2(model, batch):
+        calls.append(1)
+        if len(calls) == 4:  # stage 1 has 2 steps; stage 2 dies on its second
+            raise RuntimeError("power cut")
+        return real_loss(model, batch)
+
+    out = tmp_path / "resumed.pt"
+    monkeypatch.setattr(vlm, "vlm_loss", crash_in_stage_2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        main(["train-vlm", "--out", str(out), *TINY, "--checkpoint-every", "1"])
+    monkeypatch.setattr(vlm, "vlm_loss", real_loss)
+    state = tmp_path / "resumed.train-state"
+    assert sorted(p.name for p in state.iterdir()) == ["stage1.pt", "stage2.pt"] and not out.exists()
+    assert main(["train-vlm", "--out", str(out), *TINY]) == 2  # an unfinished run is not overwritten by accident
+    assert main(["train-vlm", "--out", str(out), *TINY, "--resume", "--batch-size", "4"]) == 2  # another recipe
+    steps_run = []
+    monkeypatch.setattr(vlm, "vlm_loss", lambda model, batch: steps_run.append(1) or real_loss(model, batch))
+    assert main(["train-vlm", "--out", str(out), *TINY, "--resume"]) == 0
+    assert len(steps_run) == 1  # stage 1 was finished and stage 2 saved after its first step: one step was left
+    assert not state.exists()
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (reference, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, as if never stopped
