@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 
 import search_rows  # noqa: E402  (scripts/, next to this file)
 
-from mllm_scratch.runtime import setup_notebook  # noqa: E402
 
 RESULTS = ROOT / "data" / "results" / "ch03_vit_comparisons.json"
 SEEDS = (0, 1, 2)
@@ -147,10 +145,7 @@ def run_variant(variant: str, seed: int) -> dict:
 
 def run(index: int) -> dict:
     variant, seed = ROWS[index]
-    setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
-    start = time.perf_counter()
-    result = run_variant(variant, seed)
-    return {"row": index, "variant": variant, "seed": seed, **result, "seconds": round(time.perf_counter() - start, 1)}
+    return search_rows.timed_row(index, {"variant": variant, "seed": seed}, lambda: run_variant(variant, seed))
 
 
 def table(rows: list[dict]) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +35,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import search_rows  # noqa: E402  (scripts/, next to this file)
 
-from mllm_scratch.runtime import setup_notebook  # noqa: E402
 from mllm_scratch.shapeworld import COLOURS, NUMBER_WORDS, SHAPES, SIZES  # noqa: E402
 
 RESULTS = ROOT / "data" / "results" / "ch04_seeds.json"
@@ -141,10 +139,7 @@ def chapter04(seed: int) -> dict:
 
 def run(index: int) -> dict:
     seed = SEEDS[index]
-    setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
-    start = time.perf_counter()
-    result = chapter04(seed)
-    return {"row": index, "seed": seed, **result, "seconds": round(time.perf_counter() - start, 1)}
+    return search_rows.timed_row(index, {"seed": seed}, lambda: chapter04(seed))
 
 
 def table(rows: list[dict]) -> str:

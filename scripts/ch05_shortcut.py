@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 
 import search_rows  # noqa: E402  (scripts/, next to this file)
 
-from mllm_scratch.runtime import setup_notebook  # noqa: E402
 
 RESULTS = ROOT / "data" / "results" / "ch05_shortcut.json"
 SEEDS = (0, 1, 2)
@@ -146,10 +144,7 @@ def row(data: str, seed: int) -> dict:
 
 def run(index: int) -> dict:
     data, seed = ROWS[index]
-    setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
-    start = time.perf_counter()
-    result = row(data, seed)
-    return {"row": index, "data": data, "seed": seed, **result, "seconds": round(time.perf_counter() - start, 1)}
+    return search_rows.timed_row(index, {"data": data, "seed": seed}, lambda: row(data, seed))
 
 
 def table(rows: list[dict]) -> str:

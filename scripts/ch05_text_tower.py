@@ -18,7 +18,6 @@ on every seed.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 import search_rows  # noqa: E402  (scripts/, next to this file)
 
-from mllm_scratch.runtime import setup_notebook  # noqa: E402
 
 RESULTS = ROOT / "data" / "results" / "ch05_text_tower.json"
 SEEDS = (0, 1, 2)
@@ -74,10 +72,7 @@ def row(seed: int) -> dict:
 
 def run(index: int) -> dict:
     seed = SEEDS[index]
-    setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
-    start = time.perf_counter()
-    result = row(seed)
-    return {"row": index, "seed": seed, **result, "seconds": round(time.perf_counter() - start, 1)}
+    return search_rows.timed_row(index, {"seed": seed}, lambda: row(seed))
 
 
 def table(rows: list[dict]) -> str:

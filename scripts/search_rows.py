@@ -1,6 +1,7 @@
 """The command line both search scripts share: pick rows, run them, merge them into a results file.
 
     main(argv, doc, names, run, default_out, header, table)
+    timed_row(index, labels, compute)   # one row, set up and timed the same way in every script
 
 Rows already in the results file are kept, so `--rows 2 3` re-runs two rows and leaves the
 others. The file is rewritten after every row through `checkpoints.atomic_write`, so an
@@ -12,13 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the package, from a checkout
 
 from mllm_scratch.checkpoints import atomic_write  # noqa: E402
-from mllm_scratch.runtime import versions  # noqa: E402
+from mllm_scratch.runtime import setup_notebook, versions  # noqa: E402
+
+
+def timed_row(index: int, labels: dict, compute: Callable[[], dict]) -> dict:
+    """One results row: set up as a notebook runs (seed 0, one thread, deterministic, CPU), run
+    `compute()`, and return {"row": index, **labels, **its result, "seconds": its wall time}."""
+    setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
+    start = time.perf_counter()
+    result = compute()
+    return {"row": index, **labels, **result, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main(

@@ -22,7 +22,6 @@ prints; its assertions are checked on every seed in the file.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 import search_rows  # noqa: E402  (scripts/, next to this file)
 
-from mllm_scratch.runtime import setup_notebook  # noqa: E402
 from mllm_scratch.video import PROBE_VARIANTS  # noqa: E402
 
 RESULTS = ROOT / "data" / "results" / "seed_check.json"
@@ -75,11 +73,8 @@ def recipe_row(seed: int) -> dict:
 
 def run(index: int) -> dict:
     kind, name, seed = ROWS[index]
-    setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
-    start = time.perf_counter()
-    result = probe_row(name, seed) if kind == "probe" else recipe_row(seed)
-    return {"row": index, "kind": kind, "name": name, "seed": seed, **result,
-            "seconds": round(time.perf_counter() - start, 1)}
+    compute = (lambda: probe_row(name, seed)) if kind == "probe" else (lambda: recipe_row(seed))
+    return search_rows.timed_row(index, {"kind": kind, "name": name, "seed": seed}, compute)
 
 
 def summary(row: dict) -> str:

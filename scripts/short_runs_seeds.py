@@ -32,7 +32,6 @@ to 07 print their rows and check their assertions on every seed in the file.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 
 import search_rows  # noqa: E402  (scripts/, next to this file)
 
-from mllm_scratch.runtime import setup_notebook  # noqa: E402
 
 RESULTS = ROOT / "data" / "results" / "short_runs_seeds.json"
 SEEDS = (0, 1, 2)
@@ -232,10 +230,8 @@ def chapter04(seed: int) -> dict:
 
 def run(index: int) -> dict:
     chapter, seed = ROWS[index]
-    setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
-    start = time.perf_counter()
-    result = {"03": chapter03, "04": chapter04, "05": chapter05, "06": chapter06, "07": chapter07}[chapter](seed)
-    return {"row": index, "chapter": chapter, "seed": seed, **result, "seconds": round(time.perf_counter() - start, 1)}
+    compute = {"03": chapter03, "04": chapter04, "05": chapter05, "06": chapter06, "07": chapter07}[chapter]
+    return search_rows.timed_row(index, {"chapter": chapter, "seed": seed}, lambda: compute(seed))
 
 
 def table(rows: list[dict]) -> str:
