@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +43,7 @@ from mllm_scratch.checkpoints import (
 from mllm_scratch.gpt import GPT, GPTConfig, tokenizer_sha256
 from mllm_scratch.shapeworld import COLOURS, SHAPES
 from mllm_scratch.train import History, TrainConfig, batches, no_weight_decay, train
-from mllm_scratch.vit import VisionTransformer, ViTConfig
+from mllm_scratch.vit import ViTConfig, VisionTransformer, config_dict
 
 LOSSES = ("infonce", "sigmoid")
 # Classes of the dense head, per patch: no object or one of the 5 shapes; no object or one of the 6 colours.
@@ -100,7 +100,7 @@ class CLIPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (what the checkpoint stores)."""
-        return asdict(self)
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CLIPConfig":
@@ -321,7 +321,8 @@ class CLIPRecipe:
         return _train_config(self, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
+
 
 
 @dataclass
@@ -590,7 +591,7 @@ class TowerRecipe:
         return _train_config(self, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
 
 
 def dense_dataset(split: str, size: int, tokenizer, config=None, patch_size: int = 4) -> TensorDataset:

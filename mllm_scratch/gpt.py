@@ -4,11 +4,13 @@
         -> depth x pre-norm causal TransformerBlock (the same block class as the ViT)
         -> final LayerNorm -> linear head -> next-token logits
 
-Mirrors GPT-2 (Radford et al., 2019); Llama swaps LayerNorm for RMSNorm, GELU for SwiGLU
-and learned positions for RoPE, and shares key/value heads between query heads (GQA),
-but the skeleton is this one. Chapter 04 builds it by hand, pretrains it on ShapeWorld
-descriptions and ships the weights (`pretrained_gpt()`), so later chapters start from a
-model that already writes ShapeWorld English.
+Mirrors GPT-2 (Radford et al., 2019): with `activation="gelu_tanh"` (GPT-2's GELU
+approximation) it is GPT-2 exactly, and appendix A3 loads the released weights into it.
+Llama swaps LayerNorm for RMSNorm, GELU for SwiGLU and learned positions for RoPE, and
+shares key/value heads between query heads (GQA), but the skeleton is this one.
+Chapter 04 builds it by hand, pretrains it on ShapeWorld descriptions and ships the
+weights (`pretrained_gpt()`), so later chapters start from a model that already writes
+ShapeWorld English.
 
 Hooks for the multimodal chapters, so that they wrap this model instead of forking it:
 
@@ -37,6 +39,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +57,7 @@ from mllm_scratch.shapeworld import TextDataset
 from mllm_scratch.text import PackedTextDataset, pack_texts
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer, ranks_to_bytes
 from mllm_scratch.train import History, TrainConfig, batches, train
-from mllm_scratch.vit import TransformerBlock
+from mllm_scratch.vit import SWITCH, TransformerBlock, check_block_switches, config_dict, repr_without_default_switches
 
 # ----------------------------------------------------------------------------------
 # The model
@@ -73,6 +76,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_weights: bool = True  # the output head reuses the token embedding matrix (GPT-2)
+    # Switches for released models (appendix A3); the printed config shows them only when set.
+    activation: Literal["gelu", "gelu_tanh", "quick_gelu"] = field(default="gelu", metadata=SWITCH)  # GPT-2: "gelu_tanh"
+    norm_eps: float = field(default=1e-5, metadata=SWITCH)  # every LayerNorm's epsilon
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "vocab_size", "context_length", "dim", "depth", "num_heads")
@@ -82,6 +88,13 @@ class GPTConfig:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_block_switches(self)
+
+    def __repr__(self) -> str:
+        return repr_without_default_switches(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_dict(self)
 
 
 class GPT(nn.Module):
@@ -94,10 +107,13 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(config.context_length, config.dim)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(config.dim, config.num_heads, config.mlp_ratio, config.dropout, config.bias)
+            TransformerBlock(
+                config.dim, config.num_heads, config.mlp_ratio, config.dropout, config.bias,
+                activation=config.activation, norm_eps=config.norm_eps,
+            )
             for _ in range(config.depth)
         )
-        self.norm = nn.LayerNorm(config.dim)
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_weights:
             self.head.weight = self.tok_emb.weight  # one (vocab_size, dim) matrix reads and writes tokens
@@ -340,6 +356,7 @@ class PretrainRecipe:
         return TrainConfig(**{**base, **overrides})
 
 
+
 def text_datasets(recipe: PretrainRecipe, tokenizer: Tokenizer) -> tuple[PackedTextDataset, PackedTextDataset]:
     """Packed (train, val) language-modelling datasets of ShapeWorld descriptions, windows of context_length."""
     if tokenizer.vocab_size != recipe.model.vocab_size:
@@ -412,8 +429,9 @@ def pretrained_gpt(path: str | Path | None = None, *, config: GPTConfig | None =
         config = recipe.model
     saved, state_dict, path, rebuild = load_verified(
         CHECKPOINT_NAME, path, DEFAULT_CHECKPOINT,
-        expected_config=None if config is None else asdict(config),
-        recipe=asdict(recipe), recipe_owner="PretrainRecipe() in mllm_scratch/gpt.py",
+        expected_config=None if config is None else config_dict(config),
+        recipe=config_dict(recipe),
+        recipe_owner="PretrainRecipe() in mllm_scratch/gpt.py",
         tokenizer_sha256=tokenizer_sha256(),
     )
     try:

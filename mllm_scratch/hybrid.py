@@ -30,7 +30,7 @@ methods` (the three) and `methods_fuyu` (Fuyu) write.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +52,7 @@ from mllm_scratch.gpt import GPT, next_token_loss
 from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History
-from mllm_scratch.vit import ViTConfig
+from mllm_scratch.vit import ViTConfig, config_dict
 from mllm_scratch.vlm import (
     IGNORE_INDEX,
     UnifiedVLM,
@@ -295,7 +295,7 @@ class MethodsRecipe:
                          warmup_steps=self.warmup_steps, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
 
 
 def image_slots(model: nn.Module) -> int:

@@ -28,7 +28,7 @@ chapter-07 cross-attention decoder and the chapter-06 unified decoder.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from torch import nn
 from mllm_scratch.attention import MultiHeadAttention
 from mllm_scratch.runtime import check_positive_ints
 from mllm_scratch.train import no_weight_decay
-from mllm_scratch.vit import MLP, TransformerBlock, sincos_2d_position_embedding
+from mllm_scratch.vit import MLP, TransformerBlock, config_dict, sincos_2d_position_embedding
 
 
 def _check_shape(config: Any, names: tuple[str, ...]) -> None:
@@ -74,7 +74,7 @@ class PerceiverConfig:
             raise ValueError(f"depth must be a non-negative int, got {self.depth!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
 
 
 class Perceiver(nn.Module):
@@ -129,7 +129,7 @@ class ResamplerConfig:
             raise ValueError(f"spatial_pos needs dim divisible by 4 (2-D sin-cos codes), got dim {self.dim}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
 
 
 class ResamplerLayer(nn.Module):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import copy
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -45,6 +45,7 @@ from mllm_scratch.perceiver import PerceiverResampler, ResamplerConfig
 from mllm_scratch.shapeworld import VIDEO_SKILLS, ShapeWorldConfig, VideoQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, batches, run_overrides, train
+from mllm_scratch.vit import config_dict
 from mllm_scratch.vlm import IGNORE_INDEX, UnifiedVLM, VLMConfig
 from mllm_scratch.xattn import CrossAttentionVLM, XAttnConfig, lm_checksum, xattn_loss
 
@@ -269,7 +270,7 @@ class VideoRecipe:
         return TrainConfig(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
 
     def stage1_key(self) -> tuple:
         """What stage 1 depends on: recipes with equal keys train identical resamplers in stage 1."""

@@ -7,15 +7,21 @@ chapters feed to a language model, and a pooled vector ([CLS] or the mean of the
 patches), which a classification head or CLIP uses. Mirrors ViT (Dosovitskiy et al.,
 2020) and CLIP's image tower. `TransformerBlock` is also the block of chapter 04's GPT,
 called there with `causal=True`.
+
+A few config switches express the released towers exactly (appendix A3 loads their
+weights); their defaults are the book's tiny ViT: `activation` (CLIP's QuickGELU,
+SigLIP's tanh GELU), `norm_eps`, `embed_norm` (CLIP's LayerNorm before the first block),
+`patch_bias` (CLIP's patch convolution has none) and `pool="map"` (SigLIP's attention
+pooling head).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,40 @@ from mllm_scratch.checkpoints import atomic_write, config_differences
 from mllm_scratch.patches import PatchEmbedding
 from mllm_scratch.runtime import check_positive_ints
 from mllm_scratch.train import no_weight_decay
+
+
+SWITCH = {"switch": True}  # field metadata: an architecture switch whose default is the book's model
+
+
+def repr_without_default_switches(config: object) -> str:
+    """A config dataclass's repr without the switches that hold their defaults, so a book config prints as it always has."""
+    shown = (
+        f"{f.name}={getattr(config, f.name)!r}"
+        for f in fields(config)  # type: ignore[arg-type]
+        if not (f.metadata.get("switch") and getattr(config, f.name) == f.default)
+    )
+    return f"{type(config).__name__}({', '.join(shown)})"
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """`dataclasses.asdict` without the switches that hold their defaults, at any depth.
+
+    What manifests and saved configs store: a book config is stored as it was before the
+    switches existed, so a checkpoint built then still matches today's recipe exactly, and a
+    loader fills a missing switch with its default.
+    """
+    out = asdict(config)
+
+    def prune(obj: Any, d: dict[str, Any]) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("switch") and value == f.default:
+                del d[f.name]
+            elif is_dataclass(value) and not isinstance(value, type):
+                prune(value, d[f.name])
+
+    prune(config, out)
+    return out
 
 
 @dataclass
@@ -41,8 +81,13 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     pos_embedding: Literal["learned", "sincos"] = "learned"
-    pool: Literal["cls", "mean"] = "cls"
+    pool: Literal["cls", "mean", "map"] = "cls"  # "map": a learned query attends over the patches (SigLIP)
     num_classes: int | None = None  # set it to give `ViTClassifier` its head
+    # Switches for the released towers (appendix A3); the printed config shows them only when set.
+    activation: Literal["gelu", "gelu_tanh", "quick_gelu"] = field(default="gelu", metadata=SWITCH)  # `activation_layer`
+    norm_eps: float = field(default=1e-5, metadata=SWITCH)  # every LayerNorm's epsilon (SigLIP uses 1e-6)
+    embed_norm: bool = field(default=False, metadata=SWITCH)  # a LayerNorm before the first block (CLIP's ln_pre)
+    patch_bias: bool = field(default=True, metadata=SWITCH)  # False: the patch projection has no bias (CLIP)
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "image_size", "patch_size", "in_channels", "dim", "depth", "num_heads")
@@ -54,14 +99,21 @@ class ViTConfig:
             raise ValueError(f"pos_embedding must be 'learned' or 'sincos', got {self.pos_embedding!r}")
         if self.pos_embedding == "sincos" and self.dim % 4:
             raise ValueError(f"2-D sin-cos position embeddings need dim divisible by 4, got dim {self.dim}")
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool not in ("cls", "mean", "map"):
+            raise ValueError(f"pool must be 'cls', 'mean' or 'map', got {self.pool!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 2):
             raise ValueError(f"num_classes must be None or an int of at least 2, got {self.num_classes!r}")
+        check_block_switches(self)
+
+    def __repr__(self) -> str:
+        return repr_without_default_switches(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_dict(self)
 
     @property
     def grid_size(self) -> int:
@@ -73,13 +125,43 @@ class ViTConfig:
         return self.grid_size**2
 
 
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the cheap GELU approximation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation_layer(name: str) -> nn.Module:
+    """The MLP's nonlinearity: "gelu" (exact), "gelu_tanh" (GPT-2's and SigLIP's tanh approximation) or "quick_gelu" (CLIP)."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def check_block_switches(config: Any) -> None:
+    """Validate the `activation` and `norm_eps` fields a ViTConfig and a GPTConfig share."""
+    activation, eps = config.activation, config.norm_eps
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"norm_eps must be a number in (0, 1), got {eps!r}")
+
+
 class MLP(nn.Module):
     """The position-wise feed-forward network of a Transformer block: Linear, GELU, Linear."""
 
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, bias: bool = True, activation: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
-        self.act = nn.GELU()
+        self.act = activation_layer(activation)
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
@@ -90,12 +172,22 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)); bidirectional or causal."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        bias: bool = True,
+        *,
+        activation: str = "gelu",
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = MultiHeadAttention(dim, num_heads, dropout=dropout, bias=bias)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout, bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout, bias, activation)
         self.dropout = nn.Dropout(dropout)
 
     def forward(
@@ -164,11 +256,29 @@ def interpolate_pos_embed(
     return torch.cat([prefix, g.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1)], dim=1)
 
 
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling (MAP): a learned query attends over the patch vectors, then a residual MLP (SigLIP).
+
+    probe (1, 1, dim) -> attention over x -> h;  h + MLP(LayerNorm(h)) -> (batch, dim)
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, activation: str = "gelu", norm_eps: float = 1e-5):
+        super().__init__()
+        self.probe = no_weight_decay(nn.Parameter(torch.randn(1, 1, dim) * 0.02))
+        self.attn = MultiHeadAttention(dim, num_heads)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), activation=activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn(self.probe.expand(x.shape[0], -1, -1), x)  # (batch, 1, dim): one query reads every patch
+        return (h + self.mlp(self.norm(h)))[:, 0]  # (batch, dim)
+
+
 class ViTOutput(NamedTuple):
     """What the encoder returns: one vector per patch and one per image."""
 
     patches: torch.Tensor  # (batch, num_patches, dim), after the final norm
-    pooled: torch.Tensor  # (batch, dim): the [CLS] token, or the mean of the patch vectors
+    pooled: torch.Tensor  # (batch, dim): the [CLS] token, the mean of the patch vectors, or their attention pool
 
 
 class VisionTransformer(nn.Module):
@@ -178,6 +288,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config = config or ViTConfig()
         self.patch_embed = PatchEmbedding(config.patch_size, config.in_channels, config.dim)
+        if not config.patch_bias:
+            self.patch_embed.proj.register_parameter("bias", None)  # CLIP's patch convolution has no bias
         self.num_prefix = 1 if config.pool == "cls" else 0  # tokens before the patches
         if config.pool == "cls":
             self.cls_token = no_weight_decay(nn.Parameter(torch.randn(1, 1, config.dim) * 0.02))
@@ -190,10 +302,16 @@ class VisionTransformer(nn.Module):
             table = torch.cat([torch.zeros(self.num_prefix, config.dim), table])  # [CLS] has no position
             self.register_buffer("pos_embed", table[None], persistent=False)  # (1, prefix + num_patches, dim)
         self.dropout = nn.Dropout(config.dropout)
+        switches = dict(activation=config.activation, norm_eps=config.norm_eps)
         self.blocks = nn.ModuleList(
-            TransformerBlock(config.dim, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
+            TransformerBlock(config.dim, config.num_heads, config.mlp_ratio, config.dropout, **switches)
+            for _ in range(config.depth)
         )
-        self.norm = nn.LayerNorm(config.dim)
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        if config.embed_norm:
+            self.embed_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        if config.pool == "map":
+            self.attn_pool = AttentionPool(config.dim, config.num_heads, config.mlp_ratio, **switches)
         # Which token may attend to which, (tokens, tokens) bool, True = may attend; None (the default):
         # every token sees every token. A subclass sets it to restrict attention (e.g. to neighbouring patches).
         self.register_buffer("attn_mask", None, persistent=False)
@@ -208,12 +326,13 @@ class VisionTransformer(nn.Module):
             )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images -> the token sequence the first block sees: ([CLS] +) patches, plus positions."""
+        """Images -> the token sequence the first block sees: ([CLS] +) patches, plus positions (then `embed_norm`)."""
         self._check(images)
         x = self.patch_embed(images)  # (batch, num_patches, dim)
         if self.num_prefix:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (batch, 1 + num_patches, dim)
-        return self.dropout(x + self.pos_embed)
+        x = self.dropout(x + self.pos_embed)
+        return self.embed_norm(x) if self.config.embed_norm else x
 
     def forward(self, images: torch.Tensor) -> ViTOutput:
         x = self.embed(images)
@@ -221,7 +340,10 @@ class VisionTransformer(nn.Module):
             x = block(x, attn_mask=self.attn_mask)  # bidirectional: every patch sees every patch (unless attn_mask says not)
         x = self.norm(x)  # (batch, prefix + num_patches, dim)
         patches = x[:, self.num_prefix :]  # (batch, num_patches, dim)
-        pooled = x[:, 0] if self.num_prefix else patches.mean(dim=1)  # (batch, dim)
+        if self.num_prefix:
+            pooled = x[:, 0]  # (batch, dim)
+        else:
+            pooled = self.attn_pool(patches) if self.config.pool == "map" else patches.mean(dim=1)  # (batch, dim)
         return ViTOutput(patches, pooled)
 
     @torch.no_grad()
@@ -319,7 +441,7 @@ def save_vit(model: nn.Module, path: str | os.PathLike) -> None:
     name = type(model).__name__
     if name not in _MODELS:
         raise TypeError(f"save_vit saves one of {sorted(_MODELS)}, got {name}")
-    state = {"model": name, "config": asdict(model.config), "state_dict": model.state_dict()}
+    state = {"model": name, "config": config_dict(model.config), "state_dict": model.state_dict()}
     atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
@@ -342,15 +464,20 @@ def load_vit(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Modu
 
 
 __all__ = [
+    "ACTIVATIONS",
+    "AttentionPool",
     "ConvNetClassifier",
     "MLP",
+    "QuickGELU",
     "TransformerBlock",
     "ViTClassifier",
     "ViTConfig",
     "ViTOutput",
     "VisionTransformer",
+    "activation_layer",
     "interpolate_pos_embed",
     "load_vit",
+    "repr_without_default_switches",
     "resize_vit",
     "save_vit",
     "sincos_1d_position_embedding",

@@ -33,7 +33,7 @@ and a token with no image before it gets exactly zero update (no NaN, no bias le
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,7 +56,7 @@ from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
-from mllm_scratch.vit import MLP, ViTConfig, VisionTransformer
+from mllm_scratch.vit import MLP, ViTConfig, VisionTransformer, config_dict
 from mllm_scratch.vlm import generate_grouped, greedy_decode
 
 IGNORE_INDEX = -100
@@ -146,7 +146,7 @@ class XAttnConfig:
         return [i for i in range(self.lm.depth) if (i + 1) % self.every == 0]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -398,7 +398,7 @@ class XAttnRecipe:
         return TrainConfig(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
 
 
 def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None = None, lm: GPT | None = None,

@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))  # so the script runs from a checkout without inst
 
 from mllm_scratch.checkpoints import DEFAULT_DIR, save_checkpoint  # noqa: E402
 from mllm_scratch.runtime import setup_notebook  # noqa: E402
+from mllm_scratch.vit import config_dict  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,9 @@ def build_gpt(out: Path) -> dict:
     return save_checkpoint(
         out / "gpt.pt",
         model,
-        asdict(recipe.model),
+        config_dict(recipe.model),
         name="gpt",
-        recipe=asdict(recipe),
+        recipe=config_dict(recipe),
         metrics=metrics,
         extra={
             "trained_by": "mllm_scratch.gpt.pretrain_gpt(PretrainRecipe()) on one CPU thread, deterministic",

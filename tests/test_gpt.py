@@ -24,6 +24,7 @@ from mllm_scratch.gpt import (
     tokenizer_sha256,
 )
 from mllm_scratch.text import PackedTextDataset, pack_texts, unigram_cross_entropy
+from mllm_scratch.vit import config_dict
 
 TINY = GPTConfig(vocab_size=50, context_length=16, dim=32, depth=2, num_heads=4)
 
@@ -296,7 +297,7 @@ def test_unigram_cross_entropy_matches_counts():
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    save_checkpoint(path, model, asdict(model.config), name="gpt", extra=TOKENIZER)
+    save_checkpoint(path, model, config_dict(model.config), name="gpt", extra=TOKENIZER)
     loaded = pretrained_gpt(path)
     ids = torch.randint(0, 50, (2, 5))
     with torch.no_grad():
@@ -308,7 +309,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_checkpoint_saved_with_another_config_fails_clearly(tmp_path):
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    save_checkpoint(path, model, asdict(model.config), name="gpt", extra=TOKENIZER)
+    save_checkpoint(path, model, config_dict(model.config), name="gpt", extra=TOKENIZER)
     with pytest.raises(CheckpointError, match=r"gpt\.pt was saved with another config: dim: 32 in the file, 64 expected") as err:
         pretrained_gpt(path, config=GPTConfig(**{**asdict(TINY), "dim": 64}))
     assert "build_checkpoints.py gpt" in str(err.value)
@@ -317,7 +318,7 @@ def test_checkpoint_saved_with_another_config_fails_clearly(tmp_path):
 def test_checkpoint_whose_weights_do_not_fit_its_config_fails_clearly(tmp_path):
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    lying = {**asdict(model.config), "depth": 3}  # claims three blocks, holds two
+    lying = {**config_dict(model.config), "depth": 3}  # claims three blocks, holds two
     save_checkpoint(path, model, lying, name="gpt", extra=TOKENIZER)
     with pytest.raises(CheckpointError, match=r"gpt\.pt does not fit the model \(missing \['blocks\.2\."):
         pretrained_gpt(path)
@@ -327,7 +328,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_config_fails_clearly(tmp_path):
 def test_corrupt_checkpoint_fails_clearly(tmp_path, damage):
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    save_checkpoint(path, model, asdict(model.config), name="gpt", extra=TOKENIZER)
+    save_checkpoint(path, model, config_dict(model.config), name="gpt", extra=TOKENIZER)
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -342,10 +343,10 @@ def test_corrupt_checkpoint_fails_clearly(tmp_path, damage):
 def test_checkpoint_that_does_not_record_its_tokenizer_is_refused(tmp_path):
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    save_checkpoint(path, model, asdict(model.config), name="gpt")  # no tokenizer_sha256 in the manifest
+    save_checkpoint(path, model, config_dict(model.config), name="gpt")  # no tokenizer_sha256 in the manifest
     with pytest.raises(CheckpointError, match=r"does not record the tokenizer it was trained with"):
         pretrained_gpt(path)
-    save_checkpoint(path, model, asdict(model.config), name="gpt", extra={"tokenizer_sha256": "0" * 64})
+    save_checkpoint(path, model, config_dict(model.config), name="gpt", extra={"tokenizer_sha256": "0" * 64})
     with pytest.raises(CheckpointError, match=r"trained with another tokenizer \(sha256 000000000000"):
         pretrained_gpt(path)
 
@@ -355,7 +356,7 @@ def test_missing_files_fail_clearly(tmp_path):
         pretrained_gpt(tmp_path / "nothing.pt")
     model = tiny_model()
     path = tmp_path / "gpt.pt"
-    save_checkpoint(path, model, asdict(model.config), name="gpt", extra=TOKENIZER)
+    save_checkpoint(path, model, config_dict(model.config), name="gpt", extra=TOKENIZER)
     manifest_path(path).write_text("{not json")
     with pytest.raises(CheckpointError, match=r"manifest .*gpt\.json is corrupt"):
         pretrained_gpt(path)
@@ -370,7 +371,7 @@ def test_shipped_checkpoint_loads_and_matches_its_manifest():
     manifest = json.loads(manifest_path(DEFAULT_CHECKPOINT).read_text())
     assert sha256_file(DEFAULT_CHECKPOINT) == manifest["sha256"]
     assert DEFAULT_CHECKPOINT.stat().st_size < 4 * 2**20
-    assert manifest["recipe"] == asdict(PretrainRecipe())
+    assert manifest["recipe"] == config_dict(PretrainRecipe())  # switches at their defaults are not stored
     assert manifest["tokenizer_sha256"] == tokenizer_sha256()
     model = pretrained_gpt()
     assert model.config == PretrainRecipe().model and not model.training

@@ -193,7 +193,7 @@ def test_error_messages():
         ViTConfig(image_size=30)
     with pytest.raises(ValueError, match="dim 30 is not divisible by num_heads 4"):
         ViTConfig(dim=30)
-    with pytest.raises(ValueError, match="pool must be 'cls' or 'mean', got 'max'"):
+    with pytest.raises(ValueError, match="pool must be 'cls', 'mean' or 'map', got 'max'"):
         ViTConfig(pool="max")
     with pytest.raises(ValueError, match="needs config.num_classes"):
         ViTClassifier(ViTConfig())
