@@ -9,6 +9,8 @@
     python -m mllm_scratch ask-video clip.gif "which shape moves?"                  # chapter 09's video model
     python -m mllm_scratch train-vlm --out vlm.pt               # train chapter 06's VLM yourself (CPU: minutes)
     python -m mllm_scratch caption scene.png --checkpoint vlm.pt
+    torchrun --nproc_per_node 2 -m mllm_scratch train-vlm --device cpu --out vlm.pt      # 2 processes (gloo)
+    torchrun --nproc_per_node 8 -m mllm_scratch train-vlm --preset gpu --device cuda --out vlm_gpu.pt  # 8 GPUs
 
 Any image file Pillow opens is read and resized to the model's input size (32 px). Without
 --checkpoint, each command uses the book's shipped checkpoint (data/checkpoints/).
@@ -28,9 +30,17 @@ from pathlib import Path
 PRESETS: dict[str, dict] = {
     "cpu": dict(stage1_steps=100, stage2_steps=400),  # see CPU_PRESET_MEASURED
     "book": {},  # exactly VLMRecipe(): the shipped checkpoint's recipe
-    "gpu": dict(batch_size=128, caption_pairs=20_000, qa_pairs=100_000, stage1_steps=300, stage2_steps=3000,
+    "gpu": dict(batch_size=256, caption_pairs=20_000, qa_pairs=100_000, stage1_steps=300, stage2_steps=3000,
                 stage2_lr=1e-3, stage2_lm_lr=3e-4),
 }
+# A preset listed here trains a bigger LM than chapter 04's: a GPT of this shape is first pretrained
+# on ShapeWorld text (PretrainRecipe's fields; "stage 0", data-parallel like the others), then
+# takes the place of the shipped one in both stages.
+PRESET_LMS: dict[str, dict] = {
+    "gpu": dict(model=dict(dim=512, depth=8, num_heads=8), train_texts=100_000, batch_size=64, steps=2000, lr=1e-3,
+                warmup_steps=100),
+}
+GPU_COMMAND = "torchrun --nproc_per_node 8 -m mllm_scratch train-vlm --preset gpu --device cuda --out vlm_gpu.pt"
 # What `train-vlm` with the cpu preset reached, measured with (see the README's command-line section)
 # OMP_NUM_THREADS=1 python -m mllm_scratch train-vlm --out /tmp/cli_default.pt --threads 1 --no-progress --eval 600
 # 122 s of CPU time (6 min of wall time on a shared machine); test VQA colour 0.24, shape 0.76, count 0.75,
@@ -61,10 +71,40 @@ def _recipe(args: argparse.Namespace):
     return replace(recipe, **{k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None})
 
 
+def preset_lm_recipe(preset: str, seed: int = 0):
+    """The PretrainRecipe of a preset's own bigger LM (see PRESET_LMS), or None for chapter 04's shipped GPT."""
+    from mllm_scratch.gpt import GPTConfig, PretrainRecipe
+
+    spec = PRESET_LMS.get(preset)
+    if spec is None:
+        return None
+    return PretrainRecipe(**{**spec, "model": GPTConfig(**spec["model"]), "seed": seed})
+
+
+def _pretrain_lm(pre, tokenizer, args, parallel, device, state_dir: Path):
+    """Stage 0 of a preset with its own LM: pretrain the GPT on ShapeWorld text, on every rank's shard."""
+    import torch
+
+    from mllm_scratch.gpt import GPT, lm_loss, text_datasets
+    from mllm_scratch.train import batches, train
+
+    train_set, _ = text_datasets(pre, tokenizer)
+    torch.manual_seed(pre.seed)
+    lm = GPT(pre.model)
+    data = batches(train_set, pre.batch_size, seed=pre.seed, device=device, micro_batches=args.grad_accum,
+                   shard=parallel.shard)
+    config = pre.train_config(log_every=0, progress=not args.no_progress, grad_accum_steps=args.grad_accum,
+                              checkpoint_every=args.checkpoint_every)
+    history = train(lm, data, lm_loss, config, device=device, parallel=parallel, checkpoint=state_dir / "stage0.pt",
+                    resume=args.resume, run={"pretrain": repr(pre)}, batch_size_of=lambda b: b[0].numel())
+    return lm, history
+
+
 def cmd_train_vlm(args: argparse.Namespace) -> int:
     import torch
 
-    from mllm_scratch.runtime import choose_device, seed_everything
+    from mllm_scratch.distributed import distributed, local_batch_size
+    from mllm_scratch.runtime import seed_everything
     from mllm_scratch.shapeworld import VQADataset
     from mllm_scratch.tokenizer import load_tokenizer
     from mllm_scratch.vlm import build_vlm, save_vlm, train_stage, vqa_accuracy
@@ -72,39 +112,65 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".pt":
         raise CLIError(f"--out {out} should end in .pt (its manifest is written beside it as {out.with_suffix('.json').name})")
-    recipe = _recipe(args)
-    device = choose_device(args.device)
-    seed_everything(recipe.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer()
-    tuned = "projector + LM" + (" + image tower" if recipe.train_encoder and recipe.encoder != "patches" else "")
-    print(f"train-vlm: encoder {recipe.encoder}, projector {recipe.projector}, stage 1 {recipe.stage1_steps} steps "
-          f"(projector, captions), stage 2 {recipe.stage2_steps} steps ({tuned}, questions), "
-          f"batch {recipe.batch_size}, on {device}")
-    model = build_vlm(recipe, tokenizer)
-    metrics: dict = {}
-    # Each stage keeps its training state beside the output, so Ctrl-C (or a crash, back to the last
-    # --checkpoint-every) loses nothing: run the same command with --resume to continue.
+    if args.grad_accum < 1:
+        raise CLIError(f"--grad-accum {args.grad_accum}: expected a number of micro-batches, at least 1")
     if args.checkpoint_every < 0:
         raise CLIError(f"--checkpoint-every {args.checkpoint_every}: expected a number of steps, or 0 for only Ctrl-C")
-    state_dir = out.with_name(out.stem + ".train-state")
-    if not args.resume and state_dir.exists() and any(state_dir.iterdir()):
-        raise CLIError(f"{state_dir} holds an unfinished run: add --resume to continue it, or delete the folder to start over")
-    for stage in (1, 2):
-        history = train_stage(model, recipe, stage, tokenizer, log_every=0, progress=not args.no_progress, device=device,
-                              checkpoint=state_dir / f"stage{stage}.pt", resume=args.resume,
-                              checkpoint_every=args.checkpoint_every)
-        metrics[f"stage{stage}_loss"] = round(history.loss[-1], 4)
-        print(f"stage {stage}: loss {history.loss[-1]:.4f} after {history.steps[-1]} steps ({history.seconds:.0f} s)")
-    if args.eval:
-        acc = vqa_accuracy(model, tokenizer, VQADataset("test", args.eval, recipe.scene_config()))
-        metrics["test_vqa"] = {k: round(v, 4) for k, v in acc.items()}
-        print("test VQA accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
-    model.to("cpu")
-    save_vlm(out, model, recipe=recipe.to_dict(), metrics=metrics)
-    print(f"wrote {out} and {out.with_suffix('.json').name}")
-    shutil.rmtree(state_dir)  # the run is finished: its training state is no longer needed
+    recipe = _recipe(args)
+    pre = preset_lm_recipe(args.preset, recipe.seed)
+    with distributed(args.device, args.parallel) as (parallel, device):
+        for what, size in [("--batch-size", recipe.batch_size)] + ([("the LM's pretraining batch", pre.batch_size)] if pre else []):
+            try:
+                local_batch_size(size, parallel, args.grad_accum)
+            except ValueError as err:
+                raise CLIError(f"{what}: {err}") from None
+        say = print if parallel.is_main else (lambda *a, **k: None)  # only rank 0 speaks and writes
+        seed_everything(recipe.seed)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        tokenizer = load_tokenizer()
+        tuned = "projector + LM" + (" + image tower" if recipe.train_encoder and recipe.encoder != "patches" else "")
+        split = ""
+        if parallel.active or args.grad_accum > 1:
+            split = (f" = {parallel.world_size} process{'es' * (parallel.world_size != 1)} ({parallel.strategy}) x "
+                     f"{args.grad_accum} micro-batch{'es' * (args.grad_accum != 1)} x "
+                     f"{local_batch_size(recipe.batch_size, parallel, args.grad_accum)}")
+        say(f"train-vlm: encoder {recipe.encoder}, projector {recipe.projector}, stage 1 {recipe.stage1_steps} steps "
+            f"(projector, captions), stage 2 {recipe.stage2_steps} steps ({tuned}, questions), "
+            f"batch {recipe.batch_size}{split}, on {device}")
+        # Each stage keeps its training state beside the output, so Ctrl-C (or a crash, back to the last
+        # --checkpoint-every) loses nothing: run the same command with --resume to continue.
+        state_dir = out.with_name(out.stem + ".train-state")
+        if not args.resume and state_dir.exists() and any(state_dir.iterdir()):
+            raise CLIError(f"{state_dir} holds an unfinished run: add --resume to continue it, or delete the folder to start over")
+        metrics: dict = {}
+        lm = None
+        if pre is not None:
+            m = pre.model
+            say(f"stage 0: pretraining the preset's LM ({m.dim} wide, {m.depth} blocks, {m.num_heads} heads) on "
+                f"{pre.train_texts} ShapeWorld texts for {pre.steps} steps")
+            lm, history = _pretrain_lm(pre, tokenizer, args, parallel, device, state_dir)
+            metrics["stage0_loss"] = round(history.loss[-1], 4)
+            say(f"stage 0: loss {history.loss[-1]:.4f} after {history.steps[-1]} steps ({history.seconds:.0f} s)")
+        model = build_vlm(recipe, tokenizer, lm=lm)
+        for stage in (1, 2):
+            history = train_stage(model, recipe, stage, tokenizer, log_every=0, progress=not args.no_progress,
+                                  device=device, checkpoint=state_dir / f"stage{stage}.pt", resume=args.resume,
+                                  checkpoint_every=args.checkpoint_every, grad_accum_steps=args.grad_accum,
+                                  parallel=parallel)
+            metrics[f"stage{stage}_loss"] = round(history.loss[-1], 4)
+            say(f"stage {stage}: loss {history.loss[-1]:.4f} after {history.steps[-1]} steps ({history.seconds:.0f} s)")
+        if not parallel.is_main:
+            return 0
+        if args.eval:
+            acc = vqa_accuracy(model, tokenizer, VQADataset("test", args.eval, recipe.scene_config()))
+            metrics["test_vqa"] = {k: round(v, 4) for k, v in acc.items()}
+            print("test VQA accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+        model.to("cpu")
+        saved = recipe.to_dict() if pre is None else {**recipe.to_dict(), "lm_pretrain": repr(pre)}
+        save_vlm(out, model, recipe=saved, metrics=metrics)
+        print(f"wrote {out} and {out.with_suffix('.json').name}")
+        shutil.rmtree(state_dir)  # the run is finished: its training state is no longer needed
     return 0
 
 
@@ -431,17 +497,23 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-vlm", help="train a tiny unified VLM (chapter 06) and save it",
                        description="Train a unified VLM in LLaVA's two stages (projector on captions, then projector "
                        "+ LM on questions) and write the checkpoint atomically to --out. Uses the GPU when present. "
-                       f"The cpu preset takes {CPU_PRESET_MEASURED}.")
+                       f"The cpu preset takes {CPU_PRESET_MEASURED}. On several processes or GPUs, launch it with "
+                       "torchrun: `torchrun --nproc_per_node N -m mllm_scratch train-vlm ...` (gloo on --device cpu, "
+                       "NCCL on cuda). --batch-size stays the global batch: each process reads "
+                       "BATCH / (N x GRAD_ACCUM) examples per micro-batch, so N and --grad-accum change how the work "
+                       f"is split, not what is learned. The gpu preset: {GPU_COMMAND}")
     t.add_argument("--out", default="vlm.pt", help="checkpoint to write, NAME.pt (+ NAME.json); default vlm.pt")
     t.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help=f"cpu (default): {CPU_PRESET_MEASURED}; book: the shipped checkpoint's recipe "
                    f"({book.stage1_steps} + {book.stage2_steps} steps; {BOOK_PRESET_MEASURED}); "
-                   "gpu: longer, bigger batches")
+                   f"gpu: a bigger LM (pretrained first, as stage 0), longer stages, bigger batches; run it on "
+                   f"GPUs with: {GPU_COMMAND}")
     t.add_argument("--encoder", choices=("clip", "vit", "patches"),
                    help="image tower: clip (the book's pretrained tower, chapter 05; default), vit (random), patches (Fuyu: none)")
     t.add_argument("--projector", choices=("linear", "mlp"), help="the connector (default mlp)")
     for name, kind, text in (("caption-pairs", int, "stage-1 captions"), ("qa-pairs", int, "stage-2 questions"),
-                             ("batch-size", int, "examples per step"), ("stage1-steps", int, "stage-1 steps"),
+                             ("batch-size", int, "examples per optimizer step, over all processes (the global "
+                              "batch); each of torchrun's N processes reads BATCH / (N x GRAD_ACCUM) per micro-batch"), ("stage1-steps", int, "stage-1 steps"),
                              ("stage2-steps", int, "stage-2 steps"), ("stage1-lr", float, "stage-1 learning rate"),
                              ("stage2-lr", float, "stage-2 rate of the projector"),
                              ("stage2-lm-lr", float, "stage-2 rate of the pretrained LM"), ("seed", int, "random seed")):
@@ -462,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the training state every this many steps (default 500; Ctrl-C always saves)")
     t.add_argument("--resume", action="store_true",
                    help="continue the unfinished run whose state sits beside --out (OUT.train-state/)")
+    t.add_argument("--grad-accum", type=int, default=1, metavar="A",
+                   help="micro-batches per optimizer step (default 1): the same global batch in A smaller pieces, "
+                   "for less memory; the gradient is that of the whole batch's mean loss")
+    t.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun, how the processes share the model: ddp (each holds a copy; gradients "
+                   "averaged; the default) or fsdp (FSDP2: each holds 1/N of the weights, gradients and optimizer "
+                   "state). Each process reads its own 1/N of every global batch; only the first writes --out")
     t.set_defaults(run=cmd_train_vlm)
     return parser
 
@@ -482,4 +561,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["MODELS", "PRESETS", "build_parser", "main", "matching_form", "question_forms"]
+__all__ = ["MODELS", "PRESETS", "PRESET_LMS", "preset_lm_recipe", "build_parser", "main", "matching_form", "question_forms"]

@@ -10,6 +10,12 @@ it needs to go on (model, optimizer, step, loss history, random states) every
 `checkpoint_every` steps, when Ctrl-C is pressed (at the end of the step under way) and at
 the end, each time by an atomic rename; `resume=True` continues from that file, and the
 continued run ends with the same parameters, bit for bit on a CPU, as one never stopped.
+
+Bigger batches than memory allows: with `grad_accum_steps=A` one optimizer step reads A
+micro-batches, each loss divided by A, so the summed gradient is the gradient of the mean
+loss over the A micro-batches. On several processes (`torchrun`, see `mllm_scratch.distributed`)
+the same loop runs on every rank with `parallel=`: the model wrapped in DDP (or sharded
+with FSDP2), gradients averaged over the ranks, only rank 0 logging and saving.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from mllm_scratch.checkpoints import CheckpointError, atomic_write
 from mllm_scratch.runtime import choose_device
@@ -52,8 +58,12 @@ class TrainConfig:
     compile: bool | str = False  # torch.compile the model for the training steps (True: inductor; or a backend name)
     progress: bool = True
     checkpoint_every: int = 0  # with train(checkpoint=...): save every this many steps (0: only on Ctrl-C and at the end)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step: the gradient of their mean loss, in less memory
 
     def __post_init__(self) -> None:
+        if isinstance(self.grad_accum_steps, bool) or not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be a whole number of micro-batches, at least 1, "
+                             f"got {self.grad_accum_steps!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 (off) or a number of steps, got {self.checkpoint_every}")
         if self.record_every < 1:
@@ -161,20 +171,68 @@ def batches(
     collate_fn: Callable | None = None,
     drop_last: bool = True,
     device: torch.device | None = None,
+    micro_batches: int = 1,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[Any]:
-    """An endless stream of batches from `dataset`, reshuffled (reproducibly) every epoch."""
+    """An endless stream of batches from `dataset`, reshuffled (reproducibly) every epoch.
+
+    `batch_size` is the global batch: what one optimizer step learns from. With
+    `micro_batches=A` (train's `grad_accum_steps`) and `shard=(rank, world_size)` (W processes),
+    each global batch is cut, in order, into A * W blocks of batch_size / (A * W) rows, and
+    this process reads blocks rank, rank + W, rank + 2W, ...: its micro-batch j is block
+    j * W + rank. The union over ranks and micro-batches of one step is exactly the batch a
+    single process reads with the defaults, so the global batch never depends on the launch.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if len(dataset) < batch_size and drop_last:  # type: ignore[arg-type]
         raise ValueError(f"dataset has {len(dataset)} examples, fewer than one batch of {batch_size}")  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(seed)
     pin = device is not None and device.type == "cuda"  # page-locked memory makes the copy asynchronous
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-        collate_fn=collate_fn, drop_last=drop_last, pin_memory=pin,
-    )
+    if micro_batches == 1 and shard is None:
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+            collate_fn=collate_fn, drop_last=drop_last, pin_memory=pin,
+        )
+    else:
+        # The same sampler and generator as above (so the same global batches), then this process's blocks.
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        rank, world_size = shard if shard is not None else (0, 1)
+        blocks = BlockSampler(BatchSampler(sampler, batch_size, drop_last), micro_batches, rank, world_size)
+        loader = DataLoader(dataset, batch_sampler=blocks, generator=generator, collate_fn=collate_fn, pin_memory=pin)
     while True:
         yield from loader
+
+
+class BlockSampler(Sampler[list[int]]):
+    """This process's micro-batches of each global batch: block j * world_size + rank for j < micro_batches."""
+
+    def __init__(self, global_batches: BatchSampler, micro_batches: int = 1, rank: int = 0, world_size: int = 1):
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be a whole number, at least 1, got {micro_batches!r}")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a whole number of processes, at least 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1} for world_size {world_size}, got {rank!r}")
+        parts = micro_batches * world_size
+        if global_batches.batch_size % parts:
+            raise ValueError(
+                f"batch_size {global_batches.batch_size} does not split into {micro_batches} micro-batch"
+                f"{'es' * (micro_batches != 1)} x {world_size} process{'es' * (world_size != 1)}: "
+                f"expected a multiple of {parts}")
+        if not global_batches.drop_last:
+            raise ValueError("micro-batches and shards need drop_last=True: a short last batch would not split evenly")
+        self.global_batches, self.micro_batches, self.rank, self.world_size = global_batches, micro_batches, rank, world_size
+        self.rows = global_batches.batch_size // parts  # rows per micro-batch on each process
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self.global_batches:
+            for j in range(self.micro_batches):
+                start = (j * self.world_size + self.rank) * self.rows
+                yield indices[start : start + self.rows]
+
+    def __len__(self) -> int:
+        return len(self.global_batches) * self.micro_batches
 
 
 # What a resumed run must agree on with the run that wrote the checkpoint: everything in
@@ -183,9 +241,19 @@ _RUN_ONLY = ("log_every", "progress", "checkpoint_every", "eval_every")
 CHECKPOINT_FORMAT = "mllm_scratch.train-state/1"
 
 
-def _fingerprint(config: TrainConfig, run: dict[str, Any] | None) -> dict[str, Any]:
-    fields = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY}
-    return {"train_config": {k: repr(v) for k, v in fields.items()}, "run": {k: repr(v) for k, v in (run or {}).items()}}
+# Fields added since the first checkpoint format: left out of the fingerprint at their default,
+# so a checkpoint written before they existed still resumes.
+_ADDED_DEFAULTS = {"grad_accum_steps": 1}
+
+
+def _fingerprint(config: TrainConfig, run: dict[str, Any] | None, parallel: Any = None) -> dict[str, Any]:
+    fields = {k: v for k, v in asdict(config).items()
+              if k not in _RUN_ONLY and not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
+    fingerprint = {"train_config": {k: repr(v) for k, v in fields.items()},
+                   "run": {k: repr(v) for k, v in (run or {}).items()}}
+    if parallel is not None and parallel.world_size > 1:  # each rank's data position and random state
+        fingerprint["parallel"] = {"world_size": repr(parallel.world_size), "strategy": repr(parallel.strategy)}
+    return fingerprint
 
 
 def _rng_states() -> dict[str, Any]:
@@ -230,12 +298,18 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class _StopRequest:
-    """Turns Ctrl-C into a request that the loop honours at the end of the step under way."""
+    """Turns Ctrl-C into a request that the loop honours at the end of the step under way.
 
-    def __init__(self, active: bool) -> None:
+    Under torchrun a Ctrl-C reaches each process twice (from the terminal, then forwarded by
+    torchrun), so with `coalesce` a second SIGINT within that many seconds counts as the same press.
+    """
+
+    def __init__(self, active: bool, coalesce: float = 0.0) -> None:
         self.active = active and threading.current_thread() is threading.main_thread()
+        self.coalesce = coalesce
         self.requested = False
         self.previous = None
+        self.first = 0.0
 
     def __enter__(self) -> "_StopRequest":
         if self.active:
@@ -243,9 +317,12 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C: stop at once, as without a checkpoint
-            raise KeyboardInterrupt
+        if self.requested:
+            if time.monotonic() - self.first < self.coalesce:
+                return
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once, as without a checkpoint
         self.requested = True
+        self.first = time.monotonic()
         print("\nCtrl-C: saving a checkpoint at the end of this step (press again to stop at once)", flush=True)
 
     def __exit__(self, *exc) -> None:
@@ -266,21 +343,33 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     run: dict[str, Any] | None = None,
+    parallel: Any = None,
 ) -> History:
     """Train `model` for `config.steps` steps of `loss_fn(model, batch)` over batches from `data`.
 
     `evaluate(model)` returns metrics; it runs in eval mode without gradients every
     `eval_every` steps and at the end. Returns the `History`.
 
+    Each step reads `config.grad_accum_steps` batches from `data` (micro-batches) and
+    steps on the gradient of their mean loss. With `parallel` (a `distributed.Parallel` of
+    several processes) every rank runs this loop on its own stream (`batches(..., shard=...)`):
+    the model is wrapped in DDP or sharded with FSDP2 for the run, the logged loss is the mean
+    over the ranks, and only rank 0 prints and writes the checkpoint.
+
     With `checkpoint`, the training state is saved there (see the module's docstring);
     `resume=True` continues from it (or starts afresh if the file does not exist yet). `data`
     must then be a fresh stream that yields the same batches as the first run's (the loop
-    skips the batches already used); `run` (any picklable description of the recipe) and the
-    TrainConfig must equal the saved ones, or the resume is refused.
+    skips the micro-batches already used); `run` (any picklable description of the recipe) and
+    the TrainConfig must equal the saved ones, or the resume is refused.
     """
+    from mllm_scratch.distributed import SINGLE, Replicas
+
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=PATH: the file to continue from")
     config = config or TrainConfig()
+    parallel = parallel or SINGLE
+    main = parallel.is_main
+    accum = config.grad_accum_steps
     device = choose_device(device) if not isinstance(device, torch.device) else device
     model.to(device)
     optimizer = optimizer or make_optimizer(model, config.lr, config.weight_decay, device)
@@ -288,7 +377,7 @@ def train(
     history = History()
     stream = iter(data)
     progress = None
-    if config.progress:
+    if config.progress and main:
         import warnings
 
         from tqdm import TqdmWarning
@@ -300,88 +389,106 @@ def train(
 
         progress = tqdm(total=config.steps, desc="train", leave=False)
 
+    fingerprint = _fingerprint(config, run, parallel) if checkpoint is not None else None
+    state = None
+    if resume and Path(checkpoint).exists():
+        state = load_train_state(checkpoint)
+        if state["fingerprint"] != fingerprint:
+            theirs, ours = state["fingerprint"], fingerprint
+            differ = sorted({f"{part}.{k}" for part in set(ours) | set(theirs)
+                             for k in set(ours.get(part, {})) | set(theirs.get(part, {}))
+                             if ours.get(part, {}).get(k) != theirs.get(part, {}).get(k)})
+            raise CheckpointError(f"{checkpoint} was written by a different run (differs in: {', '.join(differ)}); "
+                                  "resume with the same recipe, or pass another checkpoint path to start a new run")
+        model.load_state_dict(state["model"])  # before the ranks wrap or shard it
+
+    # For several processes: the model in DDP, or an FSDP2-sharded copy (the caller's module gets the weights back).
+    replicas = Replicas(model, optimizer, parallel, device)
+
     def run_eval(step: int) -> None:
         if evaluate is None:
             return
+        replicas.full_state(optimizer_too=False)  # with FSDP: the current weights into the caller's module
         was_training = model.training
         model.eval()
         with torch.no_grad(), autocast(device, config.amp):
             metrics = {k: float(v) for k, v in evaluate(model).items()}
         model.train(was_training)
         history.evals.append((step, metrics))
-        if config.log_every:
+        if config.log_every and main:
             print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     # torch.compile traces the model once (seconds to minutes) and then runs fused kernels; the
     # compiled wrapper shares the model's parameters, so the optimizer and the caller see one model.
-    step_model = model
+    step_model = replicas.step_model
     if config.compile:
         backend = "inductor" if config.compile is True else config.compile
-        step_model = torch.compile(model, backend=backend)
-    model.train()
+        step_model = torch.compile(step_model, backend=backend)
+    step_model.train()
     running = torch.zeros((), device=device)  # summed on the device: no sync until we log
     since_log = 0
     first_step = 0
-    fingerprint = _fingerprint(config, run) if checkpoint is not None else None
-    if resume and Path(checkpoint).exists():
-        state = load_train_state(checkpoint)
-        if state["fingerprint"] != fingerprint:
-            theirs, ours = state["fingerprint"], fingerprint
-            differ = sorted({f"{part}.{k}" for part in ours for k in set(ours[part]) | set(theirs.get(part, {}))
-                             if ours[part].get(k) != theirs.get(part, {}).get(k)})
-            raise CheckpointError(f"{checkpoint} was written by a different run (differs in: {', '.join(differ)}); "
-                                  "resume with the same recipe, or pass another checkpoint path to start a new run")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        replicas.load_optimizer(state["optimizer"])
         for key, value in state["history"].items():
             setattr(history, key, value)
         running.fill_(state["running"])
         since_log, first_step = state["since_log"], state["step"]
-        for _ in range(first_step if first_step < config.steps else 0):  # the data position: skip the used batches
+        for _ in range(first_step * accum if first_step < config.steps else 0):  # the data position, in micro-batches
             next(stream)
-        _set_rng_states(state["rng"])
-        if config.log_every:
+        rng = state["rng"]
+        _set_rng_states(rng[parallel.rank] if isinstance(rng, list) else rng)
+        if config.log_every and main:
             print(f"resumed from {checkpoint} at step {first_step}")
         if progress is not None:
             progress.update(first_step)
-    elif resume and config.log_every:
+    elif resume and config.log_every and main:
         print(f"no checkpoint at {checkpoint} yet: starting at step 0")
 
     def save(done: int) -> None:
-        state = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": done,
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "history": {"steps": history.steps, "loss": history.loss, "evals": history.evals,
-                             "seconds": history.seconds + time.perf_counter() - start, "examples": history.examples},
-                 "running": running.item(), "since_log": since_log, "rng": _rng_states()}
-        atomic_write(Path(checkpoint), lambda f: torch.save(state, f))
+        optimizer_state = replicas.full_state()  # every rank takes part (FSDP gathers); rank 0 writes
+        rng = _rng_states() if not parallel.active else parallel.gather(_rng_states())
+        if main:
+            state = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": done,
+                     "model": model.state_dict(), "optimizer": optimizer_state,
+                     "history": {"steps": history.steps, "loss": history.loss, "evals": history.evals,
+                                 "seconds": history.seconds + time.perf_counter() - start, "examples": history.examples},
+                     "running": running.item(), "since_log": since_log, "rng": rng}
+            atomic_write(Path(checkpoint), lambda f: torch.save(state, f))
+        parallel.barrier()  # no rank leaves (or is stopped by torchrun) before the file is written
 
     start = time.perf_counter()
-    stop = _StopRequest(active=checkpoint is not None)
+    stop = _StopRequest(active=checkpoint is not None, coalesce=2.0 if parallel.active else 0.0)
     with stop:
         for step in range(first_step, config.steps):
             scale = lr_at(step, config) / config.lr
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * scale
-            batch = to_device(next(stream), device)
-            with autocast(device, config.amp):
-                loss = loss_fn(step_model, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = None
+            for micro in range(accum):
+                batch = to_device(next(stream), device)
+                with replicas.sync(micro == accum - 1):  # average over the ranks once, after the last micro-batch
+                    with autocast(device, config.amp):
+                        loss = loss_fn(step_model, batch)
+                    (loss / accum if accum > 1 else loss).backward()
+                detached = loss.detach().float()
+                step_loss = detached if step_loss is None else step_loss + detached
+                if batch_size_of is not None:
+                    history.examples += batch_size_of(batch) * parallel.world_size
             if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                nn.utils.clip_grad_norm_(replicas.parameters_to_clip, config.grad_clip)
             optimizer.step()
-            running += loss.detach().float()
+            running += step_loss / accum if accum > 1 else step_loss
             since_log += 1
-            if batch_size_of is not None:
-                history.examples += batch_size_of(batch)
             done = step + 1
             if done % config.record_every == 0 or done == config.steps:
-                mean = (running / since_log).item()  # the only host-device sync, once per record_every steps
+                mean = parallel.mean(running / since_log).item()  # the only host-device sync, once per record_every steps
                 history.steps.append(done)
                 history.loss.append(mean)
                 running.zero_()
                 since_log = 0
-                if config.log_every and (done % config.log_every == 0 or done == config.steps):
+                if config.log_every and main and (done % config.log_every == 0 or done == config.steps):
                     print(f"step {done:5d} | loss {mean:.4f} | lr {optimizer.param_groups[0]['lr']:.2e}")
                 if progress is not None:
                     progress.set_postfix(loss=f"{mean:.3f}")
@@ -389,19 +496,22 @@ def train(
                 progress.update(1)
             if config.eval_every and done % config.eval_every == 0 and done != config.steps:
                 run_eval(done)
-            if checkpoint is not None and (stop.requested or done == config.steps
+            stopping = parallel.any(stop.requested) if checkpoint is not None else False  # all ranks stop at one step
+            if checkpoint is not None and (stopping or done == config.steps
                                            or (config.checkpoint_every and done % config.checkpoint_every == 0)):
                 save(done)
-                if stop.requested and done != config.steps:
+                if stopping and done != config.steps:
                     if progress is not None:
                         progress.close()
-                    print(f"saved {checkpoint} at step {done}; continue with resume=True", flush=True)
+                    if main:
+                        print(f"saved {checkpoint} at step {done}; continue with resume=True", flush=True)
                     raise KeyboardInterrupt
     if progress is not None:
         progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     history.seconds += time.perf_counter() - start
+    replicas.finish()  # the caller's module holds the trained weights, unwrapped
     run_eval(config.steps)
     model.eval()
     return history

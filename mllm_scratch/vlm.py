@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -48,7 +48,7 @@ from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.shapeworld import SKILLS, CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
-from mllm_scratch.vit import ViTConfig, VisionTransformer
+from mllm_scratch.vit import ViTConfig, VisionTransformer, config_dict
 
 IGNORE_INDEX = -100  # label of a position the loss skips (image, prompt, padding)
 
@@ -94,7 +94,7 @@ class VLMConfig:
         return v.dim if self.encoder == "vit" else v.in_channels * v.patch_size**2
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
 
 
 class PatchEncoder(nn.Module):
@@ -381,7 +381,7 @@ class VLMRecipe:
         return TrainConfig(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config_dict(self)
 
 
 def image_tower(kind: str, seed: int = 0) -> tuple[nn.Module | None, ViTConfig]:
@@ -435,15 +435,20 @@ def param_groups(model: UnifiedVLM, lr: float, pretrained_lr: float, weight_deca
     return groups
 
 
-def stage_data(recipe: VLMRecipe, stage: int, tokenizer: Tokenizer, num_image_tokens: int, device=None):
-    """The stage's endless batch stream: captions for stage 1, questions and those captions for stage 2."""
+def stage_data(recipe: VLMRecipe, stage: int, tokenizer: Tokenizer, num_image_tokens: int, device=None, *,
+               micro_batches: int = 1, shard: tuple[int, int] | None = None):
+    """The stage's endless batch stream: captions for stage 1, questions and those captions for stage 2.
+
+    `recipe.batch_size` is the global batch; `micro_batches` and `shard` cut it as `batches` does.
+    """
     captions = CaptionDataset("train", recipe.caption_pairs, recipe.scene_config(), cache=True)
     if stage == 1:
         data = captions
     else:  # questions, plus the captions again so the model keeps captioning (LLaVA's stage-2 mix)
         data = ConcatDataset([VQADataset("train", recipe.qa_pairs, recipe.scene_config(), cache=True), captions])
     collate = VLMCollator(tokenizer, num_image_tokens)
-    return batches(data, recipe.batch_size, seed=recipe.seed + stage, collate_fn=collate, device=device)
+    return batches(data, recipe.batch_size, seed=recipe.seed + stage, collate_fn=collate, device=device,
+                   micro_batches=micro_batches, shard=shard)
 
 
 def train_stage(
@@ -460,12 +465,16 @@ def train_stage(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_every: int = 0,
+    grad_accum_steps: int = 1,
+    parallel: Any = None,
 ) -> History:
     """Stage 1: projector only, on captions. Stage 2: projector + LM (+ tower if recipe.train_encoder; lower rate), on QA.
 
     `steps` shortens a run; `data`, a stream of batches, replaces the stage's own (`stage_data`)
     for an experiment on other data with the same parts, rates and schedule. `checkpoint` and
     `resume` are `train`'s: the stage saves its state there and can continue from it.
+    `grad_accum_steps` and `parallel` (a `distributed.Parallel`) split each global batch of
+    `recipe.batch_size` into micro-batches and over the ranks, as `train` and `batches` do.
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -478,7 +487,8 @@ def train_stage(
         groups = param_groups(model, recipe.stage2_lr, recipe.stage2_lm_lr, recipe.weight_decay)
     history = run_stage(model, recipe, stage, groups, vlm_loss, model.num_image_tokens, tokenizer,
                         steps=steps, data=data, log_every=log_every, progress=progress, device=device,
-                        checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every)
+                        checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every,
+                        grad_accum_steps=grad_accum_steps, parallel=parallel)
     model.set_trainable(encoder=False, projector=False, lm=False)
     return history
 
@@ -500,6 +510,8 @@ def run_stage(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_every: int = 0,
+    grad_accum_steps: int = 1,
+    parallel: Any = None,
 ) -> History:
     """One stage's run, once the caller has chosen what trains (`groups`): the stage's data, schedule and AdamW.
 
@@ -507,14 +519,15 @@ def run_stage(
     sees the same batches in the same order. `data` replaces the stage's own batch stream.
     """
     config = recipe.train_config(stage, **run_overrides(log_every, progress, steps, recipe.warmup_steps),
-                                 checkpoint_every=checkpoint_every)
+                                 checkpoint_every=checkpoint_every, grad_accum_steps=grad_accum_steps)
     dev = torch.device(device) if device is not None else None
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
     if data is None:
-        data = stage_data(recipe, stage, tokenizer, num_image_tokens, dev)
+        shard = parallel.shard if parallel is not None else None
+        data = stage_data(recipe, stage, tokenizer, num_image_tokens, dev, micro_batches=grad_accum_steps, shard=shard)
     run = {"recipe": recipe.to_dict(), "stage": stage} if checkpoint is not None else None
     return train(model, data, loss_fn, config, optimizer=optimizer, device=device, batch_size_of=lambda b: b.ids.shape[0],
-                 checkpoint=checkpoint, resume=resume, run=run)
+                 checkpoint=checkpoint, resume=resume, run=run, parallel=parallel)
 
 
 def train_vlm(

@@ -311,3 +311,37 @@ def test_train_vlm_resumes_a_crashed_run_to_the_same_model(tmp_path, monkeypatch
     assert not state.exists()
     a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (reference, out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, as if never stopped
+
+
+def test_gpu_preset_builds_a_bigger_lm_and_a_valid_recipe(capsys):
+    from mllm_scratch.cli import GPU_COMMAND, PRESET_LMS, preset_lm_recipe
+    from mllm_scratch.distributed import Parallel, local_batch_size
+    from mllm_scratch.gpt import GPT, GPTConfig
+    from mllm_scratch.vlm import VLMConfig
+
+    args = build_parser().parse_args(["train-vlm", "--preset", "gpu", "--device", "cuda", "--grad-accum", "2"])
+    recipe = _recipe(args)
+    assert recipe.batch_size > VLMRecipe().batch_size and recipe.stage2_steps >= VLMRecipe().stage2_steps
+    assert args.grad_accum == 2 and args.parallel == "ddp"
+    pre = preset_lm_recipe("gpu", recipe.seed)
+    shipped = GPTConfig()
+    assert pre.model.dim > shipped.dim and pre.model.depth > shipped.depth and set(PRESET_LMS) == {"gpu"}
+    assert preset_lm_recipe("cpu") is None and preset_lm_recipe("book") is None  # these keep chapter 04's GPT
+    for gpus in (1, 2, 4, 8):  # both global batches split over 8 GPUs, with or without accumulation
+        assert local_batch_size(recipe.batch_size, Parallel(0, gpus), 2) * gpus * 2 == recipe.batch_size
+        assert local_batch_size(pre.batch_size, Parallel(0, gpus), 2) * gpus * 2 == pre.batch_size
+    lm = GPT(pre.model)
+    config = VLMConfig(lm=lm.config)  # room for the image tokens and a question in its context
+    assert sum(p.numel() for p in lm.parameters()) > 10 * sum(p.numel() for p in GPT(shipped).parameters())
+    assert config.num_image_tokens < pre.model.context_length
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-vlm", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert GPU_COMMAND in out and "--grad-accum" in out and "BATCH / (N x GRAD_ACCUM)" in out
+
+
+def test_grad_accum_must_split_the_batch(capsys):
+    assert main(["train-vlm", "--out", "x.pt", *TINY, "--grad-accum", "3"]) == 2
+    assert "--batch-size: the global batch of 8 does not split over 1 process x 3 micro-batches" in capsys.readouterr().err
+    assert main(["train-vlm", "--out", "x.pt", *TINY, "--grad-accum", "0"]) == 2
+    assert "--grad-accum 0: expected a number of micro-batches" in capsys.readouterr().err

@@ -280,3 +280,62 @@ def test_resume_needs_a_checkpoint_path_and_starts_afresh_without_a_file(tmp_pat
     model, data = _resume_problem()
     history = train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=tmp_path / "new.pt", resume=True)
     _assert_same_run(model, history, reference_model, reference_history)
+
+
+# --- gradient accumulation ----------------------------------------------------------------
+
+
+def test_two_micro_batches_of_8_step_as_one_batch_of_16():
+    def run(batch_size, accum):
+        torch.manual_seed(0)
+        x = torch.randn(64, 4)
+        y = (x**2).sum(1)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        cfg = TrainConfig(steps=10, lr=0.05, warmup_steps=2, weight_decay=0.1, grad_clip=0.5, record_every=1,
+                          log_every=0, progress=False, grad_accum_steps=accum)
+        data = batches(TensorDataset(x, y), 16, seed=0, micro_batches=accum)  # the global batch of 16, cut in `accum`
+        loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]).squeeze(-1), b[1])  # noqa: E731
+        history = train(model, data, loss_fn, cfg, device="cpu", batch_size_of=lambda b: len(b[0]))
+        return model, history
+
+    (one, h1), (two, h2) = run(16, 1), run(8, 2)
+    for a, b in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert h2.loss == pytest.approx(h1.loss, rel=1e-6)  # the step's loss: the mean over its micro-batches
+    assert h1.examples == h2.examples == 10 * 16
+
+
+def test_micro_batches_are_the_global_batch_in_order_and_resume_counts_them(tmp_path):
+    data = TensorDataset(torch.arange(40))
+    whole = [b[0] for _, b in zip(range(6), batches(data, 8, seed=1))]
+    micro = batches(data, 8, seed=1, micro_batches=2)
+    assert all(torch.equal(torch.cat([next(micro)[0], next(micro)[0]]), w) for w in whole)
+    with pytest.raises(ValueError, match="grad_accum_steps must be a whole number of micro-batches, at least 1, got 0"):
+        TrainConfig(grad_accum_steps=0)
+    with pytest.raises(ValueError, match="got 1.5"):
+        TrainConfig(grad_accum_steps=1.5)
+
+    from dataclasses import replace
+
+    config = replace(RESUME_CONFIG, grad_accum_steps=2)
+
+    def problem():
+        torch.manual_seed(0)
+        x, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
+        model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.3), nn.Linear(16, 3))
+        return model, batches(TensorDataset(x, y), 16, seed=3, micro_batches=2)
+
+    reference, data = problem()
+    ref_history = train(reference, data, _loss, config, device="cpu")
+    path = tmp_path / "run.pt"
+    model, data = problem()
+    with pytest.raises(RuntimeError, match="power cut"):  # micro-batch 25 is in step 13; the checkpoint holds step 10
+        train(model, data, _failing_at(25, RuntimeError("power cut")), config, device="cpu", checkpoint=path)
+    model, data = problem()
+    history = train(model, data, _loss, config, device="cpu", checkpoint=path, resume=True)
+    _assert_same_run(model, history, reference, ref_history)
+    model, data = problem()
+    from mllm_scratch.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"train_config\.grad_accum_steps"):
+        train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=path, resume=True)
