@@ -160,20 +160,29 @@ def _clip_vision(v: dict[str, Any], where: str, *, siglip: bool) -> ViTConfig:
     )
 
 
+def _tower_settings(hf: dict[str, Any], tower: str) -> dict[str, Any]:
+    """A CLIP config.json's settings for one tower: `{tower}_config_dict` if present (its missing fields
+    then take the defaults, as in transformers, whatever `{tower}_config` says), else `{tower}_config`."""
+    legacy = hf.get(f"{tower}_config_dict")
+    return dict(legacy) if legacy is not None else dict(hf.get(f"{tower}_config") or {})
+
+
 def clip_config(hf: dict[str, Any], logit_scale: float | None = None) -> CLIPConfig:
     """CLIP's config.json (a dict) -> the `CLIPConfig` that expresses it exactly.
 
     `logit_scale` is the stored log temperature (the file's `logit_scale` tensor); the book
     clamps exp() of it at `max_logit_scale`, so that cap is raised to the stored value if
-    needed (OpenAI stores 4.6052, a hair above ln 100) and the loaded scale is used as is.
+    needed (a stored value a hair above ln 100) and the loaded scale is used as is.
     The text tower pools at the first `eos_token_id`; configs written before that id was
     fixed say 2 and pool at the largest id instead, which is <|endoftext|> (the last id of
     the vocabulary), so the book pools at vocab_size - 1.
     """
     _model_type(hf, ("clip",))
-    # (config.json files from early transformers versions name the towers' configs *_config_dict)
-    v = _with_defaults(hf.get("vision_config") or hf.get("vision_config_dict") or {}, CLIP_VISION_DEFAULTS)
-    t = _with_defaults(hf.get("text_config") or hf.get("text_config_dict") or {}, CLIP_TEXT_DEFAULTS)
+    # Early transformers versions wrote the towers' settings as *_config_dict. Where a file has
+    # one, transformers fills it with the class defaults and lets that override *_config
+    # entirely, and so does the book.
+    v = _with_defaults(_tower_settings(hf, "vision"), CLIP_VISION_DEFAULTS)
+    t = _with_defaults(_tower_settings(hf, "text"), CLIP_TEXT_DEFAULTS)
     vision = _clip_vision(v, " vision_config", siglip=False)
     dim = t["hidden_size"]
     text = GPTConfig(

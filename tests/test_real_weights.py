@@ -358,3 +358,15 @@ def test_bad_switch_values_are_refused():
     with pytest.raises(ValueError, match="pool must be 'cls', 'mean' or 'map'"):
         ViTConfig(pool="max")
     assert {f.name for f in fields(GPTConfig)} >= {"activation", "norm_eps"} and "activation" in asdict(GPTConfig())
+
+
+def test_clip_config_dict_overrides_config_as_in_transformers():
+    transformers = pytest.importorskip("transformers")
+    from mllm_scratch.real_weights import clip_config
+
+    hf = {"model_type": "clip",
+          "text_config": {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "hidden_size": 64},
+          "text_config_dict": {"hidden_act": "gelu", "layer_norm_eps": 1e-6}}
+    theirs = transformers.CLIPConfig(**{k: v for k, v in hf.items() if k != "model_type"}).text_config
+    ours = clip_config(hf).text
+    assert (ours.activation, ours.norm_eps, ours.dim) == (theirs.hidden_act, theirs.layer_norm_eps, theirs.hidden_size)
