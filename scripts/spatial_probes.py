@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Why do spatial questions stay at chance? Other forms of the question, each trained alone, and two long runs.
+"""Why do spatial questions stay at chance? Other forms of the question, each trained alone, two long runs, and the comparison in words.
 
     python scripts/spatial_probes.py             # every row (five to seven minutes each on one CPU thread, the
-                                                 # two long rows about 25; under 1.5 hours in all)
+                                                 # two long rows about 25; about 2 hours in all)
     python scripts/spatial_probes.py --rows 0 1  # some rows only (merged into the results file)
 
 Chapter 06's VLM reads colour, shape, count and existence from the book's tower but answers
@@ -28,6 +28,14 @@ same kind (never test):
   learning to read one place help to compare two?
 - two **long** rows train 5,000 stage-2 steps (four times the budget) on 60,000 questions of
   one kind: the recipe's spatial questions, and the canonical ones. Is it only a matter of time?
+- the **in words** rows (three seeds each) give the LM both places in the question, as text, so that no look-up
+  is left: "2 6: is the red circle left of the blue square?" (the column, or the row for
+  "above" and "below", of each object's centre, in the question's order). With "left of" and
+  "above" only (**in words, canonical**) the answer is one comparison of two digits; with the
+  recipe's four words (**in words, four words**) it is that comparison XOR the word. Which of
+  the two can the LM learn at all? **in words, canonical first** spends the first 300 of the
+  same 1,200 steps on the canonical questions, then the rest on the four words (a curriculum),
+  and is scored on the four words.
 
 The results go to data/results/spatial_probes.json (with the PyTorch version), which
 appendix A1 prints.
@@ -56,6 +64,7 @@ from mllm_scratch.shapeworld import (  # noqa: E402
     Rng,
     ShapeWorldConfig,
     VQADataset,
+    _OPPOSITE,
     _sample_scene,
     relations,
     render,
@@ -67,9 +76,15 @@ STEPS = 1200
 QA_PAIRS = 20_000
 VAL_QUESTIONS = 600
 KINDS = ("canonical", "which side", "where", "where + spatial")
+WORDS_KINDS = ("in words, canonical", "in words, four words")
+CURRICULUM = "in words, canonical first"  # CURRICULUM_STEPS on canonical questions, then the rest of the budget on four words
+CURRICULUM_STEPS = 300
 LONG_STEPS, LONG_QA_PAIRS = 5000, 60_000
-ROWS: list[tuple[str, int, int]] = [(kind, STEPS, QA_PAIRS) for kind in KINDS] + \
-    [("spatial", LONG_STEPS, LONG_QA_PAIRS), ("canonical", LONG_STEPS, LONG_QA_PAIRS)]
+# (kind, stage-2 steps, questions, seed); the in-words rows run on three seeds
+ROWS: list[tuple[str, int, int, int]] = [(kind, STEPS, QA_PAIRS, 0) for kind in KINDS] + \
+    [("spatial", LONG_STEPS, LONG_QA_PAIRS, 0), ("canonical", LONG_STEPS, LONG_QA_PAIRS, 0)] + \
+    [(kind, STEPS, QA_PAIRS, seed) for seed in (0, 1, 2) for kind in WORDS_KINDS] + \
+    [(CURRICULUM, STEPS, QA_PAIRS, seed) for seed in (0, 1, 2)]
 _CANONICAL = {"left of": ("left of", "yes"), "right of": ("left of", "no"), "above": ("above", "yes"), "below": ("above", "no")}
 
 
@@ -79,8 +94,8 @@ class ProbeQuestions(Dataset):
     OFFSET = 500_000  # seeds VQADataset never reaches at these sizes
 
     def __init__(self, kind: str, split: str, size: int) -> None:
-        if kind not in ("canonical", "which side", "where"):
-            raise ValueError(f"kind {kind!r} is invalid: expected 'canonical', 'which side' or 'where'")
+        if kind not in ("canonical", "which side", "where") + WORDS_KINDS:
+            raise ValueError(f"kind {kind!r} is invalid: expected 'canonical', 'which side', 'where' or one of {WORDS_KINDS}")
         self.kind, self.split, self.size, self.config = kind, split, size, ShapeWorldConfig()
         self._cache: dict[int, tuple] = {}
 
@@ -106,6 +121,17 @@ class ProbeQuestions(Dataset):
             return image, f"where is the {o.name}?", f"{column} {row}", self.kind
         a, b = rng.sample(unique, 2)
         rel = rng.choice(relations(a, b))
+        if self.kind in WORDS_KINDS:
+            if self.kind == "in words, canonical":
+                word, answer = _CANONICAL[rel]
+            elif rng.random() < 0.5:  # the recipe's questions: the word holds ("yes") or its opposite does ("no")
+                word, answer = rel, "yes"
+            else:
+                word, answer = _OPPOSITE[rel], "no"
+            patch = self.config.image_size // 8
+            axis = (lambda o: o.x) if word in ("left of", "right of") else (lambda o: o.y)
+            pa, pb = (int((axis(o) + o.side / 2) // patch) for o in (a, b))
+            return image, f"{pa} {pb}: is the {a.name} {word} the {b.name}?", answer, self.kind
         if self.kind == "canonical":
             word, answer = _CANONICAL[rel]
             return image, f"is the {a.name} {word} the {b.name}?", answer, self.kind
@@ -116,6 +142,8 @@ class ProbeQuestions(Dataset):
 def data_for(kind: str, split: str, size: int) -> Dataset:
     if kind == "spatial":
         return VQADataset(split, size, skills=("spatial",))
+    if kind == CURRICULUM:  # its second phase, and its val questions: the four words
+        return ProbeQuestions("in words, four words", split, size)
     if kind == "where + spatial":
         return ConcatDataset([ProbeQuestions("where", split, size // 2), VQADataset(split, size // 2, skills=("spatial",))])
     return ProbeQuestions(kind, split, size)
@@ -127,16 +155,22 @@ def run(i: int) -> dict:
     from mllm_scratch.train import batches
     from mllm_scratch.vlm import VLMCollator, VLMRecipe, build_vlm, train_stage
 
-    kind, steps, qa_pairs = ROWS[i]
-    setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
+    kind, steps, qa_pairs, seed = ROWS[i]
+    setup_notebook(seed=seed, threads=1, deterministic=True, device="cpu")
     tokenizer = load_tokenizer()
-    recipe = replace(VLMRecipe(), stage2_steps=steps, qa_pairs=qa_pairs)
+    recipe = replace(VLMRecipe(), stage2_steps=steps, qa_pairs=qa_pairs, seed=seed)
     model = build_vlm(recipe, tokenizer, tower=pretrained_tower().vision)
     model.projector = PlaceCodes(model.projector, model.config.vision.grid_size, model.config.lm.dim)
     data = batches(data_for(kind, "train", qa_pairs), recipe.batch_size, seed=recipe.seed + 2,
                    collate_fn=VLMCollator(tokenizer, model.num_image_tokens))
     start = time.perf_counter()
     train_stage(model, recipe, 1, tokenizer, log_every=300, progress=False, device="cpu")
+    if kind == CURRICULUM:  # first the comparison alone, then the same budget's rest on the recipe's four words
+        first = batches(ProbeQuestions("in words, canonical", "train", qa_pairs), recipe.batch_size, seed=recipe.seed + 3,
+                        collate_fn=VLMCollator(tokenizer, model.num_image_tokens))
+        train_stage(model, replace(recipe, stage2_steps=CURRICULUM_STEPS), 2, tokenizer, data=first, log_every=300,
+                    progress=False, device="cpu")
+        recipe = replace(recipe, stage2_steps=steps - CURRICULUM_STEPS)
     train_stage(model, recipe, 2, tokenizer, data=data, log_every=300, progress=False, device="cpu")
     seconds = time.perf_counter() - start
     val = data_for(kind, "val", VAL_QUESTIONS)
@@ -148,7 +182,7 @@ def run(i: int) -> dict:
         if it[3] == "where":  # the column alone: is the horizontal place read, if not to the patch?
             acc.setdefault("where, column", []).append(s.split()[:1] == it[2].split()[:1])
     top = Counter(said).most_common(3)
-    name = kind if steps == STEPS else f"{kind}, {steps:,} steps"
+    name = (kind if steps == STEPS else f"{kind}, {steps:,} steps") + (f", seed {seed}" if seed else "")
     return {"row": i, "name": name, "stage2_steps": steps, "qa_pairs": qa_pairs, "val_questions": VAL_QUESTIONS,
             "val": {k: round(sum(v) / len(v), 4) for k, v in acc.items()}, "most_common_answers": top,
             "seconds": round(seconds, 1)}
@@ -164,7 +198,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return search_rows.main(
-        argv, __doc__, [f"{k}, {st} steps" for k, st, _ in ROWS], run, RESULTS,
+        argv, __doc__, [f"{k}, {st} steps" + (f", seed {sd}" if sd else "") for k, st, _, sd in ROWS], run, RESULTS,
         header=lambda: {"what": "spatial questions in other forms, each trained alone (scripts/spatial_probes.py)",
                         "stage2_steps": STEPS, "qa_pairs": QA_PAIRS, "val_questions": VAL_QUESTIONS},
         table=table,
