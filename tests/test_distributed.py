@@ -3,6 +3,7 @@ gradient accumulation, end with the parameters a single process reaches on the s
 two-process run resumes to the same model; `torchrun ... -m mllm_scratch train-vlm` writes one model file."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -75,10 +76,16 @@ WORKER = textwrap.dedent('''
 def torchrun(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node 2 ARGV` (it picks a free port); never hangs the suite."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=timeout)
-    except subprocess.TimeoutExpired as err:  # show what the ranks said before they stalled
-        pytest.fail(f"torchrun ran past {timeout} s:\n{err.stdout}\n{err.stderr}")
+    # Its own process group, so that a stall kills torchrun and both ranks, never leaving a rank behind.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"torchrun ran past {timeout} s; killed it and its ranks. What they said:\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def single_process():
