@@ -539,8 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for less memory; the gradient is that of the whole batch's mean loss")
     t.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun, how the processes share the model: ddp (each holds a copy; gradients "
-                   "averaged; the default) or fsdp (FSDP2: each holds 1/N of the weights, gradients and optimizer "
-                   "state). Each process reads its own 1/N of every global batch; only the first writes --out")
+                   "averaged; the default) or fsdp (FSDP2: each holds 1/N of the weights and optimizer state, and "
+                   "of the reduced gradients). Each process reads its own 1/N of every global batch; only the first writes --out")
     t.set_defaults(run=cmd_train_vlm)
     return parser
 

@@ -17,7 +17,8 @@ So the gradient of a step is that of the mean loss over the whole global batch (
 a loss that is a mean over examples; a mean over tokens weighs each micro-batch's tokens by
 its own count), and W processes with A micro-batches each learn what one process learns
 from batches of B. With FSDP2 (`strategy="fsdp"`, `fully_shard`) each rank keeps only 1/W of
-every parameter, gradient and optimizer state, gathering a block's weights just before it
+every parameter and optimizer state, and of every gradient once it is reduced (with A > 1 it
+holds full gradients until the last micro-batch), gathering a block's weights just before it
 runs; the arithmetic is the same. Only rank 0 prints, shows progress and writes files.
 """
 
