@@ -317,7 +317,7 @@ def _check_form(question: str, video: bool) -> None:
 
 
 def cmd_questions(args: argparse.Namespace) -> int:
-    from mllm_scratch.shapeworld import COLOURS, SHAPES, Rng, caption, generate_scene
+    from mllm_scratch.shapeworld import COLOURS, SHAPES, caption, generate_scene
 
     sections = [(True, "Video questions (ask-video CLIP QUESTION)")] if args.video else [
         (False, "Image questions (ask IMAGE QUESTION)"), (True, "Video questions (ask-video CLIP QUESTION)")]
