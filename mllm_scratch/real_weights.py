@@ -393,13 +393,11 @@ def local_copy(repo_id: str, env: str | None = None, cache_dir: str | os.PathLik
     if env and os.environ.get(env):
         return Path(os.environ[env])
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import try_to_load_from_cache  # reads the cache's folders; it has no network code path
     except ImportError:
         return None
-    try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))  # the cache or an error
-    except Exception:  # not in the cache: huggingface_hub raises its own LocalEntryNotFoundError
-        return None
+    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    return Path(config).parent if isinstance(config, str) else None  # the snapshot folder holding config.json
 
 
 # ----------------------------------------------------------------------------------

@@ -302,6 +302,15 @@ def test_local_copy_uses_the_environment_then_the_cache_and_never_downloads(tmp_
     assert local_copy("openai-community/gpt2", "MLLM_TEST_DIR", cache_dir=empty) is None
     monkeypatch.setenv("MLLM_TEST_DIR", str(tmp_path))
     assert local_copy("openai-community/gpt2", "MLLM_TEST_DIR", cache_dir=empty) == tmp_path
+    # a cache as `hf download` leaves it: refs/main names the snapshot that holds the files
+    cache = tmp_path / "cache"
+    snapshot = cache / "models--openai-community--gpt2" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--openai-community--gpt2" / "refs").mkdir()
+    (cache / "models--openai-community--gpt2" / "refs" / "main").write_text("abc123")
+    monkeypatch.delenv("MLLM_TEST_DIR")
+    assert local_copy("openai-community/gpt2", "MLLM_TEST_DIR", cache_dir=cache) == snapshot
 
 
 # ----------------------------------------------------------------------------------
