@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -111,6 +111,15 @@ class Scene:
     text: str | None
     image_size: int
     text_box: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) of the string
+    canvas: tuple[int, int] | None = None  # (height, width) when it is not image_size x image_size
+
+    @property
+    def height(self) -> int:
+        return self.image_size if self.canvas is None else self.canvas[0]
+
+    @property
+    def width(self) -> int:
+        return self.image_size if self.canvas is None else self.canvas[1]
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,10 @@ class ShapeWorldConfig:
     text_probability: float = 0.3
     text_length: tuple[int, int] = (2, 3)
     held_out: tuple[tuple[str, str], ...] = HELD_OUT
+    # (height, width) of a canvas other than image_size x image_size. Objects keep the sizes
+    # image_size gives them, so a bigger canvas shows more room, not bigger shapes: an image
+    # at its native resolution (chapter 11). Stored in a saved config only when set.
+    canvas: tuple[int, int] | None = field(default=None, metadata={"switch": True})
 
     def __post_init__(self) -> None:
         s = self.image_size
@@ -141,6 +154,15 @@ class ShapeWorldConfig:
             raise ValueError(f"image_size {s} is too small: expected an int of at least 32")
         if s > 256:
             raise ValueError(f"image_size {s} is too large: expected at most 256")
+        if self.canvas is not None:
+            c = self.canvas
+            if (not isinstance(c, tuple) or len(c) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 256 for v in c)):
+                raise ValueError(f"canvas {c!r} is invalid: expected None or (height, width), ints from 16 to 256")
+            side = self.sides["large"] + 2 * self.gap
+            if min(c) < side:
+                raise ValueError(f"canvas {c} cannot hold a large object ({self.sides['large']} px plus gaps): "
+                                 f"expected both sides at least {side}")
         for name, values, valid in (("shapes", self.shapes, SHAPES), ("colours", self.colours, COLOURS)):
             bad = [v for v in values if v not in valid]
             if bad or not values or len(set(values)) != len(values):
@@ -158,7 +180,8 @@ class ShapeWorldConfig:
         limit = self.max_fit()
         if self.max_objects > limit:
             raise ValueError(
-                f"max_objects {self.max_objects} cannot fit on a {s} px canvas"
+                f"max_objects {self.max_objects} cannot fit on a "
+                f"{f'{s} px' if self.canvas is None else f'{self.height} x {self.width} px'} canvas"
                 f"{' with text' if self.text_probability > 0 else ''}: expected at most {limit}"
             )
         for pair in self.held_out:
@@ -196,11 +219,20 @@ class ShapeWorldConfig:
     def max_fit(self) -> int:
         """Most objects that random placement packs reliably (calibrated: about 80% of a grid of large boxes)."""
         cell = self.sides["large"] + self.gap
-        cells = 0.8 * ((self.image_size - self.gap) / cell) ** 2
+        h, w = self.height, self.width
+        cells = 0.8 * ((h - self.gap) / cell) * ((w - self.gap) / cell)
         if self.text_probability > 0:  # the text box takes room too
             w, h = _text_extent("XXX", self.text_scale)
             cells -= (w + self.gap) * (h + self.gap) / cell**2
         return min(int(cells), len(NUMBER_WORDS) - 1)
+
+    @property
+    def height(self) -> int:
+        return self.image_size if self.canvas is None else self.canvas[0]
+
+    @property
+    def width(self) -> int:
+        return self.image_size if self.canvas is None else self.canvas[1]
 
     def train_pairs(self) -> list[tuple[str, str]]:
         """(colour, shape) pairs allowed in train/val/test."""
@@ -276,17 +308,18 @@ def _pick_pairs(rng: Rng, config: ShapeWorldConfig, n: int, split: str | None) -
     return pairs
 
 
-def _place(rng: Rng, w: int, h: int, taken: list, size: int, gap: int) -> tuple[int, int] | None:
+def _place(rng: Rng, w: int, h: int, taken: list, size: int | tuple[int, int], gap: int) -> tuple[int, int] | None:
     """A uniformly random top-left corner (x, y) for a w x h box clear of `taken` boxes, or None if none is left."""
-    free = np.zeros((size, size), dtype=bool)  # free[y, x]: may the box's top-left corner go here?
-    free[gap : size - gap - h + 1, gap : size - gap - w + 1] = True
+    height, width = (size, size) if isinstance(size, int) else size  # the canvas
+    free = np.zeros((height, width), dtype=bool)  # free[y, x]: may the box's top-left corner go here?
+    free[gap : height - gap - h + 1, gap : width - gap - w + 1] = True
     for x0, y0, x1, y1 in taken:  # corners that would come closer than `gap` to a taken box
         free[max(0, y0 - gap - h + 1) : y1 + gap, max(0, x0 - gap - w + 1) : x1 + gap] = False
     corners = np.flatnonzero(free)
     if corners.size == 0:
         return None
     i = int(corners[rng.below(corners.size)])
-    return i % size, i // size
+    return i % width, i // width
 
 
 def _sample_scene(rng: Rng, config: ShapeWorldConfig, split: str | None) -> Scene:
@@ -301,7 +334,7 @@ def _sample_scene(rng: Rng, config: ShapeWorldConfig, split: str | None) -> Scen
         text_box = None
         if text is not None:  # the widest box goes first
             w, h = _text_extent(text, config.text_scale)
-            corner = _place(rng, w, h, taken, config.image_size, config.gap)
+            corner = _place(rng, w, h, taken, (config.height, config.width), config.gap)
             if corner is None:
                 continue
             text_box = (corner[0], corner[1], corner[0] + w, corner[1] + h)
@@ -309,14 +342,14 @@ def _sample_scene(rng: Rng, config: ShapeWorldConfig, split: str | None) -> Scen
         objects = []
         for (colour, shape), size in zip(pairs, sizes):
             side = config.sides[size]
-            corner = _place(rng, side, side, taken, config.image_size, config.gap)
+            corner = _place(rng, side, side, taken, (config.height, config.width), config.gap)
             if corner is None:
                 break
             obj = ShapeObject(shape, colour, size, corner[0], corner[1], side)
             taken.append(obj.box)
             objects.append(obj)
         else:
-            return Scene(tuple(objects), text, config.image_size, text_box)
+            return Scene(tuple(objects), text, config.image_size, text_box, config.canvas)
     raise RuntimeError(f"could not place {config.max_objects} objects on {config.image_size} px; lower max_objects")
 
 
@@ -400,9 +433,9 @@ def _cached_coverage(shape: str, side: int) -> np.ndarray:
 
 
 def render(scene: Scene) -> np.ndarray:
-    """Pixels of a scene: (H, W, 3) uint8, H = W = image_size."""
+    """Pixels of a scene: (H, W, 3) uint8; H = W = image_size unless the scene has its own canvas."""
     s = scene.image_size
-    image = np.empty((s, s, 3), dtype=np.uint8)
+    image = np.empty((scene.height, scene.width, 3), dtype=np.uint8)
     image[:] = BACKGROUND
     n = _SUPERSAMPLE**2
     for obj in scene.objects:
@@ -655,6 +688,8 @@ def frame_scene(clip: Clip, t: int) -> Scene:
 def _sample_clip(rng: Rng, num_frames: int, config: ShapeWorldConfig, split: str | None) -> Clip:
     if not 2 <= num_frames <= 256:
         raise ValueError(f"num_frames {num_frames} is invalid: expected 2 <= num_frames <= 256")
+    if config.canvas is not None:
+        raise ValueError(f"clips are drawn on a square image_size canvas: expected canvas None, got {config.canvas}")
     s, gap = config.image_size, config.gap
     most = min(config.max_objects, len(config.shapes), len(config.colours))
     for _ in range(_MAX_ATTEMPTS):
