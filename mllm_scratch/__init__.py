@@ -17,8 +17,10 @@ from mllm_scratch.clip import (
 )
 from mllm_scratch.gpt import GPT, GPTConfig, PretrainRecipe, generate, lm_loss, pretrain_gpt, pretrained_gpt
 from mllm_scratch.images import load_image, sample_photo
+from mllm_scratch.packing import pack_patches
 from mllm_scratch.patches import PatchEmbedding, conv_to_linear, linear_to_conv, num_patches, patchify, unpatchify
 from mllm_scratch.probes import linear_probe, object_windows, shape_probe
+from mllm_scratch.rope import apply_rope, mrope_angles, mrope_positions, rope_2d_angles, rope_angles
 from mllm_scratch.runtime import (
     choose_device,
     count_parameters,
@@ -100,6 +102,7 @@ from mllm_scratch.vit import (
     ViTClassifier,
     ViTConfig,
     VisionTransformer,
+    forward_interpolated,
     load_vit,
     save_vit,
     sincos_2d_position_embedding,
@@ -108,6 +111,13 @@ from mllm_scratch.vit import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "apply_rope",
+    "forward_interpolated",
+    "mrope_angles",
+    "mrope_positions",
+    "pack_patches",
+    "rope_2d_angles",
+    "rope_angles",
     "CrossAttentionVLM",
     "GatedCrossAttentionBlock",
     "XAttnConfig",

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm_scratch.rope import apply_rope
+
 
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
@@ -93,9 +95,13 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         return x.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, heads, t, head_dim)
 
-    def _queries_keys(self, x: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _queries_keys(
+        self, x: torch.Tensor, source: torch.Tensor, rope: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self._split_heads(self.q_proj(x))  # (b, heads, Tq, head_dim)
         k = self._split_heads(self.k_proj(source))  # (b, heads, Tk, head_dim)
+        if rope is not None:  # rotate by position (chapter 11); the values are not rotated
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k
 
     def forward(
@@ -107,6 +113,7 @@ class MultiHeadAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (batch, Tq, dim); context: (batch, Tk, context_dim) or None (then keys come from x).
 
@@ -117,6 +124,8 @@ class MultiHeadAttention(nn.Module):
         every position's so far. In cross-attention the context does not grow: an empty cache
         stores the context's keys/values, and a filled one is used instead of recomputing them
         (`context` is then only checked for shape), so a decoder projects its media once.
+        rope: rotary angles (Tq, head_dim / 2) or (batch, Tq, head_dim / 2) of this call's tokens
+        (`mllm_scratch.rope`); queries and keys are rotated before keys enter the cache. Self-attention only.
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}")
@@ -128,11 +137,13 @@ class MultiHeadAttention(nn.Module):
                 )
             if causal:
                 raise ValueError("causal applies to self-attention only; cross-attention keys are not positions in x")
+            if rope is not None:
+                raise ValueError("rope applies to self-attention only: cross-attention keys have no positions in x")
         if context is not None and cache is not None and cache.k is not None:
             q = self._split_heads(self.q_proj(x))  # the context's keys and values are already in the cache
             k, v = cache.k, cache.v
         else:
-            q, k = self._queries_keys(x, source)  # (b, heads, Tq, head_dim), (b, heads, Tk, head_dim)
+            q, k = self._queries_keys(x, source, rope)  # (b, heads, Tq, head_dim), (b, heads, Tk, head_dim)
             v = self._split_heads(self.v_proj(source))
             if cache is not None:
                 k, v = cache.append(k, v)  # self-attention: keys now cover every position so far
@@ -165,9 +176,12 @@ class MultiHeadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         causal: bool = False,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The softmax weights `forward` uses, (batch, heads, Tq, Tk), for plots; fully masked rows are zeros."""
-        q, k = self._queries_keys(x, x if context is None else context)
+        if context is not None and rope is not None:
+            raise ValueError("rope applies to self-attention only: cross-attention keys have no positions in x")
+        q, k = self._queries_keys(x, x if context is None else context, rope)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (b, heads, Tq, Tk)
         mask = self._combine_masks(attn_mask, key_padding_mask, causal, x.shape[0], q.shape[2], k.shape[2], x.device)
         if mask is not None:

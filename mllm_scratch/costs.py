@@ -71,6 +71,41 @@ def tower_flops(vision: ViTConfig) -> int:
     return patch + vision.depth * block_flops(tokens, vision.dim, int(vision.dim * vision.mlp_ratio))
 
 
+def packing_costs(sizes: Sequence[tuple[int, int]], vision: ViTConfig) -> dict[str, dict[str, int]]:
+    """Tokens and forward FLOPs of the ViT over images of (height, width) `sizes`, three ways (chapter 11).
+
+    - "padded": every image's sequence padded to the longest, as a rectangular batch needs;
+    - "packed, dense mask": one sequence of all tokens with a block-diagonal mask, computed as
+      a full (total x total) attention (what `forward_packed` does with a dense mask);
+    - "packed, per image": the same sequence, with attention computed only inside each image
+      (what a variable-length kernel such as FlashAttention's varlen mode does).
+    Tokens count [CLS] when pool="cls".
+    """
+    if not sizes:
+        raise ValueError("packing_costs needs at least one image size, got none")
+    prefix = 1 if vision.pool == "cls" else 0
+    p, dim, hidden = vision.patch_size, vision.dim, int(vision.dim * vision.mlp_ratio)
+    for h, w in sizes:
+        if h <= 0 or w <= 0 or h % p or w % p:
+            raise ValueError(f"image size ({h}, {w}) must be positive multiples of patch_size {p}")
+    tokens = [prefix + (h // p) * (w // p) for h, w in sizes]
+    patch_in = vision.in_channels * p * p
+
+    def tower(n_tokens: int, attention_pairs: int) -> int:
+        # per block: projections and MLP scale with tokens, attention with (query, key) pairs
+        per_block = 4 * linear_flops(n_tokens, dim, dim) + linear_flops(n_tokens, dim, hidden) + linear_flops(n_tokens, hidden, dim)
+        per_block += 2 * 2 * attention_pairs * dim
+        return linear_flops(n_tokens - prefix * len(sizes), patch_in, dim) + vision.depth * per_block
+
+    longest, total = max(tokens), sum(tokens)
+    padded = len(sizes) * longest
+    return {
+        "padded": {"tokens": padded, "flops": tower(padded, len(sizes) * longest**2)},
+        "packed, dense mask": {"tokens": total, "flops": tower(total, total**2)},
+        "packed, per image": {"tokens": total, "flops": tower(total, sum(t * t for t in tokens))},
+    }
+
+
 @dataclass(frozen=True)
 class Shapes:
     """The parts' shapes for one cost question: tower, LM, cross-attention placement, thumbnail."""

@@ -451,7 +451,7 @@ def vit(config: ViTConfig | None = None):
     _note(ax, 0.45, below, _shape("B", c.in_channels, c.image_size, c.image_size))
     pe = _box(ax, 1.7, y, 1.1, 0.62, f"patch embedding\nConv2d {c.patch_size}×{c.patch_size},\nstride {c.patch_size}")
     _arrow(ax, (0.8, y), pe.left)
-    pos_kind = "learned" if c.pos_embedding == "learned" else "2-D sin-cos"
+    pos_kind = {"learned": "learned", "sincos": "2-D sin-cos", "rope2d": "2-D RoPE, in\nevery block"}[c.pos_embedding]
     pos_label = (f"prepend [CLS]\n+ positions\n({pos_kind})" if prefix else f"+ positions\n({pos_kind})")
     pos = _box(ax, 3.2, y, 1.1, 0.62, pos_label, LEARNED if c.pos_embedding == "learned" else FROZEN)
     _arrow(ax, pe.right, pos.left)

@@ -8,6 +8,9 @@ Mirrors GPT-2 (Radford et al., 2019): with `activation="gelu_tanh"` (GPT-2's GEL
 approximation) it is GPT-2 exactly, and appendix A3 loads the released weights into it.
 Llama swaps LayerNorm for RMSNorm, GELU for SwiGLU and learned positions for RoPE, and
 shares key/value heads between query heads (GQA), but the skeleton is this one.
+`position="rope"` replaces the learned position table with rotary embeddings, and
+`position="mrope"` with Qwen2-VL's M-RoPE, whose (time, height, width) indices come in
+through `positions=` (chapter 11).
 Chapter 04 builds it by hand, pretrains it on ShapeWorld descriptions and ships the
 weights (`pretrained_gpt()`), so later chapters start from a model that already writes
 ShapeWorld English.
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_scratch.attention import KVCache
+from mllm_scratch.rope import ROPE_BASE, default_mrope_sections, mrope_angles, rope_angles
 from mllm_scratch.checkpoints import (
     DEFAULT_DIR,
     CheckpointError,
@@ -79,11 +83,36 @@ class GPTConfig:
     # Switches for released models (appendix A3); the printed config shows them only when set.
     activation: Literal["gelu", "gelu_tanh", "quick_gelu"] = field(default="gelu", metadata=SWITCH)  # GPT-2: "gelu_tanh"
     norm_eps: float = field(default=1e-5, metadata=SWITCH)  # every LayerNorm's epsilon
+    # Positions (chapter 11): a learned table added to the embeddings (GPT-2), or rotations of
+    # queries and keys: "rope" (Llama) or "mrope" (Qwen2-VL: time, height, width sections).
+    position: Literal["learned", "rope", "mrope"] = field(default="learned", metadata=SWITCH)
+    rope_base: float = field(default=ROPE_BASE, metadata=SWITCH)
+    mrope_sections: tuple[int, int, int] | None = field(default=None, metadata=SWITCH)  # None: Qwen2-VL's split
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "vocab_size", "context_length", "dim", "depth", "num_heads")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.position not in ("learned", "rope", "mrope"):
+            raise ValueError(f"position must be 'learned', 'rope' or 'mrope', got {self.position!r}")
+        if self.position != "learned" and (self.dim // self.num_heads) % 2:
+            raise ValueError(
+                f"position {self.position!r} rotates pairs of features: head_dim {self.dim // self.num_heads} "
+                f"(dim {self.dim} / num_heads {self.num_heads}) must be even"
+            )
+        if self.position != "learned":
+            if not self.rope_base > 1:
+                raise ValueError(f"rope_base must be a number above 1, got {self.rope_base!r}")
+        if self.mrope_sections is not None:
+            if self.position != "mrope":
+                raise ValueError(f"mrope_sections {self.mrope_sections} needs position 'mrope', got {self.position!r}")
+            sections = tuple(self.mrope_sections)
+            pairs = self.dim // self.num_heads // 2
+            if len(sections) != 3 or any(not isinstance(v, int) or v < 0 for v in sections) or sum(sections) != pairs:
+                raise ValueError(
+                    f"mrope_sections {self.mrope_sections} must be three non-negative ints (time, height, width) "
+                    f"adding up to head_dim / 2 = {pairs}"
+                )
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if not 0.0 <= self.dropout < 1.0:
@@ -104,7 +133,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config = config or GPTConfig()
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
-        self.pos_emb = nn.Embedding(config.context_length, config.dim)
+        if config.position == "learned":
+            self.pos_emb = nn.Embedding(config.context_length, config.dim)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(
@@ -154,7 +184,10 @@ class GPT(nn.Module):
     def input_states(
         self, ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None, start_pos: int = 0
     ) -> torch.Tensor:
-        """Step 1 of the forward pass: token (or given) embeddings plus the positions start_pos.. -> (batch, T, dim)."""
+        """Step 1 of the forward pass: token (or given) embeddings plus the positions start_pos.. -> (batch, T, dim).
+
+        With rotary positions nothing is added here: `rope(...)` gives the angles the blocks apply.
+        """
         if (ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of ids (batch, T) and inputs_embeds (batch, T, dim)")
         x = self.embed(ids) if ids is not None else inputs_embeds
@@ -166,8 +199,39 @@ class GPT(nn.Module):
                 f"positions {start_pos}..{start_pos + t - 1} exceed context_length {self.config.context_length}: "
                 "crop the sequence (generate() slides a window for you)"
             )
+        if self.config.position != "learned":
+            return self.dropout(x)
         positions = torch.arange(start_pos, start_pos + t, device=x.device)  # (T,)
         return self.dropout(x + self.pos_emb(positions))  # (batch, T, dim)
+
+    def rope(self, num_tokens: int, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Rotary angles for the blocks, (T, head_dim / 2) or (batch, T, head_dim / 2); None with learned positions.
+
+        positions: "rope": (T,) or (batch, T) token positions; "mrope": (3, T) or (3, batch, T)
+        time, height and width indices (`rope.mrope_positions`). Default: start_pos, start_pos + 1, ...
+        on every axis, so M-RoPE on text alone is 1-D RoPE.
+        """
+        c = self.config
+        if c.position == "learned":
+            if positions is not None:
+                raise ValueError("positions= needs position 'rope' or 'mrope'; this GPT has a learned position table")
+            return None
+        head_dim = c.dim // c.num_heads
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + num_tokens, device=self.tok_emb.weight.device)
+            if c.position == "mrope":
+                positions = positions.expand(3, -1)  # (3, T): text moves along all three axes at once
+        if c.position == "rope":
+            if positions.dim() not in (1, 2) or positions.shape[-1] != num_tokens:
+                raise ValueError(f"RoPE positions must have shape (T,) or (batch, T) with T = {num_tokens}, got {tuple(positions.shape)}")
+            return rope_angles(positions, head_dim, c.rope_base)
+        if positions.dim() not in (2, 3) or positions.shape[0] != 3 or positions.shape[-1] != num_tokens:
+            raise ValueError(
+                f"M-RoPE positions must have shape (3, T) or (3, batch, T) with T = {num_tokens} "
+                f"(time, height, width per token), got {tuple(positions.shape)}"
+            )
+        sections = c.mrope_sections or default_mrope_sections(head_dim)
+        return mrope_angles(positions, head_dim, sections, c.rope_base)
 
     def hidden_states(
         self,
@@ -179,6 +243,7 @@ class GPT(nn.Module):
         caches: list[KVCache] | None = None,
         after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Steps 1 and 2: the residual stream after the last block, before the final norm -> (batch, T, dim).
 
@@ -186,16 +251,18 @@ class GPT(nn.Module):
         combined with the causal mask. key_padding_mask: (batch, T_keys), False = padding. With
         caches, T_keys counts the cached positions too. before_block(i, x) -> x runs just before block i
         and after_block(i, x) -> x just after it: the hooks the cross-attention decoders insert their layers with.
+        positions: rotary positions of these tokens (see `rope`); only for position "rope" or "mrope".
         """
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one KVCache per block ({len(self.blocks)}), got {len(caches)}")
         start_pos = len(caches[0]) if caches else 0  # new tokens continue where the cache ends
         x = self.input_states(ids, inputs_embeds=inputs_embeds, start_pos=start_pos)  # (batch, T, dim)
+        rope = self.rope(x.shape[1], start_pos, positions)  # None for learned positions
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if before_block is not None:
                 x = before_block(i, x)
-            x = block(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=True, cache=cache)
+            x = block(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=True, cache=cache, rope=rope)
             if after_block is not None:
                 x = after_block(i, x)
         return x  # (batch, T, dim)
@@ -212,10 +279,12 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token logits (batch, T, vocab_size): logits[:, t] predicts token t + 1."""
         hidden = self.hidden_states(
-            ids, inputs_embeds=inputs_embeds, attn_mask=attn_mask, key_padding_mask=key_padding_mask, caches=caches
+            ids, inputs_embeds=inputs_embeds, attn_mask=attn_mask, key_padding_mask=key_padding_mask, caches=caches,
+            positions=positions,
         )
         return self.to_logits(hidden)
 

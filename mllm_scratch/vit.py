@@ -29,7 +29,9 @@ from torch import nn
 
 from mllm_scratch.attention import KVCache, MultiHeadAttention
 from mllm_scratch.checkpoints import atomic_write, config_differences
+from mllm_scratch.packing import pack_patches
 from mllm_scratch.patches import PatchEmbedding
+from mllm_scratch.rope import ROPE_BASE, rope_2d_angles
 from mllm_scratch.runtime import check_positive_ints
 from mllm_scratch.train import no_weight_decay
 
@@ -80,7 +82,7 @@ class ViTConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    pos_embedding: Literal["learned", "sincos"] = "learned"
+    pos_embedding: Literal["learned", "sincos", "rope2d"] = "learned"  # "rope2d": 2-D rotary, any image size
     pool: Literal["cls", "mean", "map"] = "cls"  # "map": a learned query attends over the patches (SigLIP)
     num_classes: int | None = None  # set it to give `ViTClassifier` its head
     # Switches for the released towers (appendix A3); the printed config shows them only when set.
@@ -88,6 +90,7 @@ class ViTConfig:
     norm_eps: float = field(default=1e-5, metadata=SWITCH)  # every LayerNorm's epsilon (SigLIP uses 1e-6)
     embed_norm: bool = field(default=False, metadata=SWITCH)  # a LayerNorm before the first block (CLIP's ln_pre)
     patch_bias: bool = field(default=True, metadata=SWITCH)  # False: the patch projection has no bias (CLIP)
+    rope_base: float = field(default=ROPE_BASE, metadata=SWITCH)  # 2-D RoPE's slowest wavelength scale (chapter 11)
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "image_size", "patch_size", "in_channels", "dim", "depth", "num_heads")
@@ -95,10 +98,17 @@ class ViTConfig:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        if self.pos_embedding not in ("learned", "sincos"):
-            raise ValueError(f"pos_embedding must be 'learned' or 'sincos', got {self.pos_embedding!r}")
+        if self.pos_embedding not in ("learned", "sincos", "rope2d"):
+            raise ValueError(f"pos_embedding must be 'learned', 'sincos' or 'rope2d', got {self.pos_embedding!r}")
         if self.pos_embedding == "sincos" and self.dim % 4:
             raise ValueError(f"2-D sin-cos position embeddings need dim divisible by 4, got dim {self.dim}")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or not self.rope_base > 1:
+            raise ValueError(f"rope_base must be a number above 1, got {self.rope_base!r}")
+        if self.pos_embedding == "rope2d" and (self.dim // self.num_heads) % 4:
+            raise ValueError(
+                f"2-D RoPE rotates pairs for the row and for the column: head_dim {self.dim // self.num_heads} "
+                f"(dim {self.dim} / num_heads {self.num_heads}) must be divisible by 4"
+            )
         if self.pool not in ("cls", "mean", "map"):
             raise ValueError(f"pool must be 'cls', 'mean' or 'map', got {self.pool!r}")
         if self.mlp_ratio <= 0:
@@ -197,9 +207,12 @@ class TransformerBlock(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (batch, tokens, dim) -> (batch, tokens, dim); masks as in `MultiHeadAttention` (True = may attend)."""
-        h = self.attn(self.norm1(x), attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=causal, cache=cache)
+        """x: (batch, tokens, dim) -> (batch, tokens, dim); masks and rotary angles as in `MultiHeadAttention`."""
+        h = self.attn(
+            self.norm1(x), attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=causal, cache=cache, rope=rope
+        )
         x = x + self.dropout(h)
         return x + self.mlp(self.norm2(x))  # (batch, tokens, dim)
 
@@ -237,14 +250,16 @@ def sincos_2d_position_embedding(
 
 
 def interpolate_pos_embed(
-    pos_embed: torch.Tensor, new_grid: int, num_prefix: int = 1, mode: str = "bicubic"
+    pos_embed: torch.Tensor, new_grid: int | tuple[int, int], num_prefix: int = 1, mode: str = "bicubic"
 ) -> torch.Tensor:
-    """Resize a learned position table (1, prefix + g * g, dim) to (1, prefix + new_grid ** 2, dim).
+    """Resize a learned position table (1, prefix + g * g, dim) to (1, prefix + rows * cols, dim).
 
-    The patch rows are laid back on their g x g grid, resized like an image (`mode`: "bicubic"
-    or "bilinear", as `F.interpolate`) and flattened again; the prefix rows ([CLS]) are kept.
+    new_grid is rows = cols, or (rows, cols) for a canvas that is not square. The patch rows
+    are laid back on their g x g grid, resized like an image (`mode`: "bicubic" or
+    "bilinear", as `F.interpolate`) and flattened again; the prefix rows ([CLS]) are kept.
     This is how a ViT is fine-tuned at a higher resolution than it was trained at (ViT, CLIP).
     """
+    rows, cols = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
     if mode not in ("bicubic", "bilinear"):
         raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
     prefix, grid_rows = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
@@ -252,8 +267,30 @@ def interpolate_pos_embed(
     if old * old != grid_rows.shape[1]:
         raise ValueError(f"{grid_rows.shape[1]} position rows after {num_prefix} prefix rows do not form a square grid")
     g = grid_rows.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, dim, old, old)
-    g = F.interpolate(g, size=(new_grid, new_grid), mode=mode, align_corners=False)  # (1, dim, new, new)
-    return torch.cat([prefix, g.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1)], dim=1)
+    g = F.interpolate(g, size=(rows, cols), mode=mode, align_corners=False)  # (1, dim, rows, cols)
+    return torch.cat([prefix, g.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
+
+def forward_interpolated(model: VisionTransformer, images: torch.Tensor, mode: str = "bicubic") -> ViTOutput:
+    """Run a ViT with absolute positions on images of another size (height and width multiples of the patch).
+
+    Learned positions are resized to the images' grid (`interpolate_pos_embed`); sin-cos codes
+    are recomputed on it, stretched onto the trained grid's range. The weights are not changed:
+    this is what a fixed-size ViT can do, without fine-tuning, with an image it was not trained on.
+    """
+    if model.any_size:
+        return model(images)  # 2-D RoPE needs no resizing
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (batch, channels, height, width), got {tuple(images.shape)}")
+    model._check(images, any_size=True)
+    grid = model._grid(images)
+    if model.config.pos_embedding == "learned":
+        table = interpolate_pos_embed(model.pos_embed, grid, model.num_prefix, mode)
+    else:
+        g = model.config.grid_size
+        codes = sincos_2d_position_embedding(*grid, model.config.dim, trained_grid=(g, g))
+        table = torch.cat([torch.zeros(model.num_prefix, model.config.dim), codes])[None].to(images.device)
+    return model(images, pos_embed=table)
 
 
 class AttentionPool(nn.Module):
@@ -297,6 +334,8 @@ class VisionTransformer(nn.Module):
             self.pos_embed = no_weight_decay(
                 nn.Parameter(torch.randn(1, self.num_prefix + config.num_patches, config.dim) * 0.02)
             )
+        elif config.pos_embedding == "rope2d":
+            self.pos_embed = None  # positions rotate queries and keys inside every block instead
         else:
             table = sincos_2d_position_embedding(config.grid_size, config.grid_size, config.dim)
             table = torch.cat([torch.zeros(self.num_prefix, config.dim), table])  # [CLS] has no position
@@ -316,8 +355,20 @@ class VisionTransformer(nn.Module):
         # every token sees every token. A subclass sets it to restrict attention (e.g. to neighbouring patches).
         self.register_buffer("attn_mask", None, persistent=False)
 
-    def _check(self, images: torch.Tensor) -> None:
+    @property
+    def any_size(self) -> bool:
+        """True when images of any height and width (multiples of the patch size) may go in: 2-D RoPE."""
+        return self.config.pos_embedding == "rope2d"
+
+    def _check(self, images: torch.Tensor, any_size: bool = False) -> None:
         c = self.config
+        if (any_size or self.any_size) and images.dim() == 4 and images.shape[1] == c.in_channels:
+            h, w = images.shape[2:]
+            if h % c.patch_size or w % c.patch_size or h == 0 or w == 0:
+                raise ValueError(
+                    f"image height {h} and width {w} must be positive multiples of patch_size {c.patch_size}"
+                )
+            return
         expected = (c.in_channels, c.image_size, c.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
@@ -325,20 +376,61 @@ class VisionTransformer(nn.Module):
                 f"(in_channels {c.in_channels}, image_size {c.image_size}), got {tuple(images.shape)}"
             )
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images -> the token sequence the first block sees: ([CLS] +) patches, plus positions (then `embed_norm`)."""
-        self._check(images)
+    def embed(self, images: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """Images -> the token sequence the first block sees: ([CLS] +) patches, plus positions (then `embed_norm`).
+
+        pos_embed: a position table (1, prefix + patches, dim) to add instead of the model's own,
+        e.g. `interpolate_pos_embed` of it for images of another size (`forward_interpolated`).
+        """
+        self._check(images, any_size=pos_embed is not None)
         x = self.patch_embed(images)  # (batch, num_patches, dim)
         if self.num_prefix:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (batch, 1 + num_patches, dim)
-        x = self.dropout(x + self.pos_embed)
+        if pos_embed is None:
+            pos_embed = self.pos_embed
+        if pos_embed is not None:  # 2-D RoPE adds nothing here
+            if pos_embed.shape[-2:] != x.shape[-2:]:
+                raise ValueError(
+                    f"pos_embed covers {pos_embed.shape[-2]} tokens of width {pos_embed.shape[-1]}, "
+                    f"the images give {x.shape[1]} tokens of width {x.shape[2]}"
+                )
+            x = x + pos_embed
+        x = self.dropout(x)
         return self.embed_norm(x) if self.config.embed_norm else x
 
-    def forward(self, images: torch.Tensor) -> ViTOutput:
-        x = self.embed(images)
+    def rope_angles(self, grid_h: int, grid_w: int, squeeze_to: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """2-D rotary angles (prefix + grid_h * grid_w, head_dim / 2) of a row-major grid; None without 2-D RoPE.
+
+        [CLS] gets angle 0 (no rotation): it sits at no place in the image. squeeze_to=(rows, cols):
+        an axis longer than that is squeezed onto its range, position * rows / grid_h (RoPE's
+        position interpolation, Chen et al., 2023), so no offset exceeds the ones trained on.
+        """
+        if not self.any_size:
+            return None
+        head_dim = self.config.dim // self.config.num_heads
+        rows = torch.arange(grid_h).repeat_interleave(grid_w).double()  # (grid_h * grid_w,): 0 0 0 1 1 1 ...
+        cols = torch.arange(grid_w).repeat(grid_h).double()  # 0 1 2 0 1 2 ...
+        if squeeze_to is not None:
+            rows = rows * min(1.0, squeeze_to[0] / grid_h)
+            cols = cols * min(1.0, squeeze_to[1] / grid_w)
+        angles = rope_2d_angles(rows, cols, head_dim, self.config.rope_base)  # (grid_h * grid_w, head_dim / 2)
+        prefix = torch.zeros(self.num_prefix, head_dim // 2)
+        return torch.cat([prefix, angles]).to(self.patch_embed.proj.weight.device)
+
+    def _grid(self, images: torch.Tensor) -> tuple[int, int]:
+        p = self.config.patch_size
+        return images.shape[-2] // p, images.shape[-1] // p
+
+    def encode_tokens(
+        self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The blocks and the final norm over an embedded sequence (batch, tokens, dim) -> (batch, tokens, dim)."""
+        mask = self.attn_mask if attn_mask is None else attn_mask
         for block in self.blocks:
-            x = block(x, attn_mask=self.attn_mask)  # bidirectional: every patch sees every patch (unless attn_mask says not)
-        x = self.norm(x)  # (batch, prefix + num_patches, dim)
+            x = block(x, attn_mask=mask, rope=rope)  # bidirectional: every patch sees every patch (unless a mask says not)
+        return self.norm(x)
+
+    def _pool(self, x: torch.Tensor) -> ViTOutput:
         patches = x[:, self.num_prefix :]  # (batch, num_patches, dim)
         if self.num_prefix:
             pooled = x[:, 0]  # (batch, dim)
@@ -346,14 +438,48 @@ class VisionTransformer(nn.Module):
             pooled = self.attn_pool(patches) if self.config.pool == "map" else patches.mean(dim=1)  # (batch, dim)
         return ViTOutput(patches, pooled)
 
+    def forward(
+        self, images: torch.Tensor, *, pos_embed: torch.Tensor | None = None, squeeze_to: tuple[int, int] | None = None
+    ) -> ViTOutput:
+        """images (batch, C, H, W) -> ViTOutput. pos_embed: a position table for this call (see `embed`);
+        squeeze_to: with 2-D RoPE, squeeze longer axes onto a (rows, cols) grid's range (see `rope_angles`)."""
+        x = self.embed(images, pos_embed)  # (batch, prefix + num_patches, dim)
+        return self._pool(self.encode_tokens(x, self.rope_angles(*self._grid(images), squeeze_to)))
+
+    def forward_packed(self, images: list[torch.Tensor]) -> list[ViTOutput]:
+        """Encode images of different sizes (each (C, H, W)) in ONE sequence, then split it: NaViT / Pixtral packing.
+
+        The patches of all images are concatenated (with a [CLS] per image if pool="cls"),
+        each token keeps its own image's 2-D RoPE angles, and a block-diagonal mask lets a
+        token attend only to tokens of its own image, so each result equals `self(image[None])`.
+        Returns one `ViTOutput` per image, each with batch size 1.
+        """
+        if not self.any_size:
+            raise ValueError(
+                f"packing needs images of any size, i.e. pos_embedding 'rope2d'; this ViT has {self.config.pos_embedding!r}"
+            )
+        if self.attn_mask is not None:
+            raise ValueError("forward_packed cannot combine the packing mask with this ViT's own attn_mask")
+        packed = pack_patches(images, self.config.patch_size, self.num_prefix)  # checks each is (C, H, W)
+        tokens = []
+        for image in images:  # embed each image's patches ([CLS] first): a per-token step, so packing changes nothing
+            tokens.append(self.embed(image[None]))  # (1, prefix + patches_i, dim)
+        x = torch.cat(tokens, dim=1)  # (1, total, dim)
+        head_dim = self.config.dim // self.config.num_heads
+        rope = rope_2d_angles(packed.rows, packed.cols, head_dim, self.config.rope_base)  # (total, head_dim / 2)
+        rope = rope.masked_fill(packed.is_prefix[:, None], 0.0).to(x.device)  # [CLS] tokens are not rotated
+        x = self.encode_tokens(x, rope, attn_mask=packed.attention_mask().to(x.device))  # (1, total, dim)
+        return [self._pool(x[:, a:b]) for a, b in packed.spans]
+
     @torch.no_grad()
     def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Softmax attention weights of every block, each (batch, heads, tokens, tokens), for plots."""
         x = self.embed(images)
+        rope = self.rope_angles(*self._grid(images))
         maps = []
         for block in self.blocks:
-            maps.append(block.attn.attention_weights(block.norm1(x), attn_mask=self.attn_mask))
-            x = block(x, attn_mask=self.attn_mask)
+            maps.append(block.attn.attention_weights(block.norm1(x), attn_mask=self.attn_mask, rope=rope))
+            x = block(x, attn_mask=self.attn_mask, rope=rope)
         return maps
 
 
@@ -393,7 +519,7 @@ def resize_vit(model: nn.Module, image_size: int, mode: str = "bicubic", sincos:
     key = ("encoder." if isinstance(model, ViTClassifier) else "") + "pos_embed"
     if model.config.pos_embedding == "learned":
         state[key] = interpolate_pos_embed(state[key], new.config.grid_size, encoder.num_prefix, mode)
-    elif sincos == "stretch":
+    elif model.config.pos_embedding == "sincos" and sincos == "stretch":
         old_grid = model.config.grid_size
         table = sincos_2d_position_embedding(
             new.config.grid_size, new.config.grid_size, new.config.dim, trained_grid=(old_grid, old_grid)
@@ -475,6 +601,7 @@ __all__ = [
     "ViTOutput",
     "VisionTransformer",
     "activation_layer",
+    "forward_interpolated",
     "interpolate_pos_embed",
     "load_vit",
     "repr_without_default_switches",
