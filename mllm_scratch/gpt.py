@@ -88,6 +88,7 @@ class GPTConfig:
     position: Literal["learned", "rope", "mrope"] = field(default="learned", metadata=SWITCH)
     rope_base: float = field(default=ROPE_BASE, metadata=SWITCH)
     mrope_sections: tuple[int, int, int] | None = field(default=None, metadata=SWITCH)  # None: Qwen2-VL's split
+    mrope_interleaved: bool = field(default=False, metadata=SWITCH)  # pairs dealt to time, height, width in turn (Qwen3-VL)
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "vocab_size", "context_length", "dim", "depth", "num_heads")
@@ -103,6 +104,8 @@ class GPTConfig:
         if self.position != "learned":
             if not self.rope_base > 1:
                 raise ValueError(f"rope_base must be a number above 1, got {self.rope_base!r}")
+        if self.mrope_interleaved and (self.position != "mrope" or self.mrope_sections is not None):
+            raise ValueError("mrope_interleaved needs position 'mrope' and no mrope_sections (it deals the pairs in turn)")
         if self.mrope_sections is not None:
             if self.position != "mrope":
                 raise ValueError(f"mrope_sections {self.mrope_sections} needs position 'mrope', got {self.position!r}")
@@ -231,7 +234,7 @@ class GPT(nn.Module):
                 f"(time, height, width per token), got {tuple(positions.shape)}"
             )
         sections = c.mrope_sections or default_mrope_sections(head_dim)
-        return mrope_angles(positions, head_dim, sections, c.rope_base)
+        return mrope_angles(positions, head_dim, sections, c.rope_base, interleaved=c.mrope_interleaved)
 
     def hidden_states(
         self,

@@ -2,13 +2,14 @@
 
 Chapter 11's measurement. The task needs both *what* and *where*: each scene holds two
 shapes side by side, and the answer is the shape of the one further left (5 classes, chance
-0.2). Every model trains on 32 x 32 canvases only. At test time the canvas changes (24, 40
-and 48 px squares, a 32 x 64 strip) while the shapes keep their size in pixels, as a photo
-taken with a wider lens shows more scene, not bigger objects (`ShapeWorldConfig.canvas`).
+0.2). A model trains on 32 x 32 canvases, or on several other sizes (`NativeRecipe.train_canvases`),
+never on a test canvas but 32 x 32. At test time the canvas changes (24, 40 and 48 px
+squares, a 32 x 64 strip) while the shapes keep their size in pixels, as a photo taken with
+a wider lens shows more scene, not bigger objects (`ShapeWorldConfig.canvas`).
 
 Three ways to give the patches their place:
 - "rope2d": 2-D rotary positions; any grid works unchanged (Pixtral, Qwen2-VL);
-- "learned": a learned table, bicubically interpolated to the new grid (ViT, CLIP);
+- "learned": a learned table, bicubically interpolated to each grid (ViT, CLIP);
 - "sincos": fixed 2-D sin-cos codes, stretched onto the trained grid's range.
 
 `scripts/native_resolution.py` trains each on three seeds and writes
@@ -16,8 +17,9 @@ data/results/native_resolution.json; the chapter trains one short run itself.
 
 The second half is M-RoPE on chapter 09's video questions (`VideoGridLM`): each clip's
 frames become a (frames, rows, cols) grid of tokens before the question, in a small GPT
-whose positions are either 1-D RoPE (the token's place in the sequence) or M-RoPE (time,
-height and width, Qwen2-VL). `scripts/mrope_video.py` compares the two on three seeds.
+whose positions are 1-D RoPE (the token's place in the sequence) or M-RoPE (time, height
+and width, Qwen2-VL; or with the pairs interleaved, Qwen3-VL). `scripts/mrope_video.py`
+compares them on three seeds.
 """
 
 from __future__ import annotations
@@ -198,6 +200,9 @@ def accuracy_by_canvas(model: ViTClassifier, sets: dict[str, tuple[torch.Tensor,
 # M-RoPE on video: positions in time, height and width
 
 
+VIDEO_POSITIONS = ("rope", "mrope", "mrope-interleaved")
+
+
 @dataclass(frozen=True)
 class VideoGridRecipe:
     """What decides a run of the video comparison: the clips, the token grid, the small GPT and its training."""
@@ -217,11 +222,13 @@ class VideoGridRecipe:
     seed: int = 0
 
     def gpt_config(self, position: str, vocab_size: int) -> GPTConfig:
-        if position not in ("rope", "mrope"):
-            raise ValueError(f"position must be 'rope' or 'mrope', got {position!r}")
+        """position "rope", "mrope" (Qwen2-VL's sections) or "mrope-interleaved" (Qwen3-VL's pairs in turn)."""
+        if position not in VIDEO_POSITIONS:
+            raise ValueError(f"position must be one of {VIDEO_POSITIONS}, got {position!r}")
         length = self.frames * self.grid**2 + 32  # the video tokens, then the question and answer
         return GPTConfig(vocab_size=vocab_size, context_length=length, dim=self.dim, depth=self.depth,
-                         num_heads=self.num_heads, position=position)
+                         num_heads=self.num_heads, position="rope" if position == "rope" else "mrope",
+                         mrope_interleaved=position == "mrope-interleaved")
 
     def to_dict(self) -> dict[str, Any]:
         return config_dict(self)

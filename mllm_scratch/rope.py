@@ -45,8 +45,11 @@ def rope_frequencies(num_pairs: int, base: float = ROPE_BASE) -> torch.Tensor:
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float = ROPE_BASE) -> torch.Tensor:
     """Positions (..., T) -> rotation angles (..., T, head_dim / 2): angle of pair j = position * frequency j."""
     check_head_dim(head_dim)
-    freqs = rope_frequencies(head_dim // 2, base).to(positions.device)  # (head_dim / 2,)
-    return (positions.to(torch.float64)[..., None] * freqs).float()  # (..., T, head_dim / 2)
+    freqs = rope_frequencies(head_dim // 2, base)  # (head_dim / 2,), float64
+    if positions.device.type == "mps":  # Apple's MPS has no float64: compute on the CPU, then move
+        return rope_angles(positions.detach().cpu(), head_dim, base).to(positions.device)
+    angles = positions.to(torch.float64)[..., None] * freqs.to(positions.device)  # float64: exact for long sequences
+    return angles.float()  # (..., T, head_dim / 2)
 
 
 def rope_2d_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, base: float = ROPE_BASE) -> torch.Tensor:
@@ -72,13 +75,20 @@ def default_mrope_sections(head_dim: int) -> tuple[int, int, int]:
 
 
 def mrope_angles(
-    positions: torch.Tensor, head_dim: int, sections: Sequence[int] | None = None, base: float = ROPE_BASE
+    positions: torch.Tensor,
+    head_dim: int,
+    sections: Sequence[int] | None = None,
+    base: float = ROPE_BASE,
+    interleaved: bool = False,
 ) -> torch.Tensor:
     """Time, height and width positions (3, ..., T) -> angles (..., T, head_dim / 2) (M-RoPE, Qwen2-VL).
 
     The pairs keep the 1-D frequencies; the first sections[0] pairs turn with the time index,
-    the next sections[1] with the height, the last sections[2] with the width. Where the three
-    indices are equal (text) this is `rope_angles` exactly.
+    the next sections[1] with the height, the last sections[2] with the width. So time gets the
+    fastest pairs and width the slowest. interleaved=True deals the pairs out in turn instead
+    (time, height, width, time, ...; Qwen3-VL's interleaved M-RoPE), so every axis gets fast and
+    slow pairs; `sections` is then ignored. Where the three indices are equal (text) either is
+    `rope_angles` exactly.
     """
     check_head_dim(head_dim)
     sections = tuple(default_mrope_sections(head_dim) if sections is None else sections)
@@ -90,7 +100,10 @@ def mrope_angles(
     if positions.dim() < 2 or positions.shape[0] != 3:
         raise ValueError(f"M-RoPE positions must have shape (3, ..., tokens): time, height, width; got {tuple(positions.shape)}")
     angles = rope_angles(positions, head_dim, base)  # (3, ..., T, head_dim / 2): every pair, for each axis
-    axis = torch.repeat_interleave(torch.arange(3), torch.tensor(sections))  # (head_dim / 2,): which axis turns pair j
+    if interleaved:
+        axis = torch.arange(head_dim // 2) % 3  # (head_dim / 2,): pair j turns with axis j mod 3
+    else:
+        axis = torch.repeat_interleave(torch.arange(3), torch.tensor(sections))  # (head_dim / 2,): which axis turns pair j
     return torch.stack([angles[a, ..., j] for j, a in enumerate(axis.tolist())], dim=-1)  # (..., T, head_dim / 2)
 
 

@@ -83,6 +83,21 @@ _MAX_ATTEMPTS = 200  # rejection-sampling attempts before a clear error
 # Scene graph and configuration
 
 
+class _Canvas:
+    """Height and width in pixels of what has an `image_size` and an optional `canvas` (height, width)."""
+
+    image_size: int
+    canvas: tuple[int, int] | None
+
+    @property
+    def height(self) -> int:
+        return self.image_size if self.canvas is None else self.canvas[0]
+
+    @property
+    def width(self) -> int:
+        return self.image_size if self.canvas is None else self.canvas[1]
+
+
 @dataclass(frozen=True)
 class ShapeObject:
     """One shape in a scene: its attributes and its bounding box (top-left x, y and side, in pixels)."""
@@ -104,7 +119,7 @@ class ShapeObject:
 
 
 @dataclass(frozen=True)
-class Scene:
+class Scene(_Canvas):
     """A scene graph: objects, an optional rendered string and the canvas size."""
 
     objects: tuple[ShapeObject, ...]
@@ -112,14 +127,6 @@ class Scene:
     image_size: int
     text_box: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) of the string
     canvas: tuple[int, int] | None = None  # (height, width) when it is not image_size x image_size
-
-    @property
-    def height(self) -> int:
-        return self.image_size if self.canvas is None else self.canvas[0]
-
-    @property
-    def width(self) -> int:
-        return self.image_size if self.canvas is None else self.canvas[1]
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,7 @@ class QA:
 
 
 @dataclass(frozen=True)
-class ShapeWorldConfig:
+class ShapeWorldConfig(_Canvas):
     """What scenes look like: canvas size, object counts, shape and colour sets, text and held-out pairs."""
 
     image_size: int = 32
@@ -225,14 +232,6 @@ class ShapeWorldConfig:
             w, h = _text_extent("XXX", self.text_scale)
             cells -= (w + self.gap) * (h + self.gap) / cell**2
         return min(int(cells), len(NUMBER_WORDS) - 1)
-
-    @property
-    def height(self) -> int:
-        return self.image_size if self.canvas is None else self.canvas[0]
-
-    @property
-    def width(self) -> int:
-        return self.image_size if self.canvas is None else self.canvas[1]
 
     def train_pairs(self) -> list[tuple[str, str]]:
         """(colour, shape) pairs allowed in train/val/test."""

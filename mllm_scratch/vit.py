@@ -402,8 +402,8 @@ class VisionTransformer(nn.Module):
         """2-D rotary angles (prefix + grid_h * grid_w, head_dim / 2) of a row-major grid; None without 2-D RoPE.
 
         [CLS] gets angle 0 (no rotation): it sits at no place in the image. squeeze_to=(rows, cols):
-        an axis longer than that is squeezed onto its range, position * rows / grid_h (RoPE's
-        position interpolation, Chen et al., 2023), so no offset exceeds the ones trained on.
+        an axis longer than that is squeezed, position * rows / grid_h (RoPE's position
+        interpolation, Chen et al., 2023), so its offsets stay about as long as a trained grid's.
         """
         if not self.any_size:
             return None

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chapter 11's measurement on three seeds: which positions let a ViT see on canvases it never saw?
 
-    python scripts/native_resolution.py              # every row (about 2 minutes each on one CPU thread, 45 in all)
+    python scripts/native_resolution.py              # every row (about 2 minutes each on one CPU thread, 45 minutes in all)
     python scripts/native_resolution.py --rows 0 1   # some rows only (merged into the results file)
 
 Each row trains `native.train_native` (the leftmost-shape task, 1,500 steps on 20,000

@@ -80,6 +80,18 @@ def test_mrope_on_text_alone_is_1d_rope():
     assert default_mrope_sections(128) == (16, 24, 24)  # Qwen2-VL's split of 64 pairs
 
 
+def test_interleaved_mrope_deals_the_pairs_in_turn_and_is_1d_rope_on_text():
+    pos = torch.arange(5)
+    torch.testing.assert_close(mrope_angles(pos.expand(3, -1), 16, interleaved=True), rope_angles(pos, 16))
+    only_width = torch.stack([torch.zeros(5), torch.zeros(5), pos.float()])  # (3, T): time and height fixed at 0
+    a = mrope_angles(only_width, 16, interleaved=True)  # (T, 8)
+    assert (a[1:, [2, 5]] != 0).all() and (a[:, [0, 1, 3, 4, 6, 7]] == 0).all()  # pairs 2 and 5 are width's
+    contiguous = mrope_angles(only_width, 16)  # sections (2, 3, 3): width turns the last, slowest pairs
+    assert torch.all(contiguous[:, :5] == 0) and contiguous[1, 5:].gt(0).all()
+    with pytest.raises(ValueError, match="mrope_interleaved needs position 'mrope'"):
+        GPTConfig(position="rope", mrope_interleaved=True)
+
+
 def test_mrope_gpt_on_text_equals_the_rope_gpt():
     torch.manual_seed(0)
     rope = GPT(GPTConfig(position="rope", dim=32, depth=2)).eval()
@@ -187,3 +199,13 @@ def test_forward_interpolated_at_the_training_size_is_the_model(pos):
     model = ViTClassifier(ViTConfig(dim=32, num_heads=2, depth=1, pos_embedding=pos, num_classes=3)).eval()
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(forward_interpolated(model.encoder, x).pooled, model.encoder(x).pooled)
+
+
+@pytest.mark.parametrize("position", ["rope", "mrope"])
+def test_a_rope_gpt_step_reads_no_device_value(position):
+    # on the meta device any read of a value raises: the rotary path adds no host-device sync
+    model = GPT(GPTConfig(position=position, dim=32, depth=1)).to("meta")
+    ids = torch.zeros(2, 6, dtype=torch.long, device="meta")
+    model(ids).sum().backward()
+    vit = VisionTransformer(ViTConfig(dim=32, num_heads=2, depth=1, pos_embedding="rope2d")).to("meta")
+    vit(torch.zeros(1, 3, 24, 40, device="meta")).pooled.sum().backward()
