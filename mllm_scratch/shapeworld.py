@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
 import numpy as np
@@ -201,6 +201,12 @@ class ShapeWorldConfig(_Canvas):
                 f"held_out leaves {len(self.train_pairs())} (colour, shape) pairs: "
                 f"expected at least max_objects {self.max_objects}"
             )
+
+    def __repr__(self) -> str:
+        # the canvas switch is shown only when set, so a book config prints as it always has
+        shown = (f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                 if not (f.metadata.get("switch") and getattr(self, f.name) == f.default))
+        return f"ShapeWorldConfig({', '.join(shown)})"
 
     @classmethod
     def preset(cls, image_size: int, **overrides) -> "ShapeWorldConfig":

@@ -30,7 +30,8 @@ def test_a_canvas_keeps_the_shapes_sizes_and_holds_every_object(canvas):
 
 
 def test_the_default_canvas_is_not_stored_and_changes_no_scene():
-    assert "canvas" not in config_dict(ShapeWorldConfig())
+    assert "canvas" not in config_dict(ShapeWorldConfig()) and "canvas" not in repr(ShapeWorldConfig())
+    assert "canvas=(32, 64)" in repr(ShapeWorldConfig(canvas=(32, 64), text_probability=0.0))
     assert generate_scene(7) == generate_scene(7, ShapeWorldConfig(canvas=None))
     square = generate_scene(7, ShapeWorldConfig(canvas=(32, 32)))  # the same canvas, spelled out
     assert np.array_equal(render(square), render(generate_scene(7)))
