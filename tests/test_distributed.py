@@ -31,7 +31,7 @@ WORKER = textwrap.dedent('''
     from mllm_scratch.train import TrainConfig, batches, train
 
     torch.set_num_threads(1)
-    out = sys.argv[1]
+    out, strategy = sys.argv[1], sys.argv[2]
 
     def problem():
         torch.manual_seed(0)
@@ -47,29 +47,29 @@ WORKER = textwrap.dedent('''
             return lm_loss(model, batch)
         return loss_fn
 
-    for strategy in ("ddp", "fsdp"):
-        with distributed("cpu", strategy) as (parallel, device):
-            for accum in (1, 2):
+    # One strategy per launch: re-creating a process group inside the same ranks can stall gloo's rendezvous.
+    with distributed("cpu", strategy) as (parallel, device):
+        for accum in (1, 2):
+            data, model = problem()
+            config = TrainConfig(steps=%(steps)d, lr=0.01, warmup_steps=1, weight_decay=0.1, grad_clip=0.5,
+                                 record_every=1, log_every=0, progress=False, grad_accum_steps=accum)
+            stream = lambda: batches(data, %(batch)d, seed=0, micro_batches=accum, shard=parallel.shard)
+            history = train(model, stream(), lm_loss, config, device=device, parallel=parallel)
+            if parallel.is_main:
+                torch.save({"params": model.state_dict(), "loss": history.loss}, f"{out}/{strategy}_{accum}.pt")
+            if accum == 2:  # a crash in step 3 (the checkpoint holds step 2), then a fresh start with resume
                 data, model = problem()
-                config = TrainConfig(steps=%(steps)d, lr=0.01, warmup_steps=1, weight_decay=0.1, grad_clip=0.5,
-                                     record_every=1, log_every=0, progress=False, grad_accum_steps=accum)
-                stream = lambda: batches(data, %(batch)d, seed=0, micro_batches=accum, shard=parallel.shard)
-                history = train(model, stream(), lm_loss, config, device=device, parallel=parallel)
+                config = TrainConfig(**{**config.__dict__, "checkpoint_every": 2})
+                try:
+                    train(model, stream(), crash_at(5), config, device=device, parallel=parallel,
+                          checkpoint=f"{out}/{strategy}_state.pt")
+                except RuntimeError:
+                    pass
+                data, model = problem()
+                history = train(model, stream(), lm_loss, config, device=device, parallel=parallel,
+                                checkpoint=f"{out}/{strategy}_state.pt", resume=True)
                 if parallel.is_main:
-                    torch.save({"params": model.state_dict(), "loss": history.loss}, f"{out}/{strategy}_{accum}.pt")
-                if accum == 2:  # a crash in step 3 (the checkpoint holds step 2), then a fresh start with resume
-                    data, model = problem()
-                    config = TrainConfig(**{**config.__dict__, "checkpoint_every": 2})
-                    try:
-                        train(model, stream(), crash_at(5), config, device=device, parallel=parallel,
-                              checkpoint=f"{out}/{strategy}_state.pt")
-                    except RuntimeError:
-                        pass
-                    data, model = problem()
-                    history = train(model, stream(), lm_loss, config, device=device, parallel=parallel,
-                                    checkpoint=f"{out}/{strategy}_state.pt", resume=True)
-                    if parallel.is_main:
-                        torch.save({"params": model.state_dict(), "loss": history.loss}, f"{out}/{strategy}_resumed.pt")
+                    torch.save({"params": model.state_dict(), "loss": history.loss}, f"{out}/{strategy}_resumed.pt")
 ''') % {"steps": STEPS, "batch": GLOBAL_BATCH}
 
 
@@ -109,8 +109,9 @@ def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     script = out / "worker.py"
     script.write_text(WORKER)
-    result = torchrun(str(script), str(out))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for strategy in ("ddp", "fsdp"):
+        result = torchrun(str(script), str(out), strategy)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
 
