@@ -91,18 +91,16 @@ def packing_costs(sizes: Sequence[tuple[int, int]], vision: ViTConfig) -> dict[s
     tokens = [prefix + (h // p) * (w // p) for h, w in sizes]
     patch_in = vision.in_channels * p * p
 
-    def tower(n_tokens: int, attention_pairs: int) -> int:
-        # per block: projections and MLP scale with tokens, attention with (query, key) pairs
-        per_block = 4 * linear_flops(n_tokens, dim, dim) + linear_flops(n_tokens, dim, hidden) + linear_flops(n_tokens, hidden, dim)
-        per_block += 2 * 2 * attention_pairs * dim
-        return linear_flops(n_tokens - prefix * len(sizes), patch_in, dim) + vision.depth * per_block
+    def tower(n_images: int, n_tokens: int) -> int:
+        # n_images' patches projected, then depth blocks over one sequence of n_tokens (attention over all pairs)
+        patch = linear_flops(n_tokens - prefix * n_images, patch_in, dim)
+        return patch + vision.depth * block_flops(n_tokens, dim, hidden)
 
     longest, total = max(tokens), sum(tokens)
-    padded = len(sizes) * longest
     return {
-        "padded": {"tokens": padded, "flops": tower(padded, len(sizes) * longest**2)},
-        "packed, dense mask": {"tokens": total, "flops": tower(total, total**2)},
-        "packed, per image": {"tokens": total, "flops": tower(total, sum(t * t for t in tokens))},
+        "padded": {"tokens": len(sizes) * longest, "flops": len(sizes) * tower(1, longest)},
+        "packed, dense mask": {"tokens": total, "flops": tower(len(sizes), total)},
+        "packed, per image": {"tokens": total, "flops": sum(tower(1, t) for t in tokens)},
     }
 
 
