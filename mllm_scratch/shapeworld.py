@@ -154,6 +154,9 @@ class ShapeWorldConfig(_Canvas):
     # image_size gives them, so a bigger canvas shows more room, not bigger shapes: an image
     # at its native resolution (chapter 11). Stored in a saved config only when set.
     canvas: tuple[int, int] | None = field(default=None, metadata={"switch": True})
+    # Objects' top-left corners on multiples of `snap` pixels (1: anywhere). Chapter 13 snaps them to
+    # its image tokenizer's 4 px cells, so an object is always the same few codes. Stored only when set.
+    snap: int = field(default=1, metadata={"switch": True})
 
     def __post_init__(self) -> None:
         s = self.image_size
@@ -170,6 +173,9 @@ class ShapeWorldConfig(_Canvas):
             if min(c) < side:
                 raise ValueError(f"canvas {c} cannot hold a large object ({self.sides['large']} px plus gaps): "
                                  f"expected both sides at least {side}")
+        if isinstance(self.snap, bool) or not isinstance(self.snap, int) or not 1 <= self.snap <= self.sides["small"]:
+            raise ValueError(f"snap {self.snap!r} is invalid: expected an int from 1 (anywhere) to the small side "
+                             f"{self.sides['small']} px")
         for name, values, valid in (("shapes", self.shapes, SHAPES), ("colours", self.colours, COLOURS)):
             bad = [v for v in values if v not in valid]
             if bad or not values or len(set(values)) != len(values):
@@ -313,11 +319,19 @@ def _pick_pairs(rng: Rng, config: ShapeWorldConfig, n: int, split: str | None) -
     return pairs
 
 
-def _place(rng: Rng, w: int, h: int, taken: list, size: int | tuple[int, int], gap: int) -> tuple[int, int] | None:
-    """A uniformly random top-left corner (x, y) for a w x h box clear of `taken` boxes, or None if none is left."""
+def _place(rng: Rng, w: int, h: int, taken: list, size: int | tuple[int, int], gap: int,
+           snap: int = 1) -> tuple[int, int] | None:
+    """A uniformly random top-left corner (x, y) for a w x h box clear of `taken` boxes, or None if none is left.
+    With snap > 1, only corners whose x and y are multiples of snap, and a box may touch the canvas's edge
+    (boxes still keep `gap` from each other)."""
     height, width = (size, size) if isinstance(size, int) else size  # the canvas
     free = np.zeros((height, width), dtype=bool)  # free[y, x]: may the box's top-left corner go here?
-    free[gap : height - gap - h + 1, gap : width - gap - w + 1] = True
+    edge = gap if snap == 1 else 0
+    free[edge : height - edge - h + 1, edge : width - edge - w + 1] = True
+    if snap > 1:
+        on_grid = np.zeros_like(free)
+        on_grid[::snap, ::snap] = True
+        free &= on_grid
     for x0, y0, x1, y1 in taken:  # corners that would come closer than `gap` to a taken box
         free[max(0, y0 - gap - h + 1) : y1 + gap, max(0, x0 - gap - w + 1) : x1 + gap] = False
     corners = np.flatnonzero(free)
@@ -347,7 +361,7 @@ def _sample_scene(rng: Rng, config: ShapeWorldConfig, split: str | None) -> Scen
         objects = []
         for (colour, shape), size in zip(pairs, sizes):
             side = config.sides[size]
-            corner = _place(rng, side, side, taken, (config.height, config.width), config.gap)
+            corner = _place(rng, side, side, taken, (config.height, config.width), config.gap, config.snap)
             if corner is None:
                 break
             obj = ShapeObject(shape, colour, size, corner[0], corner[1], side)
@@ -695,6 +709,8 @@ def _sample_clip(rng: Rng, num_frames: int, config: ShapeWorldConfig, split: str
         raise ValueError(f"num_frames {num_frames} is invalid: expected 2 <= num_frames <= 256")
     if config.canvas is not None:
         raise ValueError(f"clips are drawn on a square image_size canvas: expected canvas None, got {config.canvas}")
+    if config.snap != 1:
+        raise ValueError(f"clips move their shapes a pixel at a time: expected snap 1, got {config.snap}")
     s, gap = config.image_size, config.gap
     most = min(config.max_objects, len(config.shapes), len(config.colours))
     for _ in range(_MAX_ATTEMPTS):

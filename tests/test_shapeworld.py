@@ -430,3 +430,21 @@ def test_errors_say_what_was_wrong(make, message):
 def test_dataset_index_error():
     with pytest.raises(IndexError):
         sw.TextDataset("train", 3)[3]
+
+
+def test_snap_puts_every_corner_on_the_grid_and_changes_nothing_when_1():
+    from mllm_scratch.shapeworld import ShapeWorldConfig, generate_clip, generate_scene, relations
+
+    snapped = ShapeWorldConfig(text_probability=0.0, snap=8)
+    for i in range(300):
+        scene = generate_scene(i, snapped, "train")
+        assert all(o.x % 8 == 0 and o.y % 8 == 0 and o.x + o.side <= 32 and o.y + o.side <= 32 for o in scene.objects)
+        for a in scene.objects:  # still no two boxes closer than the gap
+            assert all(a is b or relations(a, b) for b in scene.objects)
+    plain = ShapeWorldConfig(text_probability=0.0)
+    assert generate_scene(7, plain) == generate_scene(7, ShapeWorldConfig(text_probability=0.0, snap=1))
+    assert "snap" not in repr(plain) and "snap=8" in repr(snapped)
+    with pytest.raises(ValueError, match="snap 9 is invalid"):
+        ShapeWorldConfig(snap=9)
+    with pytest.raises(ValueError, match="expected snap 1"):
+        generate_clip(0, 4, snapped)
