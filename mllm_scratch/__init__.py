@@ -107,10 +107,36 @@ from mllm_scratch.vit import (
     save_vit,
     sincos_2d_position_embedding,
 )
+from mllm_scratch.vq import VQConfig, VQVAE, VectorQuantizer, pretrained_vqvae, train_vqvae
+from mllm_scratch.judge import Judge, detect, pretrained_judge
+from mllm_scratch.imagegen import (
+    DrawConfig,
+    DrawingLM,
+    DrawRecipe,
+    draw,
+    draw_codes,
+    pretrained_drawing_model,
+    train_drawing,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DrawConfig",
+    "DrawingLM",
+    "DrawRecipe",
+    "Judge",
+    "VQConfig",
+    "VQVAE",
+    "VectorQuantizer",
+    "detect",
+    "draw",
+    "draw_codes",
+    "pretrained_drawing_model",
+    "pretrained_judge",
+    "pretrained_vqvae",
+    "train_drawing",
+    "train_vqvae",
     "apply_rope",
     "forward_interpolated",
     "mrope_angles",

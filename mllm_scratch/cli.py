@@ -8,6 +8,7 @@
     python -m mllm_scratch render 0 --video --out clip.gif      # a test clip, as an animated GIF (or a folder)
     python -m mllm_scratch ask-video clip.gif "which shape moves?"                  # chapter 09's video model
     python -m mllm_scratch train-vlm --out vlm.pt               # train chapter 06's VLM yourself (CPU: minutes)
+    python -m mllm_scratch draw "a small red circle left of a large blue square" --out x.png   # chapter 13
     python -m mllm_scratch caption scene.png --checkpoint vlm.pt
     torchrun --nproc_per_node 2 -m mllm_scratch train-vlm --device cpu --out vlm.pt      # 2 processes (gloo)
     torchrun --nproc_per_node 8 -m mllm_scratch train-vlm --preset gpu --device cuda --out vlm_gpu.pt  # 8 GPUs
@@ -229,6 +230,38 @@ def cmd_render(args: argparse.Namespace) -> int:
     print("questions (skill, question, true answer):")
     for qa in qas:
         print(f"  {qa.skill:<10} {qa.question} {qa.answer}")
+    return 0
+
+
+def cmd_draw(args: argparse.Namespace) -> int:
+    import torch
+
+    from mllm_scratch.images import save_image
+    from mllm_scratch.imagegen import check_prompt, draw_codes, pretrained_drawing_model
+    from mllm_scratch.vq import pretrained_vqvae
+
+    try:
+        text = check_prompt(args.caption)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if args.guidance < 0:
+        raise CLIError(f"--guidance {args.guidance} is invalid: expected 0 or more (1 = no guidance)")
+    if not 0 <= args.temperature <= 10:
+        raise CLIError(f"--temperature {args.temperature} is invalid: expected 0 (greedy) to 10")
+    if args.count < 1:
+        raise CLIError(f"--count {args.count} is invalid: expected 1 or more drawings")
+    if args.size < 32 or args.size % 32:
+        raise CLIError(f"--size {args.size} is not a multiple of the 32 px drawing: expected 32, 64, ...")
+    model, vqvae = pretrained_drawing_model(args.model), pretrained_vqvae()
+    generator = torch.Generator().manual_seed(args.seed)
+    images = vqvae.decode(draw_codes(model, [text] * args.count, guidance=args.guidance, temperature=args.temperature,
+                                     generator=generator))
+    out = Path(args.out)
+    for i, image in enumerate(images):
+        path = out if args.count == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        pixels = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        _write(lambda p: save_image(pixels, p, args.size), path, "the drawing")
+        print(f"wrote {path}: {text!r} drawn by the {args.model} model (seed {args.seed}, guidance {args.guidance})")
     return 0
 
 
@@ -494,6 +527,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(run=cmd_ask_video)
 
     book = VLMRecipe()
+    d = sub.add_parser("draw", help="draw a caption with chapter 13's model",
+                       description="Draw a ShapeWorld caption with chapter 13's drawing model: 64 image codes sampled "
+                       "one by one, decoded by the VQ-VAE. Captions use sizes, colours and shapes, listed left to right "
+                       "('a small red circle and a large blue square') or with one relation "
+                       "('a small red circle above a large blue square').")
+    d.add_argument("caption", help="what to draw, in ShapeWorld's words")
+    d.add_argument("--out", default="drawing.png", help="the image file to write (default drawing.png)")
+    d.add_argument("--model", choices=("emu3", "janus"), default="emu3",
+                   help="emu3 (default): one tokenizer reads and draws; janus: reads through the image tower")
+    d.add_argument("--guidance", type=float, default=2.0,
+                   help="classifier-free guidance scale (1: none; default 2, the chapter's)")
+    d.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature (0: greedy; default 0.7, the chapter's)")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed (default 0): another seed, another drawing")
+    d.add_argument("--count", type=int, default=1, help="how many drawings (default 1; several: NAME_0.png, ...)")
+    d.add_argument("--size", type=int, default=256, help="enlarge to this many pixels, nearest neighbour (default 256)")
+    d.set_defaults(run=cmd_draw)
+
     t = sub.add_parser("train-vlm", help="train a tiny unified VLM (chapter 06) and save it",
                        description="Train a unified VLM in LLaVA's two stages (projector on captions, then projector "
                        "+ LM on questions) and write the checkpoint atomically to --out. Uses the GPU when present. "

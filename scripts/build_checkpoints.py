@@ -165,6 +165,31 @@ def build_video(out: Path) -> dict:
     return build_checkpoint(out)
 
 
+@target("vqvae", "chapter 13's VQ-VAE image tokenizer (a 32 px scene <-> 8 x 8 codes)", loader="mllm_scratch.vq:pretrained_vqvae")
+def build_vqvae(out: Path) -> dict:
+    from mllm_scratch.vq import build_checkpoint
+
+    return build_checkpoint(out)
+
+
+@target("judge", "chapter 13's judge: a detector of colour, shape, size and place trained on real scenes",
+        loader="mllm_scratch.judge:pretrained_judge")
+def build_judge(out: Path) -> dict:
+    from mllm_scratch.judge import build_checkpoint
+
+    return build_checkpoint(out)
+
+
+@target("draw", "chapter 13's drawing models: Emu3-style (codes in, codes out) and Janus-style (tower in, codes out)",
+        loader="mllm_scratch.imagegen:pretrained_drawing_models", files=("draw_emu3.pt", "draw_janus.pt"))
+def build_draw(out: Path) -> dict:
+    from mllm_scratch.imagegen import METHODS, build_checkpoint
+
+    manifests = {m: build_checkpoint(out, m) for m in METHODS}
+    return {"bytes": sum(m["bytes"] for m in manifests.values()), "sha256": manifests["emu3"]["sha256"],
+            "files": [f"draw_{m}.pt" for m in manifests]}
+
+
 # ----------------------------------------------------------------------------------
 
 

@@ -260,7 +260,7 @@ def test_bad_out_suffix(capsys):
     assert "should end in .pt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [[], ["train-vlm"], ["caption"], ["ask"], ["render"], ["questions"], ["ask-video"]])
+@pytest.mark.parametrize("argv", [[], ["train-vlm"], ["caption"], ["ask"], ["render"], ["questions"], ["ask-video"], ["draw"]])
 def test_help_on_every_command(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([*argv, "--help"])
@@ -278,6 +278,8 @@ def test_help_on_every_command(argv, capsys):
         assert "python -m mllm_scratch questions" in out
     if argv == ["ask-video"]:
         assert "8 evenly spaced" in out and "render --video" in out
+    if argv == ["draw"]:
+        assert "--guidance" in out and "--temperature" in out and "--model {emu3,janus}" in out
 
 
 def test_train_vlm_resumes_a_crashed_run_to_the_same_model(tmp_path, monkeypatch):
