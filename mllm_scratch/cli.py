@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     book = VLMRecipe()
     d = sub.add_parser("draw", help="draw a caption with chapter 13's model",
-                       description="Draw a ShapeWorld caption with chapter 13's drawing model: 64 image codes sampled "
+                       description="Draw a ShapeWorld caption with chapter 13's drawing model: 16 image codes sampled "
                        "one by one, decoded by the VQ-VAE. Captions use sizes, colours and shapes, listed left to right "
                        "('a small red circle and a large blue square') or with one relation "
                        "('a small red circle above a large blue square').")

@@ -569,7 +569,7 @@ def pretrained_drawing_model(method: str = "emu3", path: str | Path | None = Non
 
     recipe = shipped_recipe(method)
     saved, state_dict, path, rebuild = load_verified(
-        f"draw_{method}", path, checkpoint_path(method), expected_config=None, recipe=recipe.to_dict(),
+        "draw", path, checkpoint_path(method), expected_config=None, recipe=recipe.to_dict(),
         recipe_owner=f"mllm_scratch.imagegen.shipped_recipe({method!r})", tokenizer_sha256=tokenizer_sha256(),
     )
     try:

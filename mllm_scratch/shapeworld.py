@@ -155,7 +155,7 @@ class ShapeWorldConfig(_Canvas):
     # at its native resolution (chapter 11). Stored in a saved config only when set.
     canvas: tuple[int, int] | None = field(default=None, metadata={"switch": True})
     # Objects' top-left corners on multiples of `snap` pixels (1: anywhere). Chapter 13 snaps them to
-    # its image tokenizer's 4 px cells, so an object is always the same few codes. Stored only when set.
+    # its image tokenizer's 8 px cells, so an object is always the same few codes. Stored only when set.
     snap: int = field(default=1, metadata={"switch": True})
 
     def __post_init__(self) -> None:

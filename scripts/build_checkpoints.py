@@ -165,7 +165,7 @@ def build_video(out: Path) -> dict:
     return build_checkpoint(out)
 
 
-@target("vqvae", "chapter 13's VQ-VAE image tokenizer (a 32 px scene <-> 8 x 8 codes)", loader="mllm_scratch.vq:pretrained_vqvae")
+@target("vqvae", "chapter 13's VQ-VAE image tokenizer (a 32 px scene <-> 4 x 4 codes)", loader="mllm_scratch.vq:pretrained_vqvae")
 def build_vqvae(out: Path) -> dict:
     from mllm_scratch.vq import build_checkpoint
 
