@@ -28,7 +28,6 @@ sampling time logits = unconditional + scale * (conditional - unconditional).
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, pretrained_gpt, tokenizer_sha256
+from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, pretrained_gpt, sample_next, tokenizer_sha256
 from mllm_scratch.judge import Spec
 from mllm_scratch.shapeworld import (
-    COLOURS, NUMBER_WORDS, SHAPES, SIZES, Rng, caption, questions, relations, split_seed, words,
+    COLOURS, SHAPES, SIZES, Rng, caption, questions, relations, words,
 )
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, batches, train
@@ -369,14 +368,7 @@ def draw_codes(model: DrawingLM, captions: Sequence[str | None], *, guidance: fl
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + guidance * (cond - uncond)
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            nxt = sample_next(logits, temperature, top_k, generator)  # chapter 04's sampler, over the codes only
             codes.append(nxt)
             if step + 1 < layout.num_codes:
                 token = (nxt + layout.code_offset)[:, None]
@@ -565,7 +557,7 @@ def checkpoint_path(method: str) -> Path:
 
 def pretrained_drawing_model(method: str = "emu3", path: str | Path | None = None) -> DrawingLM:
     """The shipped drawing model `method` (eval mode); janus also loads the book's image tower."""
-    from mllm_scratch.checkpoints import CheckpointError, load_state_dict_strict, load_verified
+    from mllm_scratch.checkpoints import CheckpointError, load_verified
 
     recipe = shipped_recipe(method)
     saved, state_dict, path, rebuild = load_verified(
