@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Why do spatial questions stay at chance? Other forms of the question, each trained alone, two long runs, and the comparison in words.
+"""Why do spatial questions stay at chance? Other forms of the question, each trained alone, long runs, the comparison in words, grounded answers.
 
     python scripts/spatial_probes.py             # every row (five to seven minutes each on one CPU thread, the
-                                                 # two long rows about 25; about 2 hours in all)
+                                                 # 3,000-step rows about 15, the 5,000-step ones about 20;
+                                                 # about 2.5 hours in all)
     python scripts/spatial_probes.py --rows 0 1  # some rows only (merged into the results file)
 
 Chapter 06's VLM reads colour, shape, count and existence from the book's tower but answers
@@ -36,6 +37,10 @@ same kind (never test):
   the two can the LM learn at all? **in words, canonical first** spends the first 300 of the
   same 1,200 steps on the canonical questions, then the rest on the four words (a curriculum),
   and is scored on the four words.
+- **grounded** (1,200 and 3,000 steps): the recipe's spatial question, answered with both
+  places first and then yes or no, "2 6 yes" (the same digits as in words), as Shikra and
+  Kosmos-2 answer with coordinates. It is scored on its last word, and on the two places.
+  Next to it, **where** again on 3,000 steps: does pointing get better with time?
 
 The results go to data/results/spatial_probes.json (with the PyTorch version), which
 appendix A1 prints.
@@ -77,6 +82,7 @@ QA_PAIRS = 20_000
 VAL_QUESTIONS = 600
 KINDS = ("canonical", "which side", "where", "where + spatial")
 WORDS_KINDS = ("in words, canonical", "in words, four words")
+GROUNDED = "grounded"  # the recipe's question, answered with both places first, then yes or no: "2 6 no"
 CURRICULUM = "in words, canonical first"  # CURRICULUM_STEPS on canonical questions, then the rest of the budget on four words
 CURRICULUM_STEPS = 300
 LONG_STEPS, LONG_QA_PAIRS = 5000, 60_000
@@ -84,7 +90,8 @@ LONG_STEPS, LONG_QA_PAIRS = 5000, 60_000
 ROWS: list[tuple[str, int, int, int]] = [(kind, STEPS, QA_PAIRS, 0) for kind in KINDS] + \
     [("spatial", LONG_STEPS, LONG_QA_PAIRS, 0), ("canonical", LONG_STEPS, LONG_QA_PAIRS, 0)] + \
     [(kind, STEPS, QA_PAIRS, seed) for seed in (0, 1, 2) for kind in WORDS_KINDS] + \
-    [(CURRICULUM, STEPS, QA_PAIRS, seed) for seed in (0, 1, 2)]
+    [(CURRICULUM, STEPS, QA_PAIRS, seed) for seed in (0, 1, 2)] + \
+    [(GROUNDED, STEPS, QA_PAIRS, 0), (GROUNDED, 3000, LONG_QA_PAIRS, 0), ("where", 3000, LONG_QA_PAIRS, 0)]
 _CANONICAL = {"left of": ("left of", "yes"), "right of": ("left of", "no"), "above": ("above", "yes"), "below": ("above", "no")}
 
 
@@ -94,8 +101,9 @@ class ProbeQuestions(Dataset):
     OFFSET = 500_000  # seeds VQADataset never reaches at these sizes
 
     def __init__(self, kind: str, split: str, size: int) -> None:
-        if kind not in ("canonical", "which side", "where") + WORDS_KINDS:
-            raise ValueError(f"kind {kind!r} is invalid: expected 'canonical', 'which side', 'where' or one of {WORDS_KINDS}")
+        if kind not in ("canonical", "which side", "where", GROUNDED) + WORDS_KINDS:
+            raise ValueError(f"kind {kind!r} is invalid: expected 'canonical', 'which side', 'where', {GROUNDED!r} "
+                             f"or one of {WORDS_KINDS}")
         self.kind, self.split, self.size, self.config = kind, split, size, ShapeWorldConfig()
         self._cache: dict[int, tuple] = {}
 
@@ -121,7 +129,7 @@ class ProbeQuestions(Dataset):
             return image, f"where is the {o.name}?", f"{column} {row}", self.kind
         a, b = rng.sample(unique, 2)
         rel = rng.choice(relations(a, b))
-        if self.kind in WORDS_KINDS:
+        if self.kind in WORDS_KINDS + (GROUNDED,):
             if self.kind == "in words, canonical":
                 word, answer = _CANONICAL[rel]
             elif rng.random() < 0.5:  # the recipe's questions: the word holds ("yes") or its opposite does ("no")
@@ -131,6 +139,8 @@ class ProbeQuestions(Dataset):
             patch = self.config.image_size // 8
             axis = (lambda o: o.x) if word in ("left of", "right of") else (lambda o: o.y)
             pa, pb = (int((axis(o) + o.side / 2) // patch) for o in (a, b))
+            if self.kind == GROUNDED:
+                return image, f"is the {a.name} {word} the {b.name}?", f"{pa} {pb} {answer}", self.kind
             return image, f"{pa} {pb}: is the {a.name} {word} the {b.name}?", answer, self.kind
         if self.kind == "canonical":
             word, answer = _CANONICAL[rel]
@@ -175,10 +185,13 @@ def run(i: int) -> dict:
     seconds = time.perf_counter() - start
     val = data_for(kind, "val", VAL_QUESTIONS)
     items = [val[j] for j in range(len(val))]
-    said = model.eval().generate(tokenizer, torch.stack([it[0] for it in items]), [it[1] for it in items], max_new_tokens=6)
+    said = model.eval().generate(tokenizer, torch.stack([it[0] for it in items]), [it[1] for it in items], max_new_tokens=8)
     acc: dict[str, list[bool]] = {}
     for it, s in zip(items, said):
         acc.setdefault(it[3], []).append(s == it[2])
+        if it[3] == GROUNDED:  # the answer is its last word; the places are the first two
+            acc[it[3]][-1] = s.split()[-1:] == it[2].split()[-1:]
+            acc.setdefault("grounded, places", []).append(s.split()[:2] == it[2].split()[:2])
         if it[3] == "where":  # the column alone: is the horizontal place read, if not to the patch?
             acc.setdefault("where, column", []).append(s.split()[:1] == it[2].split()[:1])
     top = Counter(said).most_common(3)
