@@ -237,9 +237,11 @@ def cmd_draw(args: argparse.Namespace) -> int:
     import torch
 
     from mllm_scratch.images import save_image
-    from mllm_scratch.imagegen import check_prompt, draw_codes, pretrained_drawing_model
+    from mllm_scratch.imagegen import EVAL, check_prompt, draw_codes, pretrained_drawing_model
     from mllm_scratch.vq import pretrained_vqvae
 
+    args.guidance = EVAL["guidance"] if args.guidance is None else args.guidance  # the chapter's setting
+    args.temperature = EVAL["temperature"] if args.temperature is None else args.temperature
     try:
         text = check_prompt(args.caption)
     except ValueError as err:
@@ -536,10 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="drawing.png", help="the image file to write (default drawing.png)")
     d.add_argument("--model", choices=("emu3", "janus"), default="emu3",
                    help="emu3 (default): one tokenizer reads and draws; janus: reads through the image tower")
-    d.add_argument("--guidance", type=float, default=2.0,
-                   help="classifier-free guidance scale (1: none; default 2, the chapter's)")
-    d.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature (0: greedy; default 0.7, the chapter's)")
+    d.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1: none; default: the chapter's, 1.5, imagegen.EVAL)")
+    d.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (0: greedy; default: the chapter's, 0.3, imagegen.EVAL)")
     d.add_argument("--seed", type=int, default=0, help="sampling seed (default 0): another seed, another drawing")
     d.add_argument("--count", type=int, default=1, help="how many drawings (default 1; several: NAME_0.png, ...)")
     d.add_argument("--size", type=int, default=256, help="enlarge to this many pixels, nearest neighbour (default 256)")

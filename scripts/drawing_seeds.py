@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chapter 13's drawing models on three seeds: what the judge says of their drawings, and how well they read.
 
-    python scripts/drawing_seeds.py              # every row (seed 0: the shipped models; the others about 15 minutes each)
+    python scripts/drawing_seeds.py              # every row (seed 0: the shipped models; the others about 21 minutes each)
     python scripts/drawing_seeds.py --rows 2 3   # some rows only (merged into the results file)
 
 Each row is one drawing model of `imagegen.shipped_recipe(method)` with another seed (seed 0
@@ -11,7 +11,7 @@ is the shipped checkpoint, which `build_checkpoints.py draw` trains with this ve
 - **janus**: it reads through the book's frozen image tower (chapter 05's CLIP ViT) and a
   projector, and draws the codes.
 
-Both train on one drawing and one question per training scene. Each row draws the caption of
+Both train on a drawing of each training scene and a question about every second one. Each row draws the caption of
 1,000 *test* and 1,000 *compositional* scenes (every compositional caption names a colour-shape
 pair no training caption has), without guidance and with classifier-free guidance, and the
 judge scores every drawing; then it answers one question per skill on 1,000 test scenes.

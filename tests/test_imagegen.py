@@ -5,7 +5,7 @@ import torch
 
 from mllm_scratch.cli import main
 from mllm_scratch.imagegen import (
-    CAPTION_SLOT, DrawConfig, DrawingLM, DrawRecipe, Layout, caption_slot, check_prompt, draw_caption,
+    CAPTION_SLOT, EVAL, DrawConfig, DrawingLM, DrawRecipe, Layout, caption_slot, check_prompt, draw_caption,
     draw_codes, drawing_row, extended_gpt, make_rows, pretrained_drawing_model, reading_row, held_out_captions,
 )
 from mllm_scratch.judge import Found, Spec, cell_targets, detect, pretrained_judge, score
@@ -190,6 +190,9 @@ def test_janus_needs_a_tower_and_recipes_check_their_fields():
         DrawRecipe(method="dalle")
     with pytest.raises(ValueError, match="cfg_drop"):
         DrawRecipe(cfg_drop=1.0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="read_every"):
+            DrawRecipe(read_every=bad)
 
 
 def test_make_rows_drops_captions_for_guidance(tok):
@@ -198,6 +201,18 @@ def test_make_rows_drops_captions_for_guidance(tok):
     rows = make_rows("emu3", Layout(tok.vocab_size, 128), tok, scenes, codes, seed=0, cfg_drop=0.2, task="draw")
     empty = (rows["ids"][:, :CAPTION_SLOT] == tok.pad_id).all(1).float().mean()
     assert 0.1 < empty < 0.3 and len(rows["specs"]) == 200 and not rows["qas"]
+
+
+def test_make_rows_asks_every_read_every_th_scene(tok):
+    images, scenes = scene_images("train", 30)
+    codes = torch.zeros(30, 4, 4, dtype=torch.long)
+    layout = Layout(tok.vocab_size, 128)
+    for every, questions in ((1, 30), (2, 15), (3, 10)):
+        rows = make_rows("emu3", layout, tok, scenes, codes, seed=0, task="both", read_every=every)
+        assert len(rows["specs"]) == 30 and len(rows["qas"]) == questions and len(rows["ids"]) == 30 + questions
+        asked = rows["index"][(rows["ids"][:, :CAPTION_SLOT] == tok.pad_id).all(1) & (rows["targets"][:, CAPTION_SLOT:CAPTION_SLOT + 17] == -100).all(1)]
+        assert asked.tolist() == list(range(0, 30, every))  # the reading rows: scenes 0, every, 2 * every, ...
+    assert len(make_rows("emu3", layout, tok, scenes, codes, seed=0, task="read", read_every=3)["qas"]) == 30
 
 
 # ----------------------------------------------------------------------------------
@@ -256,7 +271,12 @@ def test_draw_command_writes_a_png_and_refuses_unknown_words(tmp_path, capsys):
     out = tmp_path / "x.png"
     assert main(["draw", "a small red circle left of a large blue square", "--out", str(out)]) == 0
     assert Image.open(out).size == (256, 256)
-    assert "a small red circle left of a large blue square." in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "a small red circle left of a large blue square." in said and f"guidance {EVAL['guidance']})" in said  # the chapter's
+    with pytest.raises(SystemExit):
+        main(["draw", "--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    assert f"the chapter's, {EVAL['guidance']}," in helped and f"the chapter's, {EVAL['temperature']}," in helped
     assert main(["draw", "a purple elephant", "--out", str(out)]) == 2
     assert "'elephant'" in capsys.readouterr().err
     assert main(["draw", "a red circle", "--count", "0"]) == 2
