@@ -11,11 +11,11 @@ is the shipped checkpoint, which `build_checkpoints.py draw` trains with this ve
 - **janus**: it reads through the book's frozen image tower (chapter 05's CLIP ViT) and a
   projector, and draws the codes.
 
-Both train on a drawing of each training scene and a question about every second one. Each row draws the caption of
-1,000 *test* and 1,000 *compositional* scenes (every compositional caption names a colour-shape
-pair no training caption has), without guidance and with classifier-free guidance, and the
-judge scores every drawing; then it answers one question per skill on 1,000 test scenes.
-The results go to data/results/drawing_seeds.json, which chapter 13 prints.
+Both train on a drawing of each training scene and a question about every second one. Each row
+draws the caption of 1,000 *test* and 1,000 *compositional* scenes (every compositional caption
+names a colour-shape pair no training caption has), without guidance and with classifier-free
+guidance, and the judge scores every drawing; then it answers one question per skill on 1,000
+test scenes. The results go to data/results/drawing_seeds.json, which chapter 13 prints.
 """
 
 from __future__ import annotations

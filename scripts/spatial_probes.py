@@ -188,9 +188,10 @@ def run(i: int) -> dict:
     said = model.eval().generate(tokenizer, torch.stack([it[0] for it in items]), [it[1] for it in items], max_new_tokens=8)
     acc: dict[str, list[bool]] = {}
     for it, s in zip(items, said):
-        acc.setdefault(it[3], []).append(s == it[2])
-        if it[3] == GROUNDED:  # the answer is its last word; the places are the first two
-            acc[it[3]][-1] = s.split()[-1:] == it[2].split()[-1:]
+        # a grounded answer is right when its last word is; its places (the first two words) are scored apart
+        right = s.split()[-1:] == it[2].split()[-1:] if it[3] == GROUNDED else s == it[2]
+        acc.setdefault(it[3], []).append(right)
+        if it[3] == GROUNDED:
             acc.setdefault("grounded, places", []).append(s.split()[:2] == it[2].split()[:2])
         if it[3] == "where":  # the column alone: is the horizontal place read, if not to the patch?
             acc.setdefault("where, column", []).append(s.split()[:1] == it[2].split()[:1])
