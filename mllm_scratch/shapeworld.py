@@ -513,6 +513,7 @@ def relations(a: ShapeObject, b: ShapeObject) -> list[str]:
 
 
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+CANONICAL_WORDS: tuple[str, ...] = ("left of", "above")  # one word per axis: `questions(spatial_words=...)`
 
 
 def caption(scene: Scene) -> str:
@@ -548,9 +549,17 @@ def questions(
     rng: Rng | random.Random | int,
     skills: list[str] | tuple[str, ...] | None = None,
     config: ShapeWorldConfig | None = None,
+    *,
+    spatial_words: tuple[str, ...] | None = None,
 ) -> list[QA]:
-    """One unambiguous QA per requested image skill that the scene supports (in SKILLS order)."""
+    """One unambiguous QA per requested image skill that the scene supports (in SKILLS order).
+
+    spatial_words: the relation words a spatial question may use (default: all four, each
+    answered "yes" half the time). CANONICAL_WORDS, ("left of", "above"), asks every pair
+    one way only, so that "yes" means the first object is further left (or up).
+    """
     skills = _check_skills(skills, SKILLS)
+    spatial_words = _check_spatial_words(spatial_words)
     rng = _as_rng(rng)
     config = config or ShapeWorldConfig()
     objs = list(scene.objects)
@@ -573,7 +582,10 @@ def questions(
         elif skill == "spatial" and len(objs) >= 2:
             a, b = rng.sample(objs, 2)
             holds = relations(a, b)
-            if rng.random() < 0.5:
+            if spatial_words is not None:  # each relation that holds asked in the allowed word: itself or its opposite
+                rel = rng.choice(holds)
+                rel, answer = (rel, "yes") if rel in spatial_words else (_OPPOSITE[rel], "no")
+            elif rng.random() < 0.5:
                 rel, answer = rng.choice(holds), "yes"
             else:
                 rel, answer = _OPPOSITE[rng.choice(holds)], "no"
@@ -590,6 +602,20 @@ def questions(
         elif skill == "reading" and scene.text is not None:
             out.append(QA("what does the text say?", scene.text.lower(), skill))
     return out
+
+
+def _check_spatial_words(words) -> tuple[str, ...] | None:
+    if words is None:
+        return None
+    words = tuple(words) if not isinstance(words, str) else (words,)
+    bad = [w for w in words if w not in _OPPOSITE]
+    if bad or not words:
+        raise ValueError(f"spatial_words {words!r} is invalid: expected relation words from {tuple(_OPPOSITE)}")
+    missing = [r for r in _OPPOSITE if r not in words and _OPPOSITE[r] not in words]
+    if missing:
+        raise ValueError(f"spatial_words {words!r} cannot ask about {missing[0]!r}: expected it or its opposite "
+                         f"{_OPPOSITE[missing[0]]!r} among them")
+    return None if len(words) == len(_OPPOSITE) else words
 
 
 def _check_skills(skills, valid: tuple[str, ...]) -> tuple[str, ...]:
@@ -902,9 +928,11 @@ class VQADataset(_SplitDataset):
     """(image (3, H, W), question, answer, skill); skills cycle with the index so each is equally common."""
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None,
-                 skills: list[str] | tuple[str, ...] | None = None, cache: bool = False) -> None:
+                 skills: list[str] | tuple[str, ...] | None = None, cache: bool = False,
+                 spatial_words: tuple[str, ...] | None = None) -> None:
         super().__init__(split, size, config, cache)
         self.skills = _check_skills(skills, SKILLS)
+        self.spatial_words = _check_spatial_words(spatial_words)
         if "reading" in self.skills and self.config.text_probability == 0:
             raise ValueError("skill 'reading' needs text: config.text_probability is 0, expected > 0")
         if "spatial" in self.skills and self.config.max_objects < 2:
@@ -914,23 +942,34 @@ class VQADataset(_SplitDataset):
         skill = self.skills[i % len(self.skills)]
         for _ in range(_MAX_ATTEMPTS):  # re-sample from the same seed's stream until the skill applies
             scene = _sample_scene(rng, self.config, self.split)
-            qas = questions(scene, rng, [skill], self.config)
+            qas = questions(scene, rng, [skill], self.config, spatial_words=self.spatial_words)
             if qas:
                 return to_tensor(render(scene)), qas[0].question, qas[0].answer, skill
         raise RuntimeError(f"no {skill!r} question found for item {i}")
 
 
 class TextDataset(_SplitDataset):
-    """Text-only descriptions of scenes (never rendered) for language-model pretraining."""
+    """Text-only descriptions of scenes (never rendered) for language-model pretraining.
 
-    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, cache: bool = False) -> None:
+    questions=True follows each description with every question its scene supports and the
+    answer ("... what colour is the circle? red is there a blue square? no ..."): text in
+    which an LM learns the answers' words and when to say them.
+    """
+
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, cache: bool = False,
+                 questions: bool = False) -> None:
         super().__init__(split, size, config, cache)
+        self.questions = bool(questions)
 
     def __getitem__(self, i: int) -> str:
         return super().__getitem__(i)
 
     def _make(self, rng, i):
-        return description(_sample_scene(rng, self.config, self.split))
+        scene = _sample_scene(rng, self.config, self.split)
+        text = description(scene)
+        if self.questions:
+            text += "".join(f" {qa.question} {qa.answer}" for qa in questions(scene, rng, config=self.config))
+        return text
 
 
 class VideoQADataset(_SplitDataset):

@@ -448,3 +448,40 @@ def test_snap_puts_every_corner_on_the_grid_and_changes_nothing_when_1():
         ShapeWorldConfig(snap=9)
     with pytest.raises(ValueError, match="expected snap 1"):
         generate_clip(0, 4, snapped)
+
+
+def test_canonical_spatial_questions_use_one_word_per_axis_and_answer_by_the_boxes():
+    from mllm_scratch.shapeworld import CANONICAL_WORDS, _OPPOSITE, generate_scene, questions, relations
+
+    seen = {"yes": 0, "no": 0}
+    for seed in range(300):
+        scene = generate_scene(seed)
+        if len(scene.objects) < 2:
+            continue
+        (qa,) = questions(scene, seed, ["spatial"], spatial_words=CANONICAL_WORDS)
+        word = "left of" if " left of " in qa.question else "above"
+        assert word in qa.question and not any(f" {w} " in qa.question for w in ("right of", "below"))
+        names = qa.question[len("is the "):-1].split(f" {word} the ")
+        a, b = ([o for o in scene.objects if o.name == n] for n in names)
+        holds = any(word in relations(x, y) for x in a for y in b)
+        flipped = any(_OPPOSITE[word] in relations(x, y) for x in a for y in b)
+        assert (qa.answer == "yes" and holds) or (qa.answer == "no" and flipped), (qa, scene)
+        seen[qa.answer] += 1
+    assert min(seen.values()) > 0.35 * sum(seen.values())  # both answers common
+
+
+@pytest.mark.parametrize("words, match", [(("left of",), "'above'"), (("left of", "above", "sideways"), "invalid"), ((), "invalid")])
+def test_spatial_words_must_cover_both_axes(words, match):
+    from mllm_scratch.shapeworld import VQADataset
+
+    with pytest.raises(ValueError, match=match):
+        VQADataset("train", 4, skills=("spatial",), spatial_words=words)
+
+
+def test_text_with_questions_follows_each_description_with_its_answers():
+    from mllm_scratch.shapeworld import TextDataset
+
+    plain, asked = TextDataset("val", 5), TextDataset("val", 5, questions=True)
+    for i in range(5):
+        assert asked[i].startswith(plain[i] + " ")
+        assert "how many objects are there? " in asked[i] and asked[i].count("?") >= 3
