@@ -418,6 +418,9 @@ class PretrainRecipe:
     grad_clip: float = 1.0
     seed: int = 0
     model: GPTConfig = field(default_factory=GPTConfig)
+    # Follow each description with its scene's questions and answers (`TextDataset(questions=True)`):
+    # chapter 07's frozen LM must already say "yes" and "no". Stored only when set.
+    questions: bool = field(default=False, metadata=SWITCH)
 
     def train_config(self, **overrides) -> TrainConfig:
         """The `TrainConfig` of this recipe (overrides change only logging and progress)."""
@@ -438,7 +441,7 @@ def text_datasets(recipe: PretrainRecipe, tokenizer: Tokenizer) -> tuple[PackedT
         )
     out = []
     for split, size in (("train", recipe.train_texts), ("val", recipe.val_texts)):
-        texts = TextDataset(split, size)
+        texts = TextDataset(split, size, questions=recipe.questions)
         stream = pack_texts([texts[i] for i in range(size)], tokenizer)  # (num_tokens,)
         out.append(PackedTextDataset(stream, recipe.model.context_length))
     return out[0], out[1]
@@ -480,6 +483,10 @@ def pretrain_gpt(
 
 CHECKPOINT_NAME = "gpt"
 DEFAULT_CHECKPOINT = DEFAULT_DIR / f"{CHECKPOINT_NAME}.pt"
+# The same GPT pretrained on descriptions followed by their questions and answers, longer (the LM
+# that chapter 07 freezes: it must already say "yes" and "no"). Stored in float16.
+QA_CHECKPOINT_NAME = "gpt_qa"
+QA_RECIPE = PretrainRecipe(train_texts=40_000, steps=1500, questions=True)
 
 
 def tokenizer_sha256(tokenizer: Tokenizer | None = None) -> str:
@@ -488,22 +495,24 @@ def tokenizer_sha256(tokenizer: Tokenizer | None = None) -> str:
     return hashlib.sha256(ranks_to_bytes(tokenizer.ranks)).hexdigest()  # = ranks_sha256 in the tokenizer's manifest
 
 
-def pretrained_gpt(path: str | Path | None = None, *, config: GPTConfig | None = None) -> GPT:
+def pretrained_gpt(path: str | Path | None = None, *, config: GPTConfig | None = None, questions: bool = False) -> GPT:
     """The GPT pretrained by `scripts/build_checkpoints.py gpt` (eval mode, CPU), verified before it is built.
 
-    Checks the file's sha256 against its manifest, its config against `config` (for the
-    shipped checkpoint: the current `PretrainRecipe`, so a changed recipe is caught) and
-    the tokenizer it was trained with; raises CheckpointError naming the file and the
-    rebuild command otherwise.
+    questions=True: the one pretrained with questions and answers in its text (`QA_RECIPE`,
+    `build_checkpoints.py gpt_qa`), which chapter 07 freezes. Checks the file's sha256
+    against its manifest, its config against `config` (for the shipped checkpoint: the
+    current recipe, so a changed recipe is caught) and the tokenizer it was trained with;
+    raises CheckpointError naming the file and the rebuild command otherwise.
     """
-    recipe = PretrainRecipe()
+    recipe = QA_RECIPE if questions else PretrainRecipe()
+    name = QA_CHECKPOINT_NAME if questions else CHECKPOINT_NAME
     if config is None and path is None:
         config = recipe.model
     saved, state_dict, path, rebuild = load_verified(
-        CHECKPOINT_NAME, path, DEFAULT_CHECKPOINT,
+        name, path, DEFAULT_DIR / f"{name}.pt",
         expected_config=None if config is None else config_dict(config),
         recipe=config_dict(recipe),
-        recipe_owner="PretrainRecipe() in mllm_scratch/gpt.py",
+        recipe_owner="QA_RECIPE in mllm_scratch/gpt.py" if questions else "PretrainRecipe() in mllm_scratch/gpt.py",
         tokenizer_sha256=tokenizer_sha256(),
     )
     try:
@@ -514,17 +523,24 @@ def pretrained_gpt(path: str | Path | None = None, *, config: GPTConfig | None =
     return model.eval()
 
 
+def pretrained_gpt_qa(path: str | Path | None = None) -> GPT:
+    """`pretrained_gpt(path, questions=True)`: the GPT whose pretraining text held questions and answers."""
+    return pretrained_gpt(path, questions=True)
+
+
 __all__ = [
     "DEFAULT_CHECKPOINT",
     "GPT",
     "GPTConfig",
     "PretrainRecipe",
+    "QA_RECIPE",
     "evaluate_lm",
     "generate",
     "lm_loss",
     "next_token_loss",
     "pretrain_gpt",
     "pretrained_gpt",
+    "pretrained_gpt_qa",
     "sample_next",
     "text_datasets",
 ]

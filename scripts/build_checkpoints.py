@@ -74,13 +74,33 @@ def load_with(t: Target, path: Path):
 
 @target("gpt", "chapter 04's GPT pretrained on ShapeWorld descriptions", loader="mllm_scratch.gpt:pretrained_gpt")
 def build_gpt(out: Path) -> dict:
-    from mllm_scratch.gpt import PretrainRecipe, evaluate_lm, pretrain_gpt, text_datasets, tokenizer_sha256
+    from mllm_scratch.gpt import PretrainRecipe
+
+    return _build_gpt(out, PretrainRecipe(), "gpt", "PretrainRecipe()", "mllm_scratch.gpt.pretrained_gpt")
+
+
+@target("gpt_qa", "chapter 07's frozen LM: the GPT pretrained on descriptions followed by questions and answers",
+        loader="mllm_scratch.gpt:pretrained_gpt_qa")
+def build_gpt_qa(out: Path) -> dict:
+    import torch
+
+    from mllm_scratch.gpt import QA_RECIPE
+
+    return _build_gpt(out, QA_RECIPE, "gpt_qa", "QA_RECIPE", "mllm_scratch.gpt.pretrained_gpt_qa", dtype=torch.float16)
+
+
+def _build_gpt(out: Path, recipe, name: str, recipe_name: str, loader: str, dtype=None) -> dict:
+    import torch
+
+    from mllm_scratch.checkpoints import round_to_dtype
+    from mllm_scratch.gpt import evaluate_lm, pretrain_gpt, text_datasets, tokenizer_sha256
     from mllm_scratch.text import unigram_cross_entropy
     from mllm_scratch.tokenizer import load_tokenizer
 
-    recipe = PretrainRecipe()
     tokenizer = load_tokenizer()
     model, history = pretrain_gpt(recipe, tokenizer, log_every=50, progress=False, device="cpu")
+    if dtype is not None:
+        round_to_dtype(model, dtype)  # score the weights the file will hold
     train_set, val_set = text_datasets(recipe, tokenizer)
     val_loss = evaluate_lm(model, val_set)
     unigram = unigram_cross_entropy(train_set.targets, val_set.targets, tokenizer.vocab_size)
@@ -91,18 +111,19 @@ def build_gpt(out: Path) -> dict:
         "final_train_loss": round(history.loss[-1], 4),
         "train_seconds": round(history.seconds, 1),
     }
-    print(f"gpt: val perplexity {metrics['val_perplexity']:.3f} (unigram baseline {metrics['unigram_perplexity']:.2f})")
+    print(f"{name}: val perplexity {metrics['val_perplexity']:.3f} (unigram baseline {metrics['unigram_perplexity']:.2f})")
     return save_checkpoint(
-        out / "gpt.pt",
+        out / f"{name}.pt",
         model,
         config_dict(recipe.model),
-        name="gpt",
+        name=name,
         recipe=config_dict(recipe),
         metrics=metrics,
+        dtype=dtype or torch.float32,
         extra={
-            "trained_by": "mllm_scratch.gpt.pretrain_gpt(PretrainRecipe()) on one CPU thread, deterministic",
+            "trained_by": f"mllm_scratch.gpt.pretrain_gpt({recipe_name}) on one CPU thread, deterministic",
             "tokenizer_sha256": tokenizer_sha256(tokenizer),  # the one trained with, not a later file
-            "loader": "mllm_scratch.gpt.pretrained_gpt",
+            "loader": loader,
         },
     )
 

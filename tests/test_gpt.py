@@ -1,5 +1,6 @@
 """The GPT of chapter 04: causality, generation (cached = uncached), hooks, the shipped checkpoint."""
 
+import json
 import math
 from dataclasses import asdict
 
@@ -394,3 +395,21 @@ def test_shipped_checkpoint_writes_shapeworld_and_beats_the_unigram_baseline():
     out = generate(model, torch.tensor([tok.eot_id]), 60, temperature=0.0, eos_id=tok.eot_id)
     text = tok.decode(out[1:-1].tolist())
     assert text.startswith("there ") and text.endswith(".") and int(out[-1]) == tok.eot_id, text
+
+
+def test_the_lm_pretrained_with_questions_ships_and_says_yes_or_no():
+    from mllm_scratch.gpt import DEFAULT_CHECKPOINT, QA_RECIPE, pretrained_gpt_qa
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    path = DEFAULT_CHECKPOINT.with_name("gpt_qa.pt")
+    if not path.exists():
+        pytest.skip("data/checkpoints/gpt_qa.pt not built yet: python scripts/build_checkpoints.py gpt_qa")
+    assert QA_RECIPE.questions and QA_RECIPE.model == PretrainRecipe().model
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert manifest["recipe"]["questions"] is True and "questions" not in config_dict(PretrainRecipe())  # a switch
+    tok = load_tokenizer()
+    lm = pretrained_gpt_qa()
+    yes, no = tok.encode_ordinary(" yes")[0], tok.encode_ordinary(" no")[0]
+    with torch.no_grad():
+        probs = lm(torch.tensor([tok.encode_ordinary("is there a blue square?")]))[0, -1].softmax(-1)
+    assert probs[yes] + probs[no] > 0.9
