@@ -33,7 +33,7 @@ and a token with no image before it gets exactly zero update (no NaN, no bias le
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,10 +53,10 @@ from mllm_scratch.checkpoints import (
 )
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss
 from mllm_scratch.runtime import checked_on_host
-from mllm_scratch.shapeworld import CaptionDataset, ShapeWorldConfig, VQADataset
+from mllm_scratch.shapeworld import CANONICAL_WORDS, SKILLS, CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
-from mllm_scratch.vit import MLP, ViTConfig, VisionTransformer, config_dict
+from mllm_scratch.vit import MLP, SWITCH, ViTConfig, VisionTransformer, config_dict
 from mllm_scratch.vlm import generate_grouped, greedy_decode
 
 IGNORE_INDEX = -100
@@ -119,6 +119,9 @@ class XAttnConfig:
     # where a gated block runs relative to LM block i: right after it, or right before it (Flamingo,
     # torchtune's Llama 3.2 Vision). Configs saved without this field load as "after".
     placement: Literal["after", "before"] = "after"
+    # Learned 2-D place codes (a row's plus a column's) added to the projected media tokens of
+    # each item: the tower's patch vectors barely know where they are. Stored only when set.
+    place_codes: bool = field(default=False, metadata=SWITCH)
 
     def __post_init__(self) -> None:
         if isinstance(self.lm, dict):
@@ -139,6 +142,8 @@ class XAttnConfig:
             raise ValueError(f"item_dims must be positive, got {self.item_dims}")
         if self.placement not in ("after", "before"):
             raise ValueError(f"placement must be 'after' or 'before', got {self.placement!r}")
+        if self.place_codes and round(self.media_tokens ** 0.5) ** 2 != self.media_tokens:
+            raise ValueError(f"place_codes need a square grid of media tokens per item, got media_tokens {self.media_tokens}")
 
     @property
     def layers(self) -> list[int]:
@@ -179,6 +184,26 @@ class GatedCrossAttentionBlock(nn.Module):
         return float(torch.tanh(self.attn_gate.detach())), float(torch.tanh(self.mlp_gate.detach()))
 
 
+class PlaceCodes(nn.Module):
+    """Learned 2-D place codes: token r * grid + c of each item gets row[r] + column[c] added (row-major patches)."""
+
+    def __init__(self, grid: int, dim: int):
+        super().__init__()
+        self.grid = grid
+        self.row = nn.Parameter(torch.randn(grid, dim) * 0.5)
+        self.column = nn.Parameter(torch.randn(grid, dim) * 0.5)
+
+    def codes(self) -> torch.Tensor:
+        """(grid * grid, dim): the code of every place, in the patches' row-major order."""
+        return (self.row[:, None, :] + self.column[None, :, :]).flatten(0, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N, grid * grid, dim) -> the same with each place's code added."""
+        if tokens.shape[-2] != self.grid * self.grid:
+            raise ValueError(f"expected {self.grid * self.grid} tokens per item, got shape {tuple(tokens.shape)}")
+        return tokens + self.codes()
+
+
 PARTS = ("encoder", "xattn", "lm")
 
 
@@ -204,6 +229,8 @@ class CrossAttentionVLM(nn.Module):
             "blocks": nn.ModuleDict({str(i): GatedCrossAttentionBlock(dim, config.num_heads, config.mlp_ratio)
                                      for i in config.layers}),
         })
+        if config.place_codes:  # made last, so the other new weights are the same with or without it
+            self.xattn["place"] = PlaceCodes(round(config.media_tokens ** 0.5), dim)
 
     @property
     def media_id(self) -> int:
@@ -251,6 +278,8 @@ class CrossAttentionVLM(nn.Module):
         if features.dim() != 3 or tuple(features.shape[1:]) != expected:
             raise ValueError(f"the encoder returned features of shape {tuple(features.shape)}, expected (items, *{expected})")
         tokens = self.xattn["proj"](features)  # (B * M, media_tokens, lm_dim)
+        if "place" in self.xattn:
+            tokens = self.xattn["place"](tokens)
         return tokens.reshape(b, m * self.config.media_tokens, -1)  # (B, M * media_tokens, lm_dim)
 
     def mask_for(self, ids: torch.Tensor, num_items: int) -> torch.Tensor:
@@ -379,7 +408,18 @@ class XAttnRecipe:
     caption_pairs: int = 4_000  # ShapeWorld "train" captions (chapter 06's stage-1 data) ...
     qa_pairs: int = 60_000  # ... mixed with "train" questions, skills equally common (chapter 06's stage 2)
     batch_size: int = 32
-    steps: int = 3000
+    steps: int = 5000  # on the mix, after spatial_steps
+    # The frozen LM: "qa", pretrained with questions and answers in its text (`pretrained_gpt_qa`),
+    # so "yes" and "no" are words it already says; "base": chapter 04's GPT (descriptions only).
+    lm: Literal["base", "qa"] = "qa"
+    place_codes: bool = True  # XAttnConfig.place_codes
+    reading: bool = False  # reading questions in the mix too (no model learns to read at 32 px)
+    # Spatial questions asked with "left of" and "above" only, in the mix (`CANONICAL_WORDS`): "yes"
+    # then follows from one object's place, a signal the four words' XOR does not give.
+    canonical_pairs: int = 12_000
+    # A first stage on spatial questions only, `qa_pairs` canonical ones and `qa_pairs` with all
+    # four words, before `steps` on the mix: the comparison is learned here.
+    spatial_steps: int = 4000
     lr: float = 1e-3  # the new parts: media projection and gated blocks
     gate_lr: float = 1e-2  # the tanh gates: a higher rate lets them open in tens of steps, not hundreds
     train_encoder: bool = False  # Flamingo keeps the image encoder frozen; Llama 3.2 Vision trains it (at a low rate)
@@ -401,6 +441,11 @@ class XAttnRecipe:
         return config_dict(self)
 
 
+# The recipe's fields as they were before the spatial work: chapter 04's LM, no place codes,
+# reading in the mix and one stage. Appendix A2's runs were made so (`replace(XAttnRecipe(), **ONE_STAGE)`).
+ONE_STAGE: dict[str, Any] = dict(lm="base", place_codes=False, reading=True, canonical_pairs=0, spatial_steps=0)
+
+
 def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None = None, lm: GPT | None = None,
                 *, placement: Literal["after", "before"] = "after", tower: nn.Module | None = None) -> CrossAttentionVLM:
     """A fresh cross-attention VLM for `recipe`: its image tower (or `tower`), new gated blocks (seeded), chapter 04's GPT, frozen.
@@ -416,12 +461,22 @@ def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None =
     if recipe.encoder not in ("clip", "vit"):
         raise ValueError(f"encoder must be 'clip' or 'vit', got {recipe.encoder!r}")
     tower, vision = (tower, tower.config) if tower is not None else image_tower(recipe.encoder, recipe.seed)
-    lm = lm if lm is not None else pretrained_gpt()
+    lm = lm if lm is not None else recipe_lm(recipe)
     config = XAttnConfig(lm=lm.config, media_dim=vision.dim, media_tokens=vision.num_patches, vision=vision,
-                         every=recipe.every, attend=recipe.attend, media_id=tokenizer.image_id, placement=placement)
+                         every=recipe.every, attend=recipe.attend, media_id=tokenizer.image_id, placement=placement,
+                         place_codes=recipe.place_codes)
     torch.manual_seed(recipe.seed)
     model = CrossAttentionVLM(config, encoder=tower, lm=lm)
     return model.set_trainable(encoder=False, xattn=False, lm=False)
+
+
+def recipe_lm(recipe: XAttnRecipe) -> GPT:
+    """The shipped GPT a recipe freezes: `pretrained_gpt_qa()` for lm "qa", chapter 04's `pretrained_gpt()` for "base"."""
+    from mllm_scratch.gpt import pretrained_gpt
+
+    if recipe.lm not in ("base", "qa"):
+        raise ValueError(f"lm must be 'base' or 'qa', got {recipe.lm!r}")
+    return pretrained_gpt(questions=recipe.lm == "qa")
 
 
 def xattn_param_groups(model: CrossAttentionVLM, recipe: XAttnRecipe) -> list[dict]:
@@ -444,15 +499,33 @@ def xattn_param_groups(model: CrossAttentionVLM, recipe: XAttnRecipe) -> list[di
     return out
 
 
-def xattn_data(recipe: XAttnRecipe, tokenizer: Tokenizer, device=None):
-    """The endless batch stream: chapter 06's questions and captions, mixed, with ONE <|image|> marker per image."""
+STAGES = ("spatial", "mix")
+
+
+def xattn_data(recipe: XAttnRecipe, tokenizer: Tokenizer, device=None, stage: str = "mix"):
+    """The endless batch stream of a stage, with ONE <|image|> marker per image.
+
+    "mix": chapter 06's questions (reading left out unless recipe.reading) and captions, plus
+    recipe.canonical_pairs spatial questions in "left of" / "above" only. "spatial": spatial
+    questions only, qa_pairs canonical and qa_pairs with all four words.
+    """
     from mllm_scratch.vlm import VLMCollator
 
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     config = recipe.scene_config()
-    data = ConcatDataset([VQADataset("train", recipe.qa_pairs, config, cache=True),
-                          CaptionDataset("train", recipe.caption_pairs, config, cache=True)])
+    canonical = lambda n: VQADataset("train", n, config, skills=("spatial",), cache=True,  # noqa: E731
+                                     spatial_words=CANONICAL_WORDS)
+    if stage == "spatial":
+        parts = [canonical(recipe.qa_pairs), VQADataset("train", recipe.qa_pairs, config, skills=("spatial",), cache=True)]
+    else:
+        skills = SKILLS if recipe.reading else tuple(s for s in SKILLS if s != "reading")
+        parts = [VQADataset("train", recipe.qa_pairs, config, skills=skills, cache=True)]
+        if recipe.canonical_pairs:
+            parts.append(canonical(recipe.canonical_pairs))
+        parts.append(CaptionDataset("train", recipe.caption_pairs, config, cache=True))
     collate = VLMCollator(tokenizer, num_image_tokens=1)  # the marker says where the image stands; it is not in the sequence
-    return batches(data, recipe.batch_size, seed=recipe.seed, collate_fn=collate, device=device)
+    return batches(ConcatDataset(parts), recipe.batch_size, seed=recipe.seed, collate_fn=collate, device=device)
 
 
 def gates_as_metrics(model: CrossAttentionVLM) -> dict[str, float]:
@@ -481,6 +554,7 @@ def train_xattn(
     tokenizer: Tokenizer | None = None,
     *,
     steps: int | None = None,
+    spatial_steps: int | None = None,
     gate_every: int = 10,
     log_every: int = 100,
     progress: bool = True,
@@ -488,20 +562,22 @@ def train_xattn(
 ) -> History:
     """Train the gated blocks and projection (and the tower if recipe.train_encoder) with the LM frozen.
 
-    The gates' tanh values are recorded every `gate_every` steps in History.evals (read them
-    with `gate_history`); `steps` shortens the run (the schedule follows it).
+    Two stages, each with a fresh optimizer and its own schedule: `spatial_steps` on spatial
+    questions only (none when 0), then `steps` on the mix (`xattn_data`); the arguments shorten
+    either (default: the recipe's). The History runs over both; the gates' tanh values are
+    recorded every `gate_every` steps in History.evals (read them with `gate_history`).
     """
     recipe = recipe or XAttnRecipe()
     tokenizer = tokenizer or load_tokenizer()
     if gate_every < 1:
         raise ValueError(f"gate_every must be at least 1, got {gate_every}")
+    budgets = {"spatial": recipe.spatial_steps if spatial_steps is None else spatial_steps,
+               "mix": recipe.steps if steps is None else steps}
+    for stage, n in budgets.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (stage == "mix" and n < 1):
+            raise ValueError(f"{stage} steps must be an int >= {int(stage == 'mix')}, got {n!r}")
     model.set_trainable(encoder=recipe.train_encoder, xattn=True, lm=False)
-    groups = xattn_param_groups(model, recipe)
-    overrides = run_overrides(log_every, progress, steps, recipe.warmup_steps)
-    config = recipe.train_config(**overrides)
     dev = torch.device(device) if device is not None else None
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    data = xattn_data(recipe, tokenizer, dev)
     gates: list[tuple[int, dict[str, float]]] = []
     done = 0
 
@@ -512,9 +588,20 @@ def train_xattn(
         done += 1
         return xattn_loss(m, batch)
 
-    history = train(model, data, loss_and_gates, config, optimizer=optimizer, device=device,
-                    batch_size_of=lambda b: b.ids.shape[0])
-    history.evals = gates + [(config.steps, gates_as_metrics(model))]  # the gates' tanh, as (step, values)
+    history = History()
+    for stage, n in budgets.items():
+        if n == 0:
+            continue
+        config = recipe.train_config(**run_overrides(log_every, progress, n, recipe.warmup_steps))
+        optimizer = torch.optim.AdamW(xattn_param_groups(model, recipe), lr=config.lr)
+        offset = done
+        part = train(model, xattn_data(recipe, tokenizer, dev, stage), loss_and_gates, config, optimizer=optimizer,
+                     device=device, batch_size_of=lambda b: b.ids.shape[0])
+        history.steps += [offset + s for s in part.steps]
+        history.loss += part.loss
+        history.seconds += part.seconds
+        history.examples += part.examples
+    history.evals = gates + [(done, gates_as_metrics(model))]  # the gates' tanh, as (step, values)
     model.set_trainable(encoder=False, xattn=False, lm=False)
     return history
 
@@ -559,12 +646,12 @@ def save_xattn(path: str | Path, model: CrossAttentionVLM, *, recipe: dict | Non
         raise ValueError("save_xattn needs XAttnConfig.vision (a VisionTransformer encoder) to rebuild the encoder")
     return save_checkpoint(path, _trained_parts(model), model.config.to_dict(), name=name, recipe=recipe, metrics=metrics,
                            dtype=dtype, extra={"lm_checksum": lm_checksum(model.lm), "tokenizer_sha256": tokenizer_sha256(),
-                                  "lm": "chapter 04's GPT (pretrained_gpt()), frozen: not stored here",
+                                  "lm": "the recipe's shipped GPT (xattn.recipe_lm), frozen: not stored here",
                                   "loader": "mllm_scratch.xattn.load_xattn"})
 
 
 def load_xattn(path: str | Path | None = None, lm: GPT | None = None) -> CrossAttentionVLM:
-    """Load a model saved by `save_xattn` (default: the shipped one) onto chapter 04's GPT; eval mode, all frozen.
+    """Load a model saved by `save_xattn` (default: the shipped one) onto its recipe's frozen GPT; eval mode, all frozen.
 
     Refuses (CheckpointError) a file whose sha256, config, recipe (for the shipped file) or
     tokenizer does not match, and an LM whose checksum differs from the one it was trained on.
@@ -582,8 +669,10 @@ def load_xattn(path: str | Path | None = None, lm: GPT | None = None) -> CrossAt
         raise CheckpointError(f"checkpoint {path} holds an invalid XAttnConfig ({err}); rebuild it with: {rebuild}") from None
     if config.vision is None:
         raise CheckpointError(f"checkpoint {path} has no vision config to rebuild its encoder; rebuild it with: {rebuild}")
-    lm = lm if lm is not None else pretrained_gpt()
-    expected = read_manifest(path, rebuild).get("lm_checksum")
+    manifest = read_manifest(path, rebuild)
+    if lm is None:  # files saved before XAttnRecipe.lm existed froze chapter 04's GPT
+        lm = pretrained_gpt(questions=(manifest.get("recipe") or {}).get("lm", "base") == "qa")
+    expected = manifest.get("lm_checksum")
     if expected != lm_checksum(lm):
         raise CheckpointError(f"checkpoint {path} was trained on another LM (lm_checksum {str(expected)[:12]}..., "
                               f"this one is {lm_checksum(lm)[:12]}...); rebuild it with: {rebuild}")
@@ -619,7 +708,9 @@ def build_checkpoint(out: Path, recipe: XAttnRecipe | None = None) -> dict:
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
+    "ONE_STAGE",
     "CrossAttentionVLM",
+    "PlaceCodes",
     "GatedCrossAttentionBlock",
     "XAttnConfig",
     "XAttnRecipe",
@@ -631,6 +722,7 @@ __all__ = [
     "lm_checksum",
     "load_xattn",
     "media_index",
+    "recipe_lm",
     "media_mask",
     "save_xattn",
     "train_xattn",

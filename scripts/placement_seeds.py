@@ -4,7 +4,7 @@
     python scripts/placement_seeds.py             # every row (about 4 minutes on one CPU thread)
     python scripts/placement_seeds.py --rows 0 1  # some rows only (merged into the results file)
 
-Each row trains `XAttnRecipe()` with one seed (the new layers' initial weights and the
+Each row trains `XAttnRecipe()` with `xattn.ONE_STAGE` (chapter 04's LM, no place codes, one stage) and one seed (the new layers' initial weights and the
 order of the batches) for appendix A2's 200 steps, with the gated blocks after each LM
 block ("after", the package's default) or before it ("before", Flamingo's order), on one
 thread with deterministic kernels, and scores it on the appendix's 600 val questions (100
@@ -38,12 +38,12 @@ def run(index: int) -> dict:
     from mllm_scratch.shapeworld import VQADataset
     from mllm_scratch.tokenizer import load_tokenizer
     from mllm_scratch.vlm import vqa_accuracy
-    from mllm_scratch.xattn import XAttnRecipe, build_xattn, train_xattn
+    from mllm_scratch.xattn import ONE_STAGE, XAttnRecipe, build_xattn, train_xattn
 
     placement, seed = ROWS[index]
     setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
     tokenizer = load_tokenizer()
-    recipe = replace(XAttnRecipe(), seed=seed)
+    recipe = replace(XAttnRecipe(), seed=seed, **ONE_STAGE)  # chapter 04's LM, one stage: as these rows were run
     start = time.perf_counter()
     model = build_xattn(recipe, tokenizer, pretrained_gpt(), placement=placement)
     train_xattn(model, recipe, tokenizer, steps=STEPS, log_every=0, progress=False, device="cpu")

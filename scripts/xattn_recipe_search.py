@@ -4,7 +4,7 @@
     python scripts/xattn_recipe_search.py            # every row (about an hour on one CPU thread)
     python scripts/xattn_recipe_search.py --rows 0 3 # some rows only (merged into the results file)
 
-Each row is `XAttnRecipe()` with a few fields changed, trained by `fit_xattn` on one thread
+Each row is the recipe of the time (`THEN`: `XAttnRecipe()` with `xattn.ONE_STAGE`, the tower trained, 1,500 steps) with a few fields changed, trained by `fit_xattn` on one thread
 with fixed seeds and deterministic kernels (as `scripts/build_checkpoints.py` trains), then
 scored with `vqa_accuracy` on 600 questions of the *val* split (never test), with real and
 with shuffled images. The results go to data/results/xattn_recipe_search.json, which
@@ -26,11 +26,13 @@ from mllm_scratch.runtime import setup_notebook  # noqa: E402
 from mllm_scratch.shapeworld import VQADataset  # noqa: E402
 from mllm_scratch.tokenizer import load_tokenizer  # noqa: E402
 from mllm_scratch.vlm import vqa_accuracy  # noqa: E402
-from mllm_scratch.xattn import XAttnRecipe, fit_xattn  # noqa: E402
+from mllm_scratch.xattn import ONE_STAGE, XAttnRecipe, fit_xattn  # noqa: E402
 
 RESULTS = ROOT / "data" / "results" / "xattn_recipe_search.json"
 FROZEN = dict(train_encoder=False)
-# (name, the fields changed from XAttnRecipe())
+# The recipe of the time: XAttnRecipe() with ONE_STAGE (chapter 04's LM, one stage), the tower trained, 1,500 steps
+THEN = replace(XAttnRecipe(), **ONE_STAGE, train_encoder=True, steps=1500)
+# (name, the fields changed from THEN)
 ROWS: list[tuple[str, dict]] = [
     ("Flamingo-style (tower frozen)", dict(steps=600, **FROZEN)),
     ("same, lr 3e-3", dict(steps=600, lr=3e-3, **FROZEN)),
@@ -45,7 +47,7 @@ ROWS: list[tuple[str, dict]] = [
 
 def run(index: int, val: VQADataset, tokenizer) -> dict:
     name, changes = ROWS[index]
-    recipe = replace(XAttnRecipe(), **changes)
+    recipe = replace(THEN, **changes)
     setup_notebook(seed=0, threads=1, deterministic=True, device="cpu")
     start = time.perf_counter()
     model, _ = fit_xattn(recipe, tokenizer, log_every=0, progress=False)

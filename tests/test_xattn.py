@@ -337,7 +337,8 @@ def test_xattn_loss_scores_only_the_answer():
 
 
 def tiny_recipe(**kw) -> XAttnRecipe:
-    return XAttnRecipe(**{**dict(caption_pairs=32, qa_pairs=64, batch_size=8, steps=12, warmup_steps=2), **kw})
+    return XAttnRecipe(**{**dict(caption_pairs=32, qa_pairs=64, batch_size=8, steps=12, warmup_steps=2,
+                                 spatial_steps=0, canonical_pairs=16), **kw})
 
 
 def test_training_leaves_the_lm_bit_identical_and_opens_the_gates():
@@ -445,16 +446,18 @@ def test_placement_round_trips_and_a_config_saved_without_it_loads_as_after(tmp_
         assert loaded.config.placement == "after" and torch.equal(loaded(ids, images), old(ids, images))
 
 
-def test_shipped_checkpoint_keeps_the_chapter_04_lm():
-    from mllm_scratch.gpt import pretrained_gpt
+def test_shipped_checkpoint_keeps_its_frozen_lm():
+    from mllm_scratch.gpt import pretrained_gpt, pretrained_gpt_qa
     from mllm_scratch.xattn import DEFAULT_CHECKPOINT
 
     if not DEFAULT_CHECKPOINT.exists():
         pytest.skip("data/checkpoints/xattn.pt not built yet: python scripts/build_checkpoints.py xattn")
     model = load_xattn()
-    assert model.config.placement == "after"  # what it was trained with
-    lm = pretrained_gpt()
-    assert lm_checksum(model.lm) == lm_checksum(lm)
+    assert model.config.placement == "after" and model.config.place_codes  # what it was trained with
+    lm = pretrained_gpt_qa()  # XAttnRecipe().lm == "qa"
+    assert lm_checksum(model.lm) == lm_checksum(lm) != lm_checksum(pretrained_gpt())
+    with pytest.raises(CheckpointError, match="trained on another LM"):
+        load_xattn(DEFAULT_CHECKPOINT, lm=pretrained_gpt())
     assert all(abs(a) > 0 for a, _ in model.gates().values())
     ids = torch.tensor([text("there are two objects. a small red circle")])
     with torch.no_grad():
@@ -471,3 +474,67 @@ def test_build_xattn_takes_a_given_tower():
     model = build_xattn(XAttnRecipe(), TOK, lm, tower=tower)
     assert model.encoder is tower and model.lm is lm
     assert model.config.media_tokens == 16 and model.config.media_dim == 16 and model.config.vision == tower.config
+
+
+# ----------------------------------------------------------------------------------
+# Place codes, the two stages and the stage data
+
+
+def test_place_codes_add_a_rows_code_and_a_columns_code_to_each_patch():
+    torch.manual_seed(0)
+    config = XAttnConfig(lm=LM, media_dim=VISION.dim, media_tokens=VISION.num_patches, vision=VISION,
+                         num_heads=2, media_id=M, place_codes=True)
+    model = CrossAttentionVLM(config, lm=GPT(LM)).eval()
+    place = model.xattn["place"]
+    grid = place.grid
+    assert grid * grid == VISION.num_patches
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model.xattn["proj"](model.encoder(images).patches)
+        coded = model.encode_media(images)
+    for r in range(grid):
+        for c in range(grid):  # patches are row-major: token r * grid + c lies in row r, column c
+            torch.testing.assert_close(coded[:, r * grid + c] - plain[:, r * grid + c], (place.row[r] + place.column[c]).expand(2, -1))
+    # the switch is off by default and leaves no trace in the saved config or the state dict
+    off = tiny_model()
+    assert "place" not in off.xattn and "place_codes" not in off.config.to_dict()
+    assert config.to_dict()["place_codes"] is True
+
+
+def test_place_codes_need_a_square_grid():
+    with pytest.raises(ValueError, match="media_tokens 10"):
+        XAttnConfig(lm=LM, media_dim=16, media_tokens=10, num_heads=2, media_id=M, place_codes=True)
+
+
+def test_the_spatial_stage_asks_only_spatial_questions_and_the_mix_leaves_out_reading():
+    from mllm_scratch.xattn import xattn_data
+
+    recipe = tiny_recipe(qa_pairs=40, canonical_pairs=20, caption_pairs=8, batch_size=8)
+    spatial = next(xattn_data(recipe, TOK, stage="spatial"))
+    words = [TOK.decode([t for t in row.tolist() if t not in (TOK.pad_id, M, TOK.eot_id)]) for row in spatial.ids]
+    assert all(w.startswith("is the ") and w.endswith((" yes", " no")) for w in words), words
+    mixed = xattn_data(recipe, TOK, stage="mix")
+    texts = {TOK.decode([t for t in row.tolist() if t not in (TOK.pad_id, M, TOK.eot_id)]) for _ in range(9)
+             for row in next(mixed).ids}
+    assert not any(t.startswith("what does the text say") for t in texts)  # recipe.reading is False
+    assert any(t.startswith("what colour") for t in texts) and any(t.startswith("there ") or t.startswith("a ") for t in texts)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        xattn_data(recipe, TOK, stage="both")
+
+
+def test_training_runs_the_spatial_stage_then_the_mix_as_one_history():
+    model = tiny_model()
+    history = train_xattn(model, tiny_recipe(spatial_steps=5, steps=7), TOK, log_every=0, progress=False, gate_every=1)
+    assert history.steps == [5, 12]  # each stage records its last step; the mix's count on from the spatial stage's
+    assert [step for step, _ in history.evals] == list(range(13))  # the gates before every step, and at the end
+    with pytest.raises(ValueError, match="spatial steps must be an int >= 0, got -1"):
+        train_xattn(model, tiny_recipe(), TOK, spatial_steps=-1, log_every=0, progress=False)
+    with pytest.raises(ValueError, match="mix steps must be an int >= 1, got 0"):
+        train_xattn(model, tiny_recipe(), TOK, steps=0, log_every=0, progress=False)
+
+
+def test_a_recipe_names_the_lm_it_freezes():
+    from mllm_scratch.xattn import recipe_lm
+
+    with pytest.raises(ValueError, match="lm must be 'base' or 'qa', got 'chat'"):
+        recipe_lm(XAttnRecipe(lm="chat"))
