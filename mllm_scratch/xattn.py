@@ -448,12 +448,11 @@ ONE_STAGE: dict[str, Any] = dict(lm="base", place_codes=False, reading=True, can
 
 def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None = None, lm: GPT | None = None,
                 *, placement: Literal["after", "before"] = "after", tower: nn.Module | None = None) -> CrossAttentionVLM:
-    """A fresh cross-attention VLM for `recipe`: its image tower (or `tower`), new gated blocks (seeded), chapter 04's GPT, frozen.
+    """A fresh cross-attention VLM for `recipe`: its image tower (or `tower`), new gated blocks (seeded), the recipe's GPT (`recipe_lm`), frozen.
 
     placement: run each gated block after its LM block (the book's default) or before it (Flamingo);
     the new weights are the same either way (same seed, same names), only the order differs.
     """
-    from mllm_scratch.gpt import pretrained_gpt
     from mllm_scratch.vlm import image_tower
 
     recipe = recipe or XAttnRecipe()
@@ -470,13 +469,14 @@ def build_xattn(recipe: XAttnRecipe | None = None, tokenizer: Tokenizer | None =
     return model.set_trainable(encoder=False, xattn=False, lm=False)
 
 
-def recipe_lm(recipe: XAttnRecipe) -> GPT:
-    """The shipped GPT a recipe freezes: `pretrained_gpt_qa()` for lm "qa", chapter 04's `pretrained_gpt()` for "base"."""
+def recipe_lm(recipe: XAttnRecipe | str) -> GPT:
+    """The shipped GPT a recipe (or its `lm` name) freezes: `pretrained_gpt_qa()` for "qa", chapter 04's `pretrained_gpt()` for "base"."""
     from mllm_scratch.gpt import pretrained_gpt
 
-    if recipe.lm not in ("base", "qa"):
-        raise ValueError(f"lm must be 'base' or 'qa', got {recipe.lm!r}")
-    return pretrained_gpt(questions=recipe.lm == "qa")
+    name = recipe if isinstance(recipe, str) else recipe.lm
+    if name not in ("base", "qa"):
+        raise ValueError(f"lm must be 'base' or 'qa', got {name!r}")
+    return pretrained_gpt(questions=name == "qa")
 
 
 def xattn_param_groups(model: CrossAttentionVLM, recipe: XAttnRecipe) -> list[dict]:
@@ -657,7 +657,7 @@ def load_xattn(path: str | Path | None = None, lm: GPT | None = None) -> CrossAt
     tokenizer does not match, and an LM whose checksum differs from the one it was trained on.
     """
     from mllm_scratch.checkpoints import read_manifest
-    from mllm_scratch.gpt import pretrained_gpt, tokenizer_sha256
+    from mllm_scratch.gpt import tokenizer_sha256
 
     saved, state_dict, path, rebuild = load_verified(
         CHECKPOINT_NAME, path, DEFAULT_CHECKPOINT, expected_config=None, recipe=XAttnRecipe().to_dict(),
@@ -671,7 +671,7 @@ def load_xattn(path: str | Path | None = None, lm: GPT | None = None) -> CrossAt
         raise CheckpointError(f"checkpoint {path} has no vision config to rebuild its encoder; rebuild it with: {rebuild}")
     manifest = read_manifest(path, rebuild)
     if lm is None:  # files saved before XAttnRecipe.lm existed froze chapter 04's GPT
-        lm = pretrained_gpt(questions=(manifest.get("recipe") or {}).get("lm", "base") == "qa")
+        lm = recipe_lm((manifest.get("recipe") or {}).get("lm", "base"))
     expected = manifest.get("lm_checksum")
     if expected != lm_checksum(lm):
         raise CheckpointError(f"checkpoint {path} was trained on another LM (lm_checksum {str(expected)[:12]}..., "
