@@ -859,16 +859,20 @@ def text_corpus(num_scenes: int = 2000, seed: int = 0) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------
-# PyTorch datasets: item i of a split comes from seed SPLIT_SEEDS[split][0] + i
+# PyTorch datasets: item i of a split comes from seed SPLIT_SEEDS[split][0] + offset + i
+# (offset 0 unless a dataset asks for scenes of its own, past another's)
 
 
 class _SplitDataset(Dataset):
-    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None, cache: bool) -> None:
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None, cache: bool, offset: int = 0) -> None:
         _check_split(split)
         start, stop = SPLIT_SEEDS[split]
-        if not isinstance(size, int) or not 1 <= size <= stop - start:
-            raise ValueError(f"size {size!r} is invalid for split {split!r}: expected an int in 1..{stop - start}")
-        self.split, self.size = split, size
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < stop - start:
+            raise ValueError(f"offset {offset!r} is invalid for split {split!r}: expected an int in 0..{stop - start - 1}")
+        if not isinstance(size, int) or not 1 <= size <= stop - start - offset:
+            at = f" at offset {offset}" if offset else ""
+            raise ValueError(f"size {size!r} is invalid for split {split!r}{at}: expected an int in 1..{stop - start - offset}")
+        self.split, self.size, self.offset = split, size, offset
         self.config = config or ShapeWorldConfig()
         self._cache: dict[int, tuple] | None = {} if cache else None
 
@@ -881,7 +885,7 @@ class _SplitDataset(Dataset):
         i %= self.size
         if self._cache is not None and i in self._cache:
             return self._cache[i]
-        item = self._make(Rng(SPLIT_SEEDS[self.split][0] + i), i)
+        item = self._make(Rng(SPLIT_SEEDS[self.split][0] + self.offset + i), i)
         if self._cache is not None:
             self._cache[i] = item
         return item
@@ -925,12 +929,16 @@ class CaptionDataset(_SplitDataset):
 
 
 class VQADataset(_SplitDataset):
-    """(image (3, H, W), question, answer, skill); skills cycle with the index so each is equally common."""
+    """(image (3, H, W), question, answer, skill); skills cycle with the index so each is equally common.
+
+    offset: item i comes from the split's seed offset + i, so two datasets of one split can hold
+    different scenes (0: the same scenes as every other dataset of the split).
+    """
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None,
                  skills: list[str] | tuple[str, ...] | None = None, cache: bool = False,
-                 spatial_words: tuple[str, ...] | None = None) -> None:
-        super().__init__(split, size, config, cache)
+                 spatial_words: tuple[str, ...] | None = None, offset: int = 0) -> None:
+        super().__init__(split, size, config, cache, offset)
         self.skills = _check_skills(skills, SKILLS)
         self.spatial_words = _check_spatial_words(spatial_words)
         if "reading" in self.skills and self.config.text_probability == 0:

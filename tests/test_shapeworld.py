@@ -478,6 +478,20 @@ def test_spatial_words_must_cover_both_axes(words, match):
         VQADataset("train", 4, skills=("spatial",), spatial_words=words)
 
 
+def test_an_offset_gives_a_dataset_the_scenes_past_another_and_is_checked():
+    from mllm_scratch.shapeworld import VQADataset
+
+    plain, past = VQADataset("val", 20, skills=("count",)), VQADataset("val", 10, skills=("count",), offset=10)
+    for i in range(10):  # item i at offset 10 is item 10 + i without one
+        assert torch.equal(past[i][0], plain[10 + i][0]) and past[i][1:] == plain[10 + i][1:]
+    assert not torch.equal(past[0][0], plain[0][0])
+    for offset, size, match in [(-1, 5, r"offset -1 is invalid for split 'val': expected an int in 0..99999"),
+                                (100_000, 5, r"offset 100000 is invalid"), (True, 5, r"offset True is invalid"),
+                                (99_998, 3, r"size 3 is invalid for split 'val' at offset 99998: expected an int in 1..2")]:
+        with pytest.raises(ValueError, match=match):
+            VQADataset("val", size, offset=offset)
+
+
 def test_text_with_questions_follows_each_description_with_its_answers():
     from mllm_scratch.shapeworld import TextDataset
 
