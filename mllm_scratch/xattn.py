@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from mllm_scratch.attention import KVCache, MultiHeadAttention
 from mllm_scratch.checkpoints import (
@@ -417,6 +417,9 @@ class XAttnRecipe:
     # Spatial questions asked with "left of" and "above" only, in the mix (`CANONICAL_WORDS`): "yes"
     # then follows from one object's place, a signal the four words' XOR does not give.
     canonical_pairs: int = 12_000
+    # Where the canonical questions' scenes start among the train seeds: 1,000,000 gives them scenes
+    # of their own; 0 asks them about the very scenes (and object pairs) of the four-word questions.
+    canonical_offset: int = 1_000_000
     # A first stage on spatial questions only, `qa_pairs` canonical ones and `qa_pairs` with all
     # four words, before `steps` on the mix: the comparison is learned here.
     spatial_steps: int = 4000
@@ -502,28 +505,34 @@ def xattn_param_groups(model: CrossAttentionVLM, recipe: XAttnRecipe) -> list[di
 STAGES = ("spatial", "mix")
 
 
-def xattn_data(recipe: XAttnRecipe, tokenizer: Tokenizer, device=None, stage: str = "mix"):
-    """The endless batch stream of a stage, with ONE <|image|> marker per image.
+def xattn_datasets(recipe: XAttnRecipe, stage: str = "mix") -> list[Dataset]:
+    """The datasets a stage draws from (`xattn_data` batches them).
 
-    "mix": chapter 06's questions (reading left out unless recipe.reading) and captions, plus
-    recipe.canonical_pairs spatial questions in "left of" / "above" only. "spatial": spatial
-    questions only, qa_pairs canonical and qa_pairs with all four words.
+    "mix": chapter 06's questions (reading left out unless recipe.reading), then
+    recipe.canonical_pairs spatial questions in "left of" / "above" only (if any), then captions.
+    "spatial": qa_pairs canonical spatial questions, then qa_pairs with all four words. The
+    canonical questions' scenes start at train seed recipe.canonical_offset.
     """
-    from mllm_scratch.vlm import VLMCollator
-
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     config = recipe.scene_config()
     canonical = lambda n: VQADataset("train", n, config, skills=("spatial",), cache=True,  # noqa: E731
-                                     spatial_words=CANONICAL_WORDS)
+                                     spatial_words=CANONICAL_WORDS, offset=recipe.canonical_offset)
     if stage == "spatial":
-        parts = [canonical(recipe.qa_pairs), VQADataset("train", recipe.qa_pairs, config, skills=("spatial",), cache=True)]
-    else:
-        skills = SKILLS if recipe.reading else tuple(s for s in SKILLS if s != "reading")
-        parts = [VQADataset("train", recipe.qa_pairs, config, skills=skills, cache=True)]
-        if recipe.canonical_pairs:
-            parts.append(canonical(recipe.canonical_pairs))
-        parts.append(CaptionDataset("train", recipe.caption_pairs, config, cache=True))
+        return [canonical(recipe.qa_pairs), VQADataset("train", recipe.qa_pairs, config, skills=("spatial",), cache=True)]
+    skills = SKILLS if recipe.reading else tuple(s for s in SKILLS if s != "reading")
+    parts: list[Dataset] = [VQADataset("train", recipe.qa_pairs, config, skills=skills, cache=True)]
+    if recipe.canonical_pairs:
+        parts.append(canonical(recipe.canonical_pairs))
+    parts.append(CaptionDataset("train", recipe.caption_pairs, config, cache=True))
+    return parts
+
+
+def xattn_data(recipe: XAttnRecipe, tokenizer: Tokenizer, device=None, stage: str = "mix"):
+    """The endless batch stream of a stage (`xattn_datasets`), with ONE <|image|> marker per image."""
+    from mllm_scratch.vlm import VLMCollator
+
+    parts = xattn_datasets(recipe, stage)
     collate = VLMCollator(tokenizer, num_image_tokens=1)  # the marker says where the image stands; it is not in the sequence
     return batches(ConcatDataset(parts), recipe.batch_size, seed=recipe.seed, collate_fn=collate, device=device)
 
@@ -727,6 +736,7 @@ __all__ = [
     "save_xattn",
     "train_xattn",
     "xattn_data",
+    "xattn_datasets",
     "xattn_loss",
     "xattn_param_groups",
 ]

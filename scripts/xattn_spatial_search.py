@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""What chapter 07's spatial stage needs: each of its three changes taken away, one at a time.
+"""What chapter 07's spatial stage needs: each of its three changes taken away, one at a time,
+and its canonical questions asked about the four-word questions' own scenes.
 
-    python scripts/xattn_spatial_search.py             # every row (five to six minutes each on one CPU thread)
+    python scripts/xattn_spatial_search.py             # every row (six to eight minutes each on one CPU thread)
     python scripts/xattn_spatial_search.py --rows 0 3  # some rows only (merged into the results file)
 
 Each row trains a fresh cross-attention VLM (`build_xattn`, seed 0) for the recipe's spatial
@@ -15,7 +16,9 @@ scores 600 *val* spatial questions asked as the evaluation asks them (all four r
 - **no place codes**: the same with `place_codes=False`;
 - **four words only**: the same data without the "left of" / "above" half (all four words, each
   answered "yes" half the time: neither object's place alone predicts the answer, only their
-  combination with the word).
+  combination with the word);
+- **canonical on the same scenes**: `canonical_offset=0`, the canonical questions asked about the
+  very scenes and object pairs of the four-word ones, not about scenes of their own.
 
 The results go to data/results/xattn_spatial_search.json, which chapter 07 prints.
 """
@@ -40,6 +43,7 @@ ROWS: list[tuple[str, dict, bool]] = [  # (name, fields changed from XAttnRecipe
     ("chapter 04's LM", {"lm": "base"}, True),
     ("no place codes", {"place_codes": False}, True),
     ("four words only", {}, False),
+    ("canonical on the same scenes", {"canonical_offset": 0}, True),
 ]
 
 
@@ -50,18 +54,18 @@ def run(i: int) -> dict:
         import torch
         from torch.utils.data import ConcatDataset
 
-        from mllm_scratch.shapeworld import CANONICAL_WORDS, VQADataset
+        from mllm_scratch.shapeworld import VQADataset
         from mllm_scratch.tokenizer import load_tokenizer
         from mllm_scratch.train import batches, train
         from mllm_scratch.vlm import VLMCollator
-        from mllm_scratch.xattn import build_xattn, xattn_loss, xattn_param_groups
+        from mllm_scratch.xattn import build_xattn, xattn_datasets, xattn_loss, xattn_param_groups
 
         tok = load_tokenizer()
         recipe = replace(XAttnRecipe(), **changes)
         model = build_xattn(recipe, tok).set_trainable(xattn=True)
-        four = VQADataset("train", recipe.qa_pairs, skills=("spatial",), cache=True)
-        parts = [VQADataset("train", recipe.qa_pairs, skills=("spatial",), cache=True, spatial_words=CANONICAL_WORDS),
-                 four] if canonical else [four]
+        parts = xattn_datasets(recipe, "spatial")  # [canonical, four words], as the recipe's first stage draws them
+        if not canonical:
+            parts = parts[1:]
         stream = batches(ConcatDataset(parts), recipe.batch_size, seed=recipe.seed,
                          collate_fn=VLMCollator(tok, num_image_tokens=1))
         config = recipe.train_config(steps=STEPS, log_every=0, progress=False)

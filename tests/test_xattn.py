@@ -1,6 +1,7 @@
 """The cross-attention VLM (method B): media masks, tanh gates, the frozen LM, and the invariants chapter 07 proves."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -520,6 +521,18 @@ def test_the_spatial_stage_asks_only_spatial_questions_and_the_mix_leaves_out_re
     assert any(t.startswith("what colour") for t in texts) and any(t.startswith("there ") or t.startswith("a ") for t in texts)
     with pytest.raises(ValueError, match="stage must be one of"):
         xattn_data(recipe, TOK, stage="both")
+
+
+def test_the_canonical_questions_ask_about_scenes_of_their_own():
+    from mllm_scratch.xattn import xattn_datasets
+
+    recipe = tiny_recipe(qa_pairs=40, canonical_pairs=20, caption_pairs=8)
+    canonical, four = xattn_datasets(recipe, "spatial")
+    assert canonical.offset == recipe.canonical_offset == 1_000_000 and four.offset == 0
+    assert not any(torch.equal(canonical[i][0], four[i][0]) for i in range(10))
+    assert [d.offset for d in xattn_datasets(recipe, "mix")] == [0, 1_000_000, 0]
+    shared, _ = xattn_datasets(replace(recipe, canonical_offset=0), "spatial")  # the same scenes as the four-word ones
+    assert all(torch.equal(shared[i][0], four[i][0]) for i in range(10))
 
 
 def test_training_runs_the_spatial_stage_then_the_mix_as_one_history():
