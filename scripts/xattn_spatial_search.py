@@ -2,7 +2,7 @@
 """What chapter 07's spatial stage needs: each of its three changes taken away, one at a time,
 and its canonical questions asked about the four-word questions' own scenes.
 
-    python scripts/xattn_spatial_search.py             # every row (six to eight minutes each on one CPU thread)
+    python scripts/xattn_spatial_search.py             # every row (four to eight minutes each on one CPU thread)
     python scripts/xattn_spatial_search.py --rows 0 3  # some rows only (merged into the results file)
 
 Each row trains a fresh cross-attention VLM (`build_xattn`, seed 0) for the recipe's spatial
