@@ -525,6 +525,63 @@ def pretrained_image_tower(path: str | Path | None = None) -> VisionTransformer:
     return (pretrained_tower() if path is None else pretrained_clip(path)).vision.eval()
 
 
+# A VLM that keeps the book's tower frozen need not store it again: its file records the
+# tower's checksum instead (TOWER_REFERENCE), and loading takes the tower from tower.pt,
+# rounded to the file's dtype, so the loaded model holds the very weights it was scored with.
+TOWER_REFERENCE = "shipped_tower_checksum"
+
+
+def tower_reference(encoder: nn.Module | None, dtype: torch.dtype) -> dict[str, str]:
+    """{TOWER_REFERENCE: checksum} if `encoder` is the shipped tower as a `dtype` file holds it, else {} (store it).
+
+    A tower that trained (Molmo's recipe, `train_encoder=True`), a random ViT or none at all
+    (Fuyu) is not the shipped one, and its file keeps its own weights.
+    """
+    from mllm_scratch.xattn import lm_checksum
+
+    if not isinstance(encoder, VisionTransformer) or encoder.config != TowerRecipe().model_config().vision:
+        return {}
+    try:
+        shipped = pretrained_image_tower()
+    except CheckpointError:  # no shipped tower to refer to: the file keeps its own
+        return {}
+    ours, theirs = encoder.state_dict(), shipped.state_dict()
+    if ours.keys() != theirs.keys() or any(
+        ours[k].shape != theirs[k].shape or not torch.equal(ours[k].detach().cpu().to(dtype), theirs[k].to(dtype))
+        for k in theirs
+    ):
+        return {}
+    return {TOWER_REFERENCE: lm_checksum(shipped)}
+
+
+def with_referenced_tower(state_dict: dict[str, torch.Tensor], manifest: dict[str, Any], path: str | Path,
+                          rebuild: str, prefix: str = "encoder.") -> dict[str, torch.Tensor]:
+    """`state_dict` with the shipped tower's weights under `prefix` if the manifest references the tower (else as is).
+
+    The tower comes from `pretrained_image_tower()`, checked against the recorded checksum
+    (CheckpointError naming the file and its rebuild command otherwise) and rounded to the
+    file's `stored_as` dtype, as the VLM was when it was scored.
+    """
+    from mllm_scratch.xattn import lm_checksum
+
+    expected = manifest.get(TOWER_REFERENCE)
+    if expected is None:
+        return state_dict
+    if any(k.startswith(prefix) for k in state_dict):
+        raise CheckpointError(f"checkpoint {path} both stores a tower and references the shipped one; "
+                              f"rebuild it with: {rebuild}")
+    tower = pretrained_image_tower()
+    if lm_checksum(tower) != expected:
+        raise CheckpointError(f"checkpoint {path} was trained on another image tower ({TOWER_REFERENCE} "
+                              f"{str(expected)[:12]}..., the shipped tower's is {lm_checksum(tower)[:12]}...); "
+                              f"rebuild it with: {rebuild}")
+    dtype = getattr(torch, str(manifest.get("stored_as", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"checkpoint {path}'s manifest names no floating-point dtype (stored_as "
+                              f"{manifest.get('stored_as')!r}); rebuild it with: {rebuild}")
+    return {**state_dict, **{prefix + k: v.to(dtype) for k, v in tower.state_dict().items()}}
+
+
 def build_checkpoint(out: Path) -> dict:
     """Train `CLIPRecipe()` and save it as out/clip.pt + out/clip.json (what `build_checkpoints.py clip` calls)."""
     from mllm_scratch.checkpoints import save_checkpoint
@@ -736,6 +793,7 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "DENSE_CLASSES",
     "TOWER_CHECKPOINT",
+    "TOWER_REFERENCE",
     "TowerRecipe",
     "batch_loss",
     "dense_dataset",
@@ -759,8 +817,10 @@ __all__ = [
     "single_object_test_set",
     "tokenize_captions",
     "tower_from_clip",
+    "tower_reference",
     "train_dataset",
     "train_tower",
+    "with_referenced_tower",
     "zero_shot_accuracy",
     "zero_shot_classifier",
     "zero_shot_predict",

@@ -485,13 +485,19 @@ def save_method(path: str | Path, model: nn.Module, *, recipe: dict | None = Non
     """Save a trained method's model (for B and H: without the frozen LM, recorded by its sha256); returns the manifest.
 
     `dtype` float16 halves the file (the book's shipped ones are stored so; see `round_to_dtype`).
+    A frozen copy of the shipped image tower is not stored either: the manifest records its checksum.
     """
+    from mllm_scratch.clip import tower_reference
     from mllm_scratch.gpt import tokenizer_sha256
 
     method = method_of(model)
-    extra = {"method": method, "tokenizer_sha256": tokenizer_sha256(), "lm_sha256": _sha256_state(model.lm),
+    reference = tower_reference(getattr(model, "encoder", None), dtype)  # the shipped tower, frozen: by reference
+    extra = {"method": method, "tokenizer_sha256": tokenizer_sha256(), "lm_sha256": _sha256_state(model.lm), **reference,
              "loader": "mllm_scratch.hybrid.load_method", "rebuild": rebuild_command(build_target(method))}
-    return save_checkpoint(path, _saved_parts(model, method), {"method": method, **model.config.to_dict()},
+    stored = _saved_parts(model, method)
+    if reference:
+        stored = nn.ModuleDict({name: module for name, module in stored.named_children() if name != "encoder"})
+    return save_checkpoint(path, stored, {"method": method, **model.config.to_dict()},
                            name=Path(path).stem, recipe=recipe, metrics=metrics, extra=extra, dtype=dtype)
 
 
@@ -504,6 +510,9 @@ def load_method(path: str | Path) -> nn.Module:
     if path.parent.resolve() != DEFAULT_DIR.resolve():
         rebuild += f" --out {path.parent}"
     saved, state_dict, manifest = load_checkpoint(path, rebuild=rebuild)
+    from mllm_scratch.clip import with_referenced_tower
+
+    state_dict = with_referenced_tower(state_dict, manifest, path, rebuild)
     if path.parent.resolve() == DEFAULT_DIR.resolve() and manifest.get("recipe") != MethodsRecipe().to_dict():
         raise CheckpointError(f"checkpoint {path} was trained with another recipe than MethodsRecipe() in "
                               f"mllm_scratch/hybrid.py (the recipe changed since it was built); rebuild it with: {rebuild}")

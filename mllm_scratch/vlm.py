@@ -642,9 +642,16 @@ def save_vlm(path: str | Path, model: UnifiedVLM, *, recipe: dict | None = None,
     The manifest records the sha256 of the tokenizer the model was trained with (default:
     the shipped one): token ids mean nothing without it, and `load_vlm` refuses a mismatch.
     `dtype` float16 halves the file (the book's shipped one is stored so; see `round_to_dtype`).
+    An image tower equal to the shipped one (kept frozen) is not stored again: the manifest
+    records its checksum, and `load_vlm` takes it from the tower's own checkpoint.
     """
-    return save_checkpoint(path, model, model.config.to_dict(), name=name, recipe=recipe, metrics=metrics, dtype=dtype,
-                           extra={"tokenizer_sha256": tokenizer_sha256(tokenizer), "loader": "mllm_scratch.vlm.load_vlm"})
+    from mllm_scratch.clip import tower_reference
+
+    reference = tower_reference(model.encoder, dtype)  # the shipped tower, frozen: its checksum, not its weights
+    stored = nn.ModuleDict({"projector": model.projector, "lm": model.lm}) if reference else model
+    return save_checkpoint(path, stored, model.config.to_dict(), name=name, recipe=recipe, metrics=metrics, dtype=dtype,
+                           extra={"tokenizer_sha256": tokenizer_sha256(tokenizer), **reference,
+                                  "loader": "mllm_scratch.vlm.load_vlm"})
 
 
 def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
@@ -670,6 +677,10 @@ def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
             raise
         raise CheckpointError(str(err).replace(book_rebuild, own_rebuild)) from None
     rebuild = own_rebuild or rebuild
+    from mllm_scratch.checkpoints import read_manifest
+    from mllm_scratch.clip import with_referenced_tower
+
+    state_dict = with_referenced_tower(state_dict, read_manifest(path, rebuild), path, rebuild)
     try:
         config = VLMConfig(**saved)
     except (TypeError, ValueError) as err:

@@ -648,14 +648,18 @@ def save_xattn(path: str | Path, model: CrossAttentionVLM, *, recipe: dict | Non
     """Save the tower and the xattn weights (not the frozen LM) with the config, the LM's checksum and the tokenizer's.
 
     `dtype` float16 halves the file (the book's shipped one is stored so; see `round_to_dtype`).
+    A tower equal to the shipped one (frozen) is not stored again: the manifest records its checksum.
     """
+    from mllm_scratch.clip import tower_reference
     from mllm_scratch.gpt import tokenizer_sha256
 
     if model.config.vision is None:
         raise ValueError("save_xattn needs XAttnConfig.vision (a VisionTransformer encoder) to rebuild the encoder")
-    return save_checkpoint(path, _trained_parts(model), model.config.to_dict(), name=name, recipe=recipe, metrics=metrics,
+    reference = tower_reference(model.encoder, dtype)  # the shipped tower, frozen: its checksum, not its weights
+    stored = nn.ModuleDict({"xattn": model.xattn}) if reference else _trained_parts(model)
+    return save_checkpoint(path, stored, model.config.to_dict(), name=name, recipe=recipe, metrics=metrics,
                            dtype=dtype, extra={"lm_checksum": lm_checksum(model.lm), "tokenizer_sha256": tokenizer_sha256(),
-                                  "lm": "the recipe's shipped GPT (xattn.recipe_lm), frozen: not stored here",
+                                  **reference, "lm": "the recipe's shipped GPT (xattn.recipe_lm), frozen: not stored here",
                                   "loader": "mllm_scratch.xattn.load_xattn"})
 
 
@@ -666,6 +670,7 @@ def load_xattn(path: str | Path | None = None, lm: GPT | None = None) -> CrossAt
     tokenizer does not match, and an LM whose checksum differs from the one it was trained on.
     """
     from mllm_scratch.checkpoints import read_manifest
+    from mllm_scratch.clip import with_referenced_tower
     from mllm_scratch.gpt import tokenizer_sha256
 
     saved, state_dict, path, rebuild = load_verified(
@@ -679,6 +684,7 @@ def load_xattn(path: str | Path | None = None, lm: GPT | None = None) -> CrossAt
     if config.vision is None:
         raise CheckpointError(f"checkpoint {path} has no vision config to rebuild its encoder; rebuild it with: {rebuild}")
     manifest = read_manifest(path, rebuild)
+    state_dict = with_referenced_tower(state_dict, manifest, path, rebuild)
     if lm is None:  # files saved before XAttnRecipe.lm existed froze chapter 04's GPT
         lm = recipe_lm((manifest.get("recipe") or {}).get("lm", "base"))
     expected = manifest.get("lm_checksum")

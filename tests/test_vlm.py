@@ -287,3 +287,45 @@ def test_the_book_recipe_keeps_the_tower_frozen_in_stage_2():
                 data=batches(VQADataset("train", 8), 4, collate_fn=VLMCollator(TOK, model.num_image_tokens)))
     assert all(torch.equal(v, tower_before[k]) for k, v in model.encoder.state_dict().items())
     assert any(not torch.equal(v, lm_before[k]) for k, v in model.lm.state_dict().items())
+
+
+def test_a_frozen_shipped_tower_is_stored_by_reference(tmp_path):
+    """The shipped tower, unchanged, is recorded by checksum, not stored; loading takes it from tower.pt at the
+    file's dtype. A tower that changed is stored; a wrong checksum, or a tower both stored and referenced, is refused."""
+    from mllm_scratch.clip import TOWER_REFERENCE, pretrained_image_tower
+    from mllm_scratch.gpt import GPT
+    from mllm_scratch.vlm import build_vlm
+
+    lm = GPT(GPTConfig(vocab_size=TOK.vocab_size, context_length=96, dim=32, depth=1, num_heads=2))
+    model = build_vlm(VLMRecipe(), TOK, lm=lm, tower=pretrained_image_tower())
+    path = tmp_path / "vlm.pt"
+    manifest = save_vlm(path, model, dtype=torch.float16)
+    stored = torch.load(path, weights_only=True)["state_dict"]
+    assert TOWER_REFERENCE in manifest and not any(k.startswith("encoder.") for k in stored)
+    loaded = load_vlm(path)
+    for k, v in model.state_dict().items():  # the tower as a float16 file would have held it
+        expected = v.to(torch.float16).float() if k.startswith(("encoder.", "projector.", "lm.")) else v
+        assert torch.equal(loaded.state_dict()[k], expected), k
+    man = path.with_suffix(".json")
+    man.write_text(json.dumps({**manifest, TOWER_REFERENCE: "0" * 64}))
+    with pytest.raises(CheckpointError, match=f"{path}.*another image tower.*rebuild"):
+        load_vlm(path)
+    with torch.no_grad():  # a tower that trained is the file's own
+        model.encoder.pos_embed.add_(0.1)
+    manifest = save_vlm(path, model, dtype=torch.float16)
+    assert TOWER_REFERENCE not in manifest
+    assert any(k.startswith("encoder.") for k in torch.load(path, weights_only=True)["state_dict"])
+    man.write_text(json.dumps({**manifest, TOWER_REFERENCE: "0" * 64}))
+    with pytest.raises(CheckpointError, match="both stores a tower and references"):
+        load_vlm(path)
+
+
+@pytest.mark.parametrize("name", ["vlm", "xattn", "methods_unified", "methods_cross", "methods_hybrid"])
+def test_shipped_vlms_refer_to_the_shipped_tower(name):
+    """The shipped VLMs keep the book's tower frozen, so their files hold no copy of it."""
+    from mllm_scratch.checkpoints import DEFAULT_DIR
+    from mllm_scratch.clip import TOWER_REFERENCE
+
+    manifest = json.loads((DEFAULT_DIR / f"{name}.json").read_text())
+    stored = torch.load(DEFAULT_DIR / f"{name}.pt", weights_only=True)["state_dict"]
+    assert TOWER_REFERENCE in manifest and not any(k.startswith("encoder.") for k in stored)
