@@ -361,7 +361,7 @@ class VLMRecipe:
     batch_size: int = 32
     stage1_steps: int = 150
     stage1_lr: float = 3e-3  # the projector, from scratch
-    stage2_steps: int = 3000
+    stage2_steps: int = 6000
     stage2_lr: float = 2e-3  # the projector (for Fuyu: the only thing that sees pixels)
     stage2_lm_lr: float = 1e-3  # the pretrained LM (and the encoder, if train_encoder): lower, not to forget
     train_encoder: bool = False  # True: stage 2 tunes the tower too, at stage2_lm_lr, as Molmo does; LLaVA and NVLM keep it frozen
