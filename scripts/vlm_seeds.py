@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chapter 06's recipe on three seeds: accuracy per skill, and how often each yes/no answer is given.
 
-    python scripts/vlm_seeds.py              # every row (seed 0: the shipped model, 2 minutes; the others about 22 each)
+    python scripts/vlm_seeds.py              # every row (seed 0: the shipped model, 2 minutes; the others 21-25 each)
     python scripts/vlm_seeds.py --rows 1 2   # some rows only (merged into the results file)
 
 Each row is `VLMRecipe(seed=s)`: the projector's first values and the order of the batches
