@@ -23,8 +23,9 @@ gated block reads the raw embeddings; with "after" the last one feeds the final 
 Training (`XAttnRecipe`, `build_xattn`, `train_xattn`): one stage on chapter 06's captions and
 questions with one <|image|> marker per image, the LM frozen, the gates at their own higher rate,
 the tower optionally trained at a low rate (Llama 3.2); the gates' tanh is recorded as it goes
-(`gate_history`). Checkpoints (`save_xattn` / `load_xattn`) hold only the tower and `xattn`;
-the manifest records the checksum of the LM they were trained on, and loading verifies it.
+(`gate_history`). Checkpoints (`save_xattn` / `load_xattn`) hold only `xattn`, and the tower
+when it trained; the manifest records the checksums of the frozen LM (and of the shipped tower,
+when it is not stored), and loading verifies them.
 
 Two guarantees the chapter proves: with every gate at 0 the model *is* the LM (bit for bit),
 and a token with no image before it gets exactly zero update (no NaN, no bias leaking through).
