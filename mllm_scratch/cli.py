@@ -59,6 +59,8 @@ def book_preset_measured() -> str:
         return f"about {m['train_seconds'] / 60:.0f} min, {m['test_vqa']['all']:.2f} on {questions:,} test questions"
     except (OSError, ValueError, KeyError, TypeError):  # no manifest to quote: say nothing rather than something stale
         return "see data/checkpoints/vlm.json"
+
+
 _OVERRIDES = ("encoder", "projector", "caption_pairs", "qa_pairs", "batch_size", "stage1_steps", "stage2_steps",
               "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed", "train_encoder")
 MODELS = {"vlm": "chapter 06's unified VLM (image tokens spliced into the LM's input; the default)",

@@ -503,6 +503,7 @@ def save_method(path: str | Path, model: nn.Module, *, recipe: dict | None = Non
 
 def load_method(path: str | Path) -> nn.Module:
     """Load a `save_method` file (B and H around the shipped GPT, checked by sha256); eval mode, CPU, frozen."""
+    from mllm_scratch.clip import with_referenced_tower
     from mllm_scratch.gpt import pretrained_gpt, tokenizer_sha256
 
     path = Path(path)
@@ -510,8 +511,6 @@ def load_method(path: str | Path) -> nn.Module:
     if path.parent.resolve() != DEFAULT_DIR.resolve():
         rebuild += f" --out {path.parent}"
     saved, state_dict, manifest = load_checkpoint(path, rebuild=rebuild)
-    from mllm_scratch.clip import with_referenced_tower
-
     state_dict = with_referenced_tower(state_dict, manifest, path, rebuild)
     if path.parent.resolve() == DEFAULT_DIR.resolve() and manifest.get("recipe") != MethodsRecipe().to_dict():
         raise CheckpointError(f"checkpoint {path} was trained with another recipe than MethodsRecipe() in "

@@ -662,6 +662,9 @@ def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
     the shipped file the recipe (a changed `VLMRecipe()` means a stale checkpoint). Raises
     CheckpointError naming the file and the command that rebuilds it.
     """
+    from mllm_scratch.checkpoints import read_manifest
+    from mllm_scratch.clip import with_referenced_tower
+
     own = path is not None and Path(path).resolve() != DEFAULT_CHECKPOINT.resolve()
     # A checkpoint of the reader's own comes from the command line, not from the book's build script.
     book_rebuild = f"{rebuild_command(CHECKPOINT_NAME)} --out {Path(path).parent}" if own else ""
@@ -677,9 +680,6 @@ def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
             raise
         raise CheckpointError(str(err).replace(book_rebuild, own_rebuild)) from None
     rebuild = own_rebuild or rebuild
-    from mllm_scratch.checkpoints import read_manifest
-    from mllm_scratch.clip import with_referenced_tower
-
     state_dict = with_referenced_tower(state_dict, read_manifest(path, rebuild), path, rebuild)
     try:
         config = VLMConfig(**saved)
