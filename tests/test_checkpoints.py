@@ -8,14 +8,19 @@ import torch
 from torch import nn
 
 from mllm_scratch.checkpoints import (
+    FORMAT,
+    FORMAT_TORCH,
     CheckpointError,
+    _shuffled_bytes,
     atomic_write,
     config_differences,
     load_checkpoint,
     load_state_dict_strict,
     manifest_path,
+    read_payload,
     save_checkpoint,
     sha256_file,
+    write_payload,
 )
 
 
@@ -132,3 +137,71 @@ def test_every_build_target_names_the_files_it_ships(monkeypatch):
     for t in script.TARGETS.values():
         for name in t.files or (f"{t.name}.pt",):
             assert (DEFAULT_DIR / name).exists(), f"target {t.name} ships {name}, which is missing from {DEFAULT_DIR}"
+
+
+def test_shuffled_bytes_equal_a_hand_written_loop():
+    t = torch.randn(5, 3).half()
+    raw = t.numpy().tobytes()  # element i is raw[2i : 2i + 2]
+    by_hand = bytes(raw[2 * i + b] for b in range(2) for i in range(t.numel()))  # every byte 0, then every byte 1
+    assert _shuffled_bytes(t) == by_hand
+
+
+def test_every_dtype_and_shape_round_trips_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 4), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
+        "i64": torch.arange(-3, 3), "mask": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4), "view": torch.randn(4, 6)[:, ::2],  # not contiguous
+    }
+    path = tmp_path / "all.pt"
+    with open(path, "wb") as f:
+        write_payload(f, "all", {"k": [1, 2]}, tensors)
+    payload = read_payload(path)
+    assert payload["format"] == FORMAT and payload["name"] == "all" and payload["config"] == {"k": [1, 2]}
+    assert list(payload["state_dict"]) == list(tensors)
+    for k, t in tensors.items():
+        got = payload["state_dict"][k]
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k
+
+
+def test_a_tied_weight_is_stored_once(tmp_path):
+    emb = torch.randn(200, 32)
+    tied, untied = tmp_path / "tied.pt", tmp_path / "untied.pt"
+    with open(tied, "wb") as f:
+        write_payload(f, "t", {}, {"emb": emb, "head": emb.clone()})
+    with open(untied, "wb") as f:
+        write_payload(f, "u", {}, {"emb": emb, "head": torch.randn(200, 32)})
+    assert tied.stat().st_size < 0.6 * untied.stat().st_size
+    state_dict = read_payload(tied)["state_dict"]
+    assert torch.equal(state_dict["head"], emb) and torch.equal(state_dict["emb"], emb)
+
+
+def test_a_torch_save_file_of_format_1_still_loads(tmp_path):
+    model = small_model()
+    path = tmp_path / "old.pt"
+    manifest = save_checkpoint(path, model, {"width": 4}, name="old")
+    torch.save({"format": FORMAT_TORCH, "name": "old", "config": {"width": 4}, "state_dict": model.state_dict()}, path)
+    manifest_path(path).write_text(json.dumps({**manifest, "sha256": sha256_file(path), "format": FORMAT_TORCH}))
+    _, state_dict, _ = load_checkpoint(path)
+    assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_damaged_file_whose_manifest_vouches_for_it_is_refused(tmp_path):
+    path = tmp_path / "toy.pt"
+    save_checkpoint(path, small_model(), {"width": 4}, name="toy")
+    path.write_bytes(path.read_bytes()[:-20])  # the xz stream cut short
+    man = json.loads(manifest_path(path).read_text())
+    manifest_path(path).write_text(json.dumps({**man, "sha256": sha256_file(path)}))
+    with pytest.raises(CheckpointError, match=r"toy.pt cannot be read \(.*\); rebuild it with"):
+        load_checkpoint(path)
+
+
+def test_the_shipped_files_are_format_2_and_fit_the_budget():
+    from mllm_scratch.checkpoints import DEFAULT_DIR
+
+    files = sorted(DEFAULT_DIR.glob("*.pt"))
+    assert len(files) >= 15
+    for path in files:
+        assert read_payload(path)["format"] == FORMAT, path.name
+    total = sum(p.stat().st_size for p in files) / 2**20
+    assert total <= 25, f"the shipped checkpoints hold {total:.1f} MiB; the book's budget is 25 MiB"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mllm_scratch.checkpoints import DEFAULT_DIR
+from mllm_scratch.checkpoints import DEFAULT_DIR, read_payload
 from mllm_scratch.clip import CLIP, CLIPConfig, pretrained_clip, pretrained_tower
 from mllm_scratch.gpt import GPT, GPTConfig, pretrained_gpt
 from mllm_scratch.real_weights import (
@@ -318,7 +318,7 @@ def test_local_copy_uses_the_environment_then_the_cache_and_never_downloads(tmp_
 
 
 def _shipped_state(name):
-    return torch.load(DEFAULT_DIR / f"{name}.pt", map_location="cpu", weights_only=True)
+    return read_payload(DEFAULT_DIR / f"{name}.pt")
 
 
 @pytest.mark.parametrize("name, build", [("gpt", lambda: GPT()), ("clip", lambda: CLIP())])

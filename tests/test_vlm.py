@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mllm_scratch.checkpoints import CheckpointError
+from mllm_scratch.checkpoints import CheckpointError, read_payload
 from mllm_scratch.gpt import GPTConfig, tokenizer_sha256
 from mllm_scratch.shapeworld import CaptionDataset, VQADataset
 from mllm_scratch.tokenizer import load_tokenizer
@@ -300,7 +300,7 @@ def test_a_frozen_shipped_tower_is_stored_by_reference(tmp_path):
     model = build_vlm(VLMRecipe(), TOK, lm=lm, tower=pretrained_image_tower())
     path = tmp_path / "vlm.pt"
     manifest = save_vlm(path, model, dtype=torch.float16)
-    stored = torch.load(path, weights_only=True)["state_dict"]
+    stored = read_payload(path)["state_dict"]
     assert TOWER_REFERENCE in manifest and not any(k.startswith("encoder.") for k in stored)
     loaded = load_vlm(path)
     for k, v in model.state_dict().items():  # the tower as a float16 file would have held it
@@ -314,7 +314,7 @@ def test_a_frozen_shipped_tower_is_stored_by_reference(tmp_path):
         model.encoder.pos_embed.add_(0.1)
     manifest = save_vlm(path, model, dtype=torch.float16)
     assert TOWER_REFERENCE not in manifest
-    assert any(k.startswith("encoder.") for k in torch.load(path, weights_only=True)["state_dict"])
+    assert any(k.startswith("encoder.") for k in read_payload(path)["state_dict"])
     man.write_text(json.dumps({**manifest, TOWER_REFERENCE: "0" * 64}))
     with pytest.raises(CheckpointError, match="both stores a tower and references"):
         load_vlm(path)
@@ -327,5 +327,5 @@ def test_shipped_vlms_refer_to_the_shipped_tower(name):
     from mllm_scratch.clip import TOWER_REFERENCE
 
     manifest = json.loads((DEFAULT_DIR / f"{name}.json").read_text())
-    stored = torch.load(DEFAULT_DIR / f"{name}.pt", weights_only=True)["state_dict"]
+    stored = read_payload(DEFAULT_DIR / f"{name}.pt")["state_dict"]
     assert TOWER_REFERENCE in manifest and not any(k.startswith("encoder.") for k in stored)
