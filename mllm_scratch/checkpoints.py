@@ -68,6 +68,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def state_checksum(module: nn.Module, *, shapes: bool = True) -> str:
+    """A sha256 over a module's state dict: names, shapes (unless `shapes=False`) and bytes.
+
+    Equal before and after training means the module was not touched; a manifest records it
+    for a frozen part that a file refers to instead of storing (the shipped GPT, the tower).
+    Chapter 08's method files record it without the shapes (`shapes=False`), as they were built.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        if shapes:
+            digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def manifest_path(path: str | os.PathLike) -> Path:
     """The manifest that sits beside a checkpoint: NAME.pt -> NAME.json."""
     return Path(path).with_suffix(".json")
@@ -329,6 +345,7 @@ __all__ = [
     "rebuild_command",
     "save_checkpoint",
     "sha256_file",
+    "state_checksum",
     "write_payload",
 ]
 

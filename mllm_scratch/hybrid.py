@@ -29,7 +29,6 @@ methods` (the three) and `methods_fuyu` (Fuyu) write.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +46,7 @@ from mllm_scratch.checkpoints import (
     rebuild_command,
     round_to_dtype,
     save_checkpoint,
+    state_checksum,
 )
 from mllm_scratch.gpt import GPT, next_token_loss
 from mllm_scratch.runtime import checked_on_host
@@ -460,14 +460,6 @@ def build_target(method: str) -> str:
     return f"{CHECKPOINT_NAME}_{FUYU}" if method == FUYU else CHECKPOINT_NAME
 
 
-def _sha256_state(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _saved_parts(model: nn.Module, method: str) -> nn.Module:
     """What the file holds: the whole model (A, Fuyu: no tower, so projector + LM), or for B and H every part but the
     frozen LM (the shipped GPT, checked by sha256)."""
@@ -492,7 +484,7 @@ def save_method(path: str | Path, model: nn.Module, *, recipe: dict | None = Non
 
     method = method_of(model)
     reference = tower_reference(getattr(model, "encoder", None), dtype)  # the shipped tower, frozen: by reference
-    extra = {"method": method, "tokenizer_sha256": tokenizer_sha256(), "lm_sha256": _sha256_state(model.lm), **reference,
+    extra = {"method": method, "tokenizer_sha256": tokenizer_sha256(), "lm_sha256": state_checksum(model.lm, shapes=False), **reference,
              "loader": "mllm_scratch.hybrid.load_method", "rebuild": rebuild_command(build_target(method))}
     stored = _saved_parts(model, method)
     if reference:
@@ -533,7 +525,7 @@ def load_method(path: str | Path) -> nn.Module:
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} holds an invalid {method} config ({err}); rebuild it with: {rebuild}") from None
     if method not in ("unified", FUYU):
-        if manifest.get("lm_sha256") != _sha256_state(lm):
+        if manifest.get("lm_sha256") != state_checksum(lm, shapes=False):
             raise CheckpointError(f"checkpoint {path} wraps another GPT than the shipped one (lm_sha256 differs); "
                                   f"rebuild it with: {rebuild}")
         state_dict = {**{f"lm.{k}": v for k, v in lm.state_dict().items()}, **state_dict}

@@ -51,6 +51,7 @@ from mllm_scratch.checkpoints import (
     load_verified,
     round_to_dtype,
     save_checkpoint,
+    state_checksum,
 )
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss
 from mllm_scratch.runtime import checked_on_host
@@ -385,14 +386,7 @@ def xattn_loss(model: CrossAttentionVLM, batch) -> torch.Tensor:
 
 def lm_checksum(lm: nn.Module) -> str:
     """A sha256 over the LM's state dict (names, shapes and bytes): equal before and after training = untouched."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(lm.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_checksum(lm)
 
 
 # ----------------------------------------------------------------------------------
