@@ -8,14 +8,23 @@ having run that notebook. The book therefore ships small checkpoints in
     data/checkpoints/NAME.pt     the tensors and config, compressed (format 2, below)
     data/checkpoints/NAME.json   manifest: sha256 of NAME.pt, config, training recipe, metrics
 
-Format 2 is an xz stream that holds a JSON header (format, name, config, and each tensor's
-name, dtype and shape) followed by the tensors' bytes. Each tensor's bytes are *shuffled*
-before compression: first byte 0 of every element, then byte 1, and so on. The high byte of
-a float16 (sign, exponent, two mantissa bits) varies little from weight to weight, so it
-compresses well once it sits apart from the noisy low byte; the shipped files shrink by about
-a fifth against `torch.save`, with every weight bit-identical. A tensor equal to an earlier
-one (a tied embedding and output head) is stored once. There is no pickle in it, so reading
-a file runs no code. Files in format 1 (`torch.save` of the same dict) still load.
+Format 2 is one xz stream: the length of a JSON header (8 bytes, little-endian), the header
+(format, name, config, and per tensor its key, dtype, shape, and where its bytes lie: `offset`
+and `bytes`), then the tensors' bytes. Three things make it smaller than `torch.save` of the
+same tensors, with every weight bit-identical (`python benchmarks/checkpoint_size.py`: the
+shipped files take 29.8 MiB as `torch.save`):
+
+- xz compression (25.2 MiB);
+- *shuffled* bytes: first byte 0 of every element of a tensor, then byte 1, and so on. The
+  high byte of a float16 (sign, exponent, two mantissa bits) varies little from weight to
+  weight and compresses well once it sits apart from the noisy low byte;
+- a tensor whose bytes equal an earlier one's (a tied embedding and output head) is stored
+  once, as `same_as` that tensor (`torch.save` keeps a tie only while both names share
+  storage, which rounding to float16 undoes). Together with the shuffle: 23.9 MiB.
+
+There is no pickle in it, so reading a file runs no code, and a header that `write_payload`
+could not have written is refused with the tensor it names. Files in format 1 (`torch.save`
+of {"format", "name", "config", "state_dict"}) still load.
 
 Loading checks everything it can before a model is built: the files exist, the sha256 of
 the .pt matches the manifest, the config inside the file matches the manifest (and the
@@ -28,10 +37,11 @@ build leaves the old file or the new one, never half of one.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import lzma
+import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -130,32 +140,41 @@ def _shuffled_bytes(t: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).reshape(-1, flat.element_size()).t().contiguous().numpy().tobytes()
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _unshuffled(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    """The inverse of `_shuffled_bytes`."""
+    """The inverse of `_shuffled_bytes` (the caller has checked that `data` holds exactly `shape`'s elements)."""
     store = torch.uint8 if dtype == torch.bool else dtype
-    size = torch.empty((), dtype=store).element_size()
     if len(data) == 0:  # an empty tensor (frombuffer refuses an empty buffer)
         return torch.empty(shape, dtype=dtype)
-    planes = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(size, -1)
+    planes = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(_element_size(store), -1)
     t = planes.t().contiguous().reshape(-1).view(store).reshape(shape)
     return t.to(torch.bool) if dtype == torch.bool else t
 
 
+def _little_endian_only() -> None:
+    if sys.byteorder != "little":  # the bytes are written as the machine holds them
+        raise ValueError(f"checkpoint format {FORMAT!r} is little-endian; this machine is {sys.byteorder}-endian")
+
+
 def write_payload(f, name: str, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
     """Write a format-2 checkpoint (see the module's docstring) to the binary file `f`."""
-    entries, blobs, offset = [], [], 0
+    _little_endian_only()
+    entries, blobs, stored, offset = [], [], {}, 0  # stored: (dtype, shape, bytes) -> key of its first holder
     for key, t in state_dict.items():
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise ValueError(f"tensor {key!r} has dtype {t.dtype}, which a checkpoint cannot store; expected one of {sorted(_DTYPES)}")
-        same = next((e["key"] for e, u in zip(entries, state_dict.values())
-                     if "same_as" not in e and e["dtype"] == dtype and e["shape"] == list(t.shape) and torch.equal(u, t)),
-                    None)
-        if same is not None:
-            entries.append({"key": key, "dtype": dtype, "shape": list(t.shape), "same_as": same})
-            continue
         data = _shuffled_bytes(t)
-        entries.append({"key": key, "dtype": dtype, "shape": list(t.shape), "offset": offset, "bytes": len(data)})
+        entry = {"key": key, "dtype": dtype, "shape": list(t.shape)}
+        same = stored.get((dtype, tuple(t.shape), data))  # equal bytes, not torch.equal: -0.0 stays -0.0
+        if same is not None:
+            entries.append({**entry, "same_as": same})
+            continue
+        stored[dtype, tuple(t.shape), data] = key
+        entries.append({**entry, "offset": offset, "bytes": len(data)})
         blobs.append(data)
         offset += len(data)
     header = json.dumps({"format": FORMAT, "name": name, "config": config, "tensors": entries}).encode("utf-8")
@@ -166,29 +185,65 @@ def write_payload(f, name: str, config: dict[str, Any], state_dict: dict[str, to
             out.write(data)
 
 
+def _checked_entry(e: Any, seen: dict[str, tuple[str, list[int]]], data_bytes: int) -> str:
+    """Refuse a header entry that could not have come from `write_payload`; return its key."""
+    if not isinstance(e, dict) or not isinstance(e.get("key"), str):
+        raise ValueError(f"a tensor entry {str(e)[:80]!r} has no key")
+    key, dtype, shape = e["key"], e.get("dtype"), e.get("shape")
+    if key in seen:
+        raise ValueError(f"tensor {key!r} appears twice")
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor {key!r} has dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"tensor {key!r} has shape {shape!r}; expected a list of non-negative ints")
+    if "same_as" in e:
+        if seen.get(e["same_as"]) != (dtype, shape):
+            raise ValueError(f"tensor {key!r} is the same as {e['same_as']!r}, which is not an earlier tensor "
+                             f"of dtype {dtype} and shape {shape}")
+        return key
+    offset, size = e.get("offset"), e.get("bytes")
+    want = _element_size(_DTYPES[dtype]) * math.prod(shape)
+    for field, value in (("offset", offset), ("bytes", size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"tensor {key!r} has {field} {value!r}; expected a non-negative int")
+    if size != want:
+        raise ValueError(f"tensor {key!r} holds {size} bytes, but dtype {dtype} and shape {shape} need {want}")
+    if offset + size > data_bytes:
+        raise ValueError(f"tensor {key!r} ends at byte {offset + size}, past the {data_bytes} bytes of tensor data")
+    return key
+
+
 def read_payload(path: str | os.PathLike) -> dict[str, Any]:
-    """{"format", "name", "config", "state_dict"} from a checkpoint file of either format (no checks of the manifest)."""
+    """{"format", "name", "config", "state_dict"} from a checkpoint file of either format (no checks of the manifest).
+
+    Raises ValueError, naming the tensor, for a header that `write_payload` could not have written.
+    """
     path = Path(path)
     with open(path, "rb") as f:
         magic = f.read(len(XZ_MAGIC))
     if magic != XZ_MAGIC:  # format 1: a torch.save zip
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(payload, dict) and payload.get("format") != FORMAT_TORCH:
+            raise ValueError(f"a torch.save file that says it is in the format {payload.get('format')!r}, "
+                             f"expected {FORMAT_TORCH!r}")
+        return payload
+    _little_endian_only()
     raw = lzma.decompress(path.read_bytes())
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size].decode("utf-8"))
+    if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(header.get("tensors"), list):
+        raise ValueError(f"an xz file whose header is not that of the format {FORMAT!r}")
     body = memoryview(raw)[8 + size :]
+    seen: dict[str, tuple[str, list[int]]] = {}
     state_dict: dict[str, torch.Tensor] = {}
     for e in header["tensors"]:
-        if e["dtype"] not in _DTYPES:
-            raise ValueError(f"tensor {e['key']!r} has dtype {e['dtype']!r}; expected one of {sorted(_DTYPES)}")
-        if "same_as" in e:
-            state_dict[e["key"]] = state_dict[e["same_as"]]
-            continue
-        end = e["offset"] + e["bytes"]
-        if end > len(body):
-            raise ValueError(f"tensor {e['key']!r} ends at byte {end}, past the {len(body)} bytes of tensor data")
-        state_dict[e["key"]] = _unshuffled(body[e["offset"] : end], _DTYPES[e["dtype"]], e["shape"])
-    return {"format": header["format"], "name": header["name"], "config": header["config"], "state_dict": state_dict}
+        key = _checked_entry(e, seen, len(body))
+        seen[key] = (e["dtype"], e["shape"])
+        if "same_as" in e:  # its own tensor, as torch.load would give for two names
+            state_dict[key] = state_dict[e["same_as"]].clone()
+        else:
+            state_dict[key] = _unshuffled(body[e["offset"] : e["offset"] + e["bytes"]], _DTYPES[e["dtype"]], e["shape"])
+    return {"format": header["format"], "name": header.get("name"), "config": header.get("config"), "state_dict": state_dict}
 
 
 def save_checkpoint(

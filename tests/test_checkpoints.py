@@ -1,5 +1,6 @@
 """The shared checkpoint helper: atomic save, sha256 manifest, clear errors on every kind of mismatch."""
 
+import io
 import json
 from pathlib import Path
 
@@ -146,12 +147,19 @@ def test_shuffled_bytes_equal_a_hand_written_loop():
     assert _shuffled_bytes(t) == by_hand
 
 
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()
+
+
 def test_every_dtype_and_shape_round_trips_bit_for_bit(tmp_path):
     torch.manual_seed(0)
     tensors = {
         "f32": torch.randn(3, 4), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
-        "i64": torch.arange(-3, 3), "mask": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
-        "empty": torch.zeros(0, 4), "view": torch.randn(4, 6)[:, ::2],  # not contiguous
+        "f64": torch.randn(3).double(), "i64": torch.arange(-3, 3), "i32": torch.arange(4, dtype=torch.int32),
+        "i16": torch.tensor([-7, 300], dtype=torch.int16), "i8": torch.tensor([-1, 5], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8), "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "view": torch.randn(4, 6)[:, ::2],  # not contiguous
+        "signs": torch.tensor([0.0, -0.0, float("nan"), float("-inf")]),
     }
     path = tmp_path / "all.pt"
     with open(path, "wb") as f:
@@ -161,19 +169,66 @@ def test_every_dtype_and_shape_round_trips_bit_for_bit(tmp_path):
     assert list(payload["state_dict"]) == list(tensors)
     for k, t in tensors.items():
         got = payload["state_dict"][k]
-        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k
+        assert got.dtype == t.dtype and got.shape == t.shape and _bits(got) == _bits(t), k
 
 
-def test_a_tied_weight_is_stored_once(tmp_path):
+def test_a_tied_weight_is_stored_once_and_equal_values_are_not_equal_bits(tmp_path):
     emb = torch.randn(200, 32)
     tied, untied = tmp_path / "tied.pt", tmp_path / "untied.pt"
     with open(tied, "wb") as f:
-        write_payload(f, "t", {}, {"emb": emb, "head": emb.clone()})
+        write_payload(f, "t", {}, {"emb": emb, "head": emb.clone(), "zeros": torch.zeros(3), "signed": -torch.zeros(3)})
     with open(untied, "wb") as f:
         write_payload(f, "u", {}, {"emb": emb, "head": torch.randn(200, 32)})
     assert tied.stat().st_size < 0.6 * untied.stat().st_size
     state_dict = read_payload(tied)["state_dict"]
-    assert torch.equal(state_dict["head"], emb) and torch.equal(state_dict["emb"], emb)
+    assert _bits(state_dict["head"]) == _bits(emb) == _bits(state_dict["emb"])
+    assert _bits(state_dict["signed"]) == _bits(-torch.zeros(3)) != _bits(torch.zeros(3))  # -0.0 is not stored as 0.0
+    state_dict["head"].add_(1)  # each name is a tensor of its own, as after torch.load
+    assert _bits(state_dict["emb"]) == _bits(emb)
+
+
+def _with_header(tmp_path, edit) -> Path:
+    """A format-2 file of two tensors whose header `edit` changed (the bytes after it unchanged)."""
+    import lzma
+
+    path = tmp_path / "edited.pt"
+    with open(path, "wb") as f:
+        write_payload(f, "x", {}, {"a": torch.arange(4.0), "b": torch.arange(4.0)})
+    raw = lzma.decompress(path.read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(lzma.compress(len(text).to_bytes(8, "little") + text + raw[8 + size :]))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["tensors"][0].update(bytes=8), r"tensor 'a' holds 8 bytes, but dtype float32 and shape \[4\] need 16"),
+    (lambda h: h["tensors"][0].update(offset=-12), r"tensor 'a' has offset -12; expected a non-negative int"),
+    (lambda h: h["tensors"][0].update(offset=8), r"tensor 'a' ends at byte 24, past the 16 bytes"),
+    (lambda h: h["tensors"][0].update(shape=[-1]), r"tensor 'a' has shape \[-1\]; expected a list of non-negative ints"),
+    (lambda h: h["tensors"][0].update(dtype="complex64"), r"tensor 'a' has dtype 'complex64'; expected one of"),
+    (lambda h: h["tensors"][1].update(same_as="zz"), r"tensor 'b' is the same as 'zz', which is not an earlier tensor"),
+    (lambda h: h["tensors"][1].update(key="a"), r"tensor 'a' appears twice"),
+    (lambda h: h.update(format="mllm_scratch.checkpoint/1"), r"header is not that of the format"),
+])
+def test_a_header_that_write_payload_could_not_have_written_is_refused(tmp_path, edit, message):
+    path = _with_header(tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        read_payload(path)
+
+
+def test_the_header_of_a_written_file_is_as_documented(tmp_path):
+    import lzma
+
+    path = _with_header(tmp_path, lambda h: None)
+    raw = lzma.decompress(path.read_bytes())
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header["tensors"] == [{"key": "a", "dtype": "float32", "shape": [4], "offset": 0, "bytes": 16},
+                                 {"key": "b", "dtype": "float32", "shape": [4], "same_as": "a"}]
+    with pytest.raises(ValueError, match=r"tensor 'c' has dtype torch.complex64, which a checkpoint cannot store"):
+        write_payload(io.BytesIO(), "c", {}, {"c": torch.zeros(2, dtype=torch.complex64)})
 
 
 def test_a_torch_save_file_of_format_1_still_loads(tmp_path):
@@ -184,6 +239,9 @@ def test_a_torch_save_file_of_format_1_still_loads(tmp_path):
     manifest_path(path).write_text(json.dumps({**manifest, "sha256": sha256_file(path), "format": FORMAT_TORCH}))
     _, state_dict, _ = load_checkpoint(path)
     assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
+    torch.save({"format": FORMAT, "name": "old", "config": {"width": 4}, "state_dict": model.state_dict()}, path)
+    with pytest.raises(ValueError, match="a torch.save file that says it is in the format 'mllm_scratch.checkpoint/2'"):
+        read_payload(path)
 
 
 def test_a_damaged_file_whose_manifest_vouches_for_it_is_refused(tmp_path):
