@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chapter 06's recipe with a longer stage 2 (9,000 steps instead of 6,000) on three seeds: does longer help?
 
-    python scripts/vlm_longer.py              # every row (about 35 minutes each on one CPU thread)
+    python scripts/vlm_longer.py              # every row (32-42 minutes each on one CPU thread)
     python scripts/vlm_longer.py --rows 1 2   # some rows only (merged into the results file)
 
 Each row is `VLMRecipe(seed=s)` with `stage2_steps=9000`, trained, rounded to float16 as a
