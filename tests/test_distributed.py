@@ -111,6 +111,14 @@ def two_ranks(tmp_path_factory) -> Path:
     script.write_text(WORKER)
     for strategy in ("ddp", "fsdp"):
         result = torchrun(str(script), str(out), strategy)
+        if result.returncode != 0 and "Signal 6 (SIGABRT)" in result.stderr:
+            # Once in a full suite on a loaded 2-core machine, a rank aborted inside gloo's C++
+            # ("terminate called without an active exception") before writing anything; the
+            # same run then passed. One retry for that crash only, from a clean folder: a wrong
+            # result still fails below.
+            for stale in out.glob(f"{strategy}_*.pt"):
+                stale.unlink()
+            result = torchrun(str(script), str(out), strategy)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
