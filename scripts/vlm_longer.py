@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_rows  # noqa: E402  (scripts/, next to this file)
-from xattn_seeds import answers, table  # noqa: E402  (the same scoring and table as vlm_seeds.py)
+from vlm_seeds import trained_and_scored  # noqa: E402  (train, round to float16, score: as vlm_seeds.py)
+from xattn_seeds import table  # noqa: E402
 
 from mllm_scratch.vlm import VLMRecipe  # noqa: E402
 
@@ -33,20 +34,7 @@ def recipe(seed: int = 0) -> VLMRecipe:
 
 def run(i: int) -> dict:
     seed = SEEDS[i]
-
-    def compute() -> dict:
-        import torch
-
-        from mllm_scratch.checkpoints import round_to_dtype
-        from mllm_scratch.tokenizer import load_tokenizer
-        from mllm_scratch.vlm import train_vlm
-
-        tokenizer = load_tokenizer()
-        model, _ = train_vlm(recipe(seed), tokenizer, log_every=500, progress=False, device="cpu")
-        round_to_dtype(model, torch.float16)  # as a shipped file holds it
-        return {split: answers(model, tokenizer, split) for split in ("test", "compositional")}
-
-    return search_rows.timed_row(i, {"seed": seed}, compute)
+    return search_rows.timed_row(i, {"seed": seed}, lambda: trained_and_scored(recipe(seed)))
 
 
 def main(argv: list[str] | None = None) -> int:
