@@ -62,7 +62,7 @@ def book_preset_measured() -> str:
 
 
 _OVERRIDES = ("encoder", "projector", "caption_pairs", "qa_pairs", "batch_size", "stage1_steps", "stage2_steps",
-              "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed", "train_encoder")
+              "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed", "train_encoder", "spatial_steps", "lm", "place_codes")
 MODELS = {"vlm": "chapter 06's unified VLM (image tokens spliced into the LM's input; the default)",
           "xattn": "chapter 07's cross-attention VLM (the frozen LM reads the image through gated blocks)"}
 VIDEO_MODELS = {"xattn": "video", "unified": "unified"}  # --model of ask-video -> the chapter-09 model's name
@@ -81,7 +81,11 @@ def _recipe(args: argparse.Namespace):
     from mllm_scratch.vlm import VLMRecipe
 
     recipe = replace(VLMRecipe(), **PRESETS[args.preset])
-    return replace(recipe, **{k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
+    try:  # the recipe checks its budgets before anything trains
+        return replace(recipe, **given)
+    except ValueError as err:
+        raise CLIError("--" + str(err).replace("_", "-")) from None  # "--stage2-steps must be an int >= 1, got -1"
 
 
 def preset_lm_recipe(preset: str, seed: int = 0):
@@ -148,8 +152,9 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
             split = (f" = {parallel.world_size} process{'es' * (parallel.world_size != 1)} ({parallel.strategy}) x "
                      f"{args.grad_accum} micro-batch{'es' * (args.grad_accum != 1)} x "
                      f"{local_batch_size(recipe.batch_size, parallel, args.grad_accum)}")
+        spatial = f"spatial stage {recipe.spatial_steps} steps ({tuned}, spatial questions), " if recipe.spatial_steps else ""
         say(f"train-vlm: encoder {recipe.encoder}, projector {recipe.projector}, stage 1 {recipe.stage1_steps} steps "
-            f"(projector, captions), stage 2 {recipe.stage2_steps} steps ({tuned}, questions), "
+            f"(projector, captions), {spatial}stage 2 {recipe.stage2_steps} steps ({tuned}, questions), "
             f"batch {recipe.batch_size}{split}, on {device}")
         # Each stage keeps its training state beside the output, so Ctrl-C (or a crash, back to the last
         # --checkpoint-every) loses nothing: run the same command with --resume to continue.
@@ -166,12 +171,13 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
             metrics["stage0_loss"] = round(history.loss[-1], 4)
             say(f"stage 0: loss {history.loss[-1]:.4f} after {history.steps[-1]} steps ({history.seconds:.0f} s)")
         model = build_vlm(recipe, tokenizer, lm=lm)
-        for stage in (1, 2):
+        for stage in recipe.stages:
+            name = f"stage{stage}" if isinstance(stage, int) else stage  # stage1, spatial, stage2
             history = train_stage(model, recipe, stage, tokenizer, log_every=0, progress=not args.no_progress,
-                                  device=device, checkpoint=state_dir / f"stage{stage}.pt", resume=args.resume,
+                                  device=device, checkpoint=state_dir / f"{name}.pt", resume=args.resume,
                                   checkpoint_every=args.checkpoint_every, grad_accum_steps=args.grad_accum,
                                   parallel=parallel)
-            metrics[f"stage{stage}_loss"] = round(history.loss[-1], 4)
+            metrics[f"{name}_loss"] = round(history.loss[-1], 4)
             say(f"stage {stage}: loss {history.loss[-1]:.4f} after {history.steps[-1]} steps ({history.seconds:.0f} s)")
         if not parallel.is_main:
             return 0
@@ -561,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-vlm", help="train a tiny unified VLM (chapter 06) and save it",
                        description="Train a unified VLM in LLaVA's two stages (projector on captions, then projector "
-                       "+ LM on questions) and write the checkpoint atomically to --out. Uses the GPU when present. "
+                       "+ LM on questions; --spatial-steps puts a stage of spatial questions between them) and write the checkpoint atomically to --out. Uses the GPU when present. "
                        f"The cpu preset takes {CPU_PRESET_MEASURED}. On several processes or GPUs, launch it with "
                        "torchrun: `torchrun --nproc_per_node N -m mllm_scratch train-vlm ...` (gloo on --device cpu, "
                        "NCCL on cuda). --batch-size stays the global batch: each process reads "
@@ -580,8 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
                              ("batch-size", int, "examples per optimizer step, over all processes (the global "
                               "batch); each of torchrun's N processes reads BATCH / (N x GRAD_ACCUM) per micro-batch"), ("stage1-steps", int, "stage-1 steps"),
                              ("stage2-steps", int, "stage-2 steps"), ("stage1-lr", float, "stage-1 learning rate"),
-                             ("stage2-lr", float, "stage-2 rate of the projector"),
-                             ("stage2-lm-lr", float, "stage-2 rate of the pretrained LM"), ("seed", int, "random seed")):
+                             ("stage2-lr", float, "rate of the projector in the spatial stage and stage 2"),
+                             ("stage2-lm-lr", float, "rate of the pretrained LM in the spatial stage and stage 2"),
+                             ("spatial-steps", int, "steps of the spatial stage, between stages 1 and 2 (0: none)"),
+                             ("seed", int, "random seed")):
         t.add_argument(f"--{name}", type=kind, help=f"{text} (overrides the preset)")
     tower = t.add_mutually_exclusive_group()
     default = "--train-encoder" if book.train_encoder else "--freeze-encoder"
@@ -591,6 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     tower.add_argument("--freeze-encoder", dest="train_encoder", action="store_const", const=False,
                        help="stage 2 keeps the image tower frozen, LLaVA's recipe"
                        + (" (the default: the book's recipe)" if default == "--freeze-encoder" else ""))
+    t.add_argument("--lm", choices=("base", "qa"), help="the pretrained GPT: base (chapter 04's; the presets') or qa "
+                   "(pretrained with questions in its text, chapter 07's)")
+    places = t.add_mutually_exclusive_group()
+    places.add_argument("--place-codes", dest="place_codes", action="store_const", const=True, default=None,
+                        help="a LayerNorm and learned 2-D place codes after the projector")
+    places.add_argument("--no-place-codes", dest="place_codes", action="store_const", const=False,
+                        help="the projector's output as it is (the presets')")
     t.add_argument("--eval", type=int, default=300, help="test questions to score after training (0: none; default 300)")
     t.add_argument("--device", help="cuda, mps or cpu (default: the GPU if there is one; $MLLM_DEVICE overrides)")
     t.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")

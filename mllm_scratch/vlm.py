@@ -45,10 +45,10 @@ from mllm_scratch.checkpoints import (
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, tokenizer_sha256
 from mllm_scratch.patches import patchify
 from mllm_scratch.runtime import checked_on_host
-from mllm_scratch.shapeworld import SKILLS, CaptionDataset, ShapeWorldConfig, VQADataset
+from mllm_scratch.shapeworld import CANONICAL_WORDS, SKILLS, CaptionDataset, ShapeWorldConfig, VQADataset
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
-from mllm_scratch.vit import ViTConfig, VisionTransformer, config_dict
+from mllm_scratch.vit import SWITCH, ViTConfig, VisionTransformer, config_dict
 
 IGNORE_INDEX = -100  # label of a position the loss skips (image, prompt, padding)
 
@@ -65,6 +65,10 @@ class VLMConfig:
     lm: GPTConfig = field(default_factory=GPTConfig)
     projector: Literal["linear", "mlp"] = "mlp"
     image_id: int = 502  # <|image|> of the shipped tokenizer
+    # After the projector: a LayerNorm that brings the image tokens to the scale of word embeddings
+    # (the trained MLP's outputs are many times longer), then learned 2-D place codes (`PlaceCodes`).
+    token_norm: bool = field(default=False, metadata=SWITCH)
+    place_codes: bool = field(default=False, metadata=SWITCH)
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -77,6 +81,10 @@ class VLMConfig:
             raise ValueError(f"projector must be 'linear' or 'mlp', got {self.projector!r}")
         if not 0 <= self.image_id < self.lm.vocab_size:
             raise ValueError(f"image_id {self.image_id} is not a token id of the LM (0..{self.lm.vocab_size - 1})")
+        grid = self.vision.image_size // self.vision.patch_size
+        if self.place_codes and grid * grid != self.num_image_tokens:
+            raise ValueError(f"place_codes need a square grid of image tokens: {self.num_image_tokens} tokens are not "
+                             f"the {grid} x {grid} patches of a {self.vision.image_size} px image")
         if self.num_image_tokens >= self.lm.context_length:
             raise ValueError(
                 f"{self.num_image_tokens} image tokens leave no room in the LM's context_length {self.lm.context_length}"
@@ -108,13 +116,45 @@ class PatchEncoder(nn.Module):
         return patchify(images, self.patch_size)  # (batch, num_patches, 3 * p * p)
 
 
-def make_projector(kind: str, image_dim: int, lm_dim: int) -> nn.Module:
-    """The connector: 'linear' (LLaVA-1) or 'mlp', Linear-GELU-Linear (LLaVA-1.5)."""
+class PlaceCodes(nn.Module):
+    """Learned 2-D place codes: token r * grid + c of each item gets row[r] + column[c] added (row-major patches)."""
+
+    def __init__(self, grid: int, dim: int):
+        super().__init__()
+        self.grid = grid
+        self.row = nn.Parameter(torch.randn(grid, dim) * 0.5)
+        self.column = nn.Parameter(torch.randn(grid, dim) * 0.5)
+
+    def codes(self) -> torch.Tensor:
+        """(grid * grid, dim): the code of every place, in the patches' row-major order."""
+        return (self.row[:, None, :] + self.column[None, :, :]).flatten(0, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N, grid * grid, dim) -> the same with each place's code added."""
+        if tokens.shape[-2] != self.grid * self.grid:
+            raise ValueError(f"expected {self.grid * self.grid} tokens per item, got shape {tuple(tokens.shape)}")
+        return tokens + self.codes()
+
+
+def make_projector(kind: str, image_dim: int, lm_dim: int, *, token_norm: bool = False, place_grid: int = 0) -> nn.Module:
+    """The connector: 'linear' (LLaVA-1) or 'mlp', Linear-GELU-Linear (LLaVA-1.5).
+
+    token_norm appends a LayerNorm (image tokens at the words' scale); place_grid > 0 then
+    appends `PlaceCodes(place_grid, lm_dim)`, so each image token also says which patch it is.
+    """
     if kind == "linear":
-        return nn.Linear(image_dim, lm_dim)
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(image_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
-    raise ValueError(f"projector must be 'linear' or 'mlp', got {kind!r}")
+        layers = [nn.Linear(image_dim, lm_dim)]
+    elif kind == "mlp":
+        layers = [nn.Linear(image_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim)]
+    else:
+        raise ValueError(f"projector must be 'linear' or 'mlp', got {kind!r}")
+    if not token_norm and not place_grid:
+        return layers[0] if kind == "linear" else nn.Sequential(*layers)
+    if token_norm:
+        layers.append(nn.LayerNorm(lm_dim))
+    if place_grid:
+        layers.append(PlaceCodes(place_grid, lm_dim))
+    return nn.Sequential(*layers)
 
 
 class VLMBatch(NamedTuple):
@@ -141,7 +181,9 @@ class UnifiedVLM(nn.Module):
         if lm.config != config.lm:
             raise ValueError(f"the LM's config {lm.config} differs from VLMConfig.lm {config.lm}")
         self.encoder = encoder  # any module: images (B, 3, H, W) -> (B, N, d_img) or a ViTOutput
-        self.projector = make_projector(config.projector, config.image_dim, config.lm.dim)
+        grid = config.vision.image_size // config.vision.patch_size if config.place_codes else 0
+        self.projector = make_projector(config.projector, config.image_dim, config.lm.dim,
+                                        token_norm=config.token_norm, place_grid=grid)
         self.lm = lm
 
     @property
@@ -368,13 +410,35 @@ class VLMRecipe:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     seed: int = 0
+    # The spatial switches (off, as in the shipped recipe: LLaVA's two stages; `train-vlm --spatial-steps`):
+    # the LM: "base", chapter 04's GPT, or "qa", the one pretrained with questions in its text (chapter 07's).
+    lm: Literal["base", "qa"] = field(default="base", metadata=SWITCH)
+    # VLMConfig.token_norm and .place_codes: a LayerNorm, then 2-D place codes, after the projector.
+    place_codes: bool = field(default=False, metadata=SWITCH)
+    # A stage between 1 and 2 on spatial questions only (qa_pairs in "left of"/"above", qa_pairs with
+    # all four words), at stage 2's rates: time for the LM to learn to compare two objects' places.
+    spatial_steps: int = field(default=0, metadata=SWITCH)
+
+    def __post_init__(self) -> None:
+        if self.lm not in ("base", "qa"):
+            raise ValueError(f"lm must be 'base' or 'qa', got {self.lm!r}")
+        for name, least in (("stage1_steps", 1), ("spatial_steps", 0), ("stage2_steps", 1)):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {n!r}")
+
+    @property
+    def stages(self) -> tuple[int | str, ...]:
+        """The stages `train_vlm` runs, in order: 1, then "spatial" if spatial_steps, then 2."""
+        return (1, "spatial", 2) if self.spatial_steps else (1, 2)
 
     def scene_config(self) -> ShapeWorldConfig:
         return ShapeWorldConfig()
 
-    def train_config(self, stage: int, **overrides) -> TrainConfig:
+    def train_config(self, stage: int | str, **overrides) -> TrainConfig:
         """The stage's `TrainConfig` (overrides change logging and progress, or the budget for a short run)."""
-        steps = self.stage1_steps if stage == 1 else self.stage2_steps
+        check_stage(stage)
+        steps = {1: self.stage1_steps, "spatial": self.spatial_steps, 2: self.stage2_steps}[stage]
         lr = self.stage1_lr if stage == 1 else self.stage2_lr
         base = dict(steps=steps, lr=lr, warmup_steps=min(self.warmup_steps, steps), weight_decay=self.weight_decay,
                     record_every=10, log_every=100)
@@ -382,6 +446,14 @@ class VLMRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         return config_dict(self)
+
+
+STAGES = (1, "spatial", 2)
+
+
+def check_stage(stage: Any) -> None:
+    if isinstance(stage, bool) or stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
 
 
 def image_tower(kind: str, seed: int = 0) -> tuple[nn.Module | None, ViTConfig]:
@@ -402,17 +474,18 @@ def image_tower(kind: str, seed: int = 0) -> tuple[nn.Module | None, ViTConfig]:
 
 def build_vlm(recipe: VLMRecipe, tokenizer: Tokenizer | None = None, lm: GPT | None = None,
               tower: VisionTransformer | None = None) -> UnifiedVLM:
-    """A fresh VLM for `recipe`: its image tower (or `tower`), a new projector (seeded) and chapter 04's pretrained GPT."""
+    """A fresh VLM for `recipe`: its image tower (or `tower`), a new projector (seeded) and the recipe's pretrained GPT (or `lm`)."""
     from mllm_scratch.gpt import pretrained_gpt
 
     tokenizer = tokenizer or load_tokenizer()
     if tower is not None and recipe.encoder == "patches":
         raise ValueError("a Fuyu recipe (encoder='patches') has no image tower: leave tower=None")
     tower, vision = (tower, tower.config) if tower is not None else image_tower(recipe.encoder, recipe.seed)
-    lm = lm if lm is not None else pretrained_gpt()
+    lm = lm if lm is not None else pretrained_gpt(questions=recipe.lm == "qa")
     config = VLMConfig(
         encoder="patches" if recipe.encoder == "patches" else "vit", vision=vision, lm=lm.config,
         projector=recipe.projector, image_id=tokenizer.image_id,
+        token_norm=recipe.place_codes, place_codes=recipe.place_codes,
     )
     torch.manual_seed(recipe.seed)
     return UnifiedVLM(config, encoder=tower, lm=lm)
@@ -435,26 +508,46 @@ def param_groups(model: UnifiedVLM, lr: float, pretrained_lr: float, weight_deca
     return groups
 
 
-def stage_data(recipe: VLMRecipe, stage: int, tokenizer: Tokenizer, num_image_tokens: int, device=None, *,
+# Where the canonical spatial questions' scenes start among the train seeds: scenes of their own.
+CANONICAL_OFFSET = 1_000_000
+
+
+def spatial_datasets(recipe: VLMRecipe) -> list[VQADataset]:
+    """The spatial stage's data: qa_pairs questions in "left of"/"above" only, then qa_pairs with all four words.
+
+    With only the canonical words, "yes" follows from one object's place; the four words' mix
+    ("right of" is "left of" reversed) needs the comparison itself. Chapter 07's spatial stage is the same.
+    """
+    config = recipe.scene_config()
+    return [VQADataset("train", recipe.qa_pairs, config, skills=("spatial",), cache=True,
+                       spatial_words=CANONICAL_WORDS, offset=CANONICAL_OFFSET),
+            VQADataset("train", recipe.qa_pairs, config, skills=("spatial",), cache=True)]
+
+
+def stage_data(recipe: VLMRecipe, stage: int | str, tokenizer: Tokenizer, num_image_tokens: int, device=None, *,
                micro_batches: int = 1, shard: tuple[int, int] | None = None):
-    """The stage's endless batch stream: captions for stage 1, questions and those captions for stage 2.
+    """The stage's endless batch stream: captions for stage 1, spatial questions for "spatial", questions and those captions for stage 2.
 
     `recipe.batch_size` is the global batch; `micro_batches` and `shard` cut it as `batches` does.
     """
+    check_stage(stage)
     captions = CaptionDataset("train", recipe.caption_pairs, recipe.scene_config(), cache=True)
     if stage == 1:
         data = captions
+    elif stage == "spatial":  # "left of"/"above" questions on scenes of their own, then all four words
+        data = ConcatDataset(spatial_datasets(recipe))
     else:  # questions, plus the captions again so the model keeps captioning (LLaVA's stage-2 mix)
         data = ConcatDataset([VQADataset("train", recipe.qa_pairs, recipe.scene_config(), cache=True), captions])
     collate = VLMCollator(tokenizer, num_image_tokens)
-    return batches(data, recipe.batch_size, seed=recipe.seed + stage, collate_fn=collate, device=device,
+    seed = recipe.seed + (stage if isinstance(stage, int) else 0)
+    return batches(data, recipe.batch_size, seed=seed, collate_fn=collate, device=device,
                    micro_batches=micro_batches, shard=shard)
 
 
 def train_stage(
     model: UnifiedVLM,
     recipe: VLMRecipe,
-    stage: int,
+    stage: int | str,
     tokenizer: Tokenizer | None = None,
     *,
     steps: int | None = None,
@@ -470,14 +563,18 @@ def train_stage(
 ) -> History:
     """Stage 1: projector only, on captions. Stage 2: projector + LM (+ tower if recipe.train_encoder; lower rate), on QA.
 
+    Stage "spatial" (recipe.spatial_steps > 0; between 1 and 2) trains what stage 2 trains, at its rates,
+    on spatial questions only (`spatial_datasets`).
+
     `steps` shortens a run; `data`, a stream of batches, replaces the stage's own (`stage_data`)
     for an experiment on other data with the same parts, rates and schedule. `checkpoint` and
     `resume` are `train`'s: the stage saves its state there and can continue from it.
     `grad_accum_steps` and `parallel` (a `distributed.Parallel`) split each global batch of
     `recipe.batch_size` into micro-batches and over the ranks, as `train` and `batches` do.
     """
-    if stage not in (1, 2):
-        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    check_stage(stage)
+    if stage == "spatial" and steps is None and recipe.spatial_steps == 0:
+        raise ValueError("the recipe has spatial_steps=0, so it has no spatial stage: set spatial_steps, or pass steps=")
     tokenizer = tokenizer or load_tokenizer()
     if stage == 1:
         model.set_trainable(encoder=False, projector=True, lm=False)
@@ -496,7 +593,7 @@ def train_stage(
 def run_stage(
     model: nn.Module,
     recipe: VLMRecipe,
-    stage: int,
+    stage: int | str,
     groups: list[dict],
     loss_fn: Callable[[nn.Module, VLMBatch], torch.Tensor],
     num_image_tokens: int,
@@ -538,13 +635,13 @@ def train_vlm(
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> tuple[UnifiedVLM, dict[str, History]]:
-    """Build the recipe's VLM and train both stages; returns the model (eval mode) and each stage's History."""
+    """Build the recipe's VLM and train its stages; returns the model (eval mode) and each stage's History ("stage1", "spatial", "stage2")."""
     recipe = recipe or VLMRecipe()
     tokenizer = tokenizer or load_tokenizer()
     model = build_vlm(recipe, tokenizer)
     histories = {}
-    for stage in (1, 2):
-        histories[f"stage{stage}"] = train_stage(model, recipe, stage, tokenizer, log_every=log_every,
+    for stage in recipe.stages:
+        histories[f"stage{stage}" if isinstance(stage, int) else stage] = train_stage(model, recipe, stage, tokenizer, log_every=log_every,
                                                  progress=progress, device=device)
     return model.eval(), histories
 
@@ -690,6 +787,11 @@ def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
     return model.set_trainable(encoder=False, projector=False, lm=False).eval()
 
 
+def loss_curve(history: History, every: int = 100) -> list[list[float]]:
+    """[[step, loss], ...] every `every` steps (the loss averaged over the record_every steps before it): what manifests keep."""
+    return [[s, round(v, 4)] for s, v in zip(history.steps, history.loss) if s % every == 0]
+
+
 def build_checkpoint(out: Path) -> dict:
     """Train `VLMRecipe()` and save it as out/vlm.pt + out/vlm.json (what `build_checkpoints.py vlm` calls)."""
     recipe = VLMRecipe()
@@ -698,6 +800,8 @@ def build_checkpoint(out: Path) -> dict:
     round_to_dtype(model, STORED_DTYPE)  # score the weights the float16 file will hold
     metrics: dict[str, Any] = {f"{k}_loss": round(h.loss[-1], 4) for k, h in histories.items()}
     metrics["train_seconds"] = round(sum(h.seconds for h in histories.values()), 1)
+    if "spatial" in histories:  # the spatial stage's learning curve: flat at the coin flip, then a drop
+        metrics["spatial_loss_curve"] = loss_curve(histories["spatial"])
     metrics["vqa_questions_per_skill"] = EVAL_QUESTIONS_PER_SKILL
     for split in ("test", "compositional"):
         data = VQADataset(split, EVAL_QUESTIONS_PER_SKILL * len(SKILLS), recipe.scene_config())  # skills take turns
@@ -711,6 +815,7 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "IGNORE_INDEX",
     "PatchEncoder",
+    "PlaceCodes",
     "UnifiedVLM",
     "VLMBatch",
     "VLMCollator",
@@ -722,10 +827,12 @@ __all__ = [
     "caption_scores",
     "image_tower",
     "load_vlm",
+    "loss_curve",
     "make_projector",
     "param_groups",
     "parse_caption",
     "save_vlm",
+    "spatial_datasets",
     "stage_data",
     "train_stage",
     "train_vlm",

@@ -59,7 +59,7 @@ from mllm_scratch.shapeworld import CANONICAL_WORDS, SKILLS, CaptionDataset, Sha
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
 from mllm_scratch.vit import MLP, SWITCH, ViTConfig, VisionTransformer, config_dict
-from mllm_scratch.vlm import generate_grouped, greedy_decode
+from mllm_scratch.vlm import PlaceCodes, generate_grouped, greedy_decode
 
 IGNORE_INDEX = -100
 
@@ -184,26 +184,6 @@ class GatedCrossAttentionBlock(nn.Module):
     def gates(self) -> tuple[float, float]:
         """(tanh(attn_gate), tanh(mlp_gate)): how much of each branch reaches the LM."""
         return float(torch.tanh(self.attn_gate.detach())), float(torch.tanh(self.mlp_gate.detach()))
-
-
-class PlaceCodes(nn.Module):
-    """Learned 2-D place codes: token r * grid + c of each item gets row[r] + column[c] added (row-major patches)."""
-
-    def __init__(self, grid: int, dim: int):
-        super().__init__()
-        self.grid = grid
-        self.row = nn.Parameter(torch.randn(grid, dim) * 0.5)
-        self.column = nn.Parameter(torch.randn(grid, dim) * 0.5)
-
-    def codes(self) -> torch.Tensor:
-        """(grid * grid, dim): the code of every place, in the patches' row-major order."""
-        return (self.row[:, None, :] + self.column[None, :, :]).flatten(0, 1)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (N, grid * grid, dim) -> the same with each place's code added."""
-        if tokens.shape[-2] != self.grid * self.grid:
-            raise ValueError(f"expected {self.grid * self.grid} tokens per item, got shape {tuple(tokens.shape)}")
-        return tokens + self.codes()
 
 
 PARTS = ("encoder", "xattn", "lm")

@@ -2,6 +2,7 @@
 both image models), ask about a video given as a GIF or a folder, the question forms, the encoder switch, and the
 error messages."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from mllm_scratch.checkpoints import read_payload
-from mllm_scratch.cli import _recipe, build_parser, main, matching_form, question_forms
+from mllm_scratch.cli import PRESETS, _recipe, build_parser, main, matching_form, question_forms
 from mllm_scratch.images import load_frames, load_image, save_frames
 from mllm_scratch.shapeworld import (COLOURS, NUMBER_WORDS, SHAPES, SKILLS, VIDEO_SKILLS, CaptionDataset,
                                      VideoQADataset, VQADataset, generate_clip, render_clip, split_seed, to_tensor)
@@ -188,6 +189,29 @@ def replace_recipe(train_encoder: bool) -> VLMRecipe:
     return replace(VLMRecipe(), train_encoder=train_encoder)
 
 
+def test_spatial_switches_reach_the_recipe():
+    """--spatial-steps, --lm and --place-codes override the preset; off by default, as in the book's recipe."""
+    parser = build_parser()
+    book = _recipe(parser.parse_args(["train-vlm", "--preset", "book"]))
+    assert book == VLMRecipe() and (book.spatial_steps, book.place_codes, book.lm) == (0, False, "base")
+    r = _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--spatial-steps", "5", "--place-codes", "--lm", "qa",
+                                   "--stage2-lm-lr", "3e-4"]))
+    assert (r.spatial_steps, r.place_codes, r.lm, r.stage2_lm_lr, r.stage2_steps) == (5, True, "qa", 3e-4, 6000)
+    r = _recipe(parser.parse_args(["train-vlm", "--spatial-steps", "7", "--no-place-codes"]))
+    assert (r.spatial_steps, r.place_codes, r.lm, r.stage2_steps) == (7, False, "base", PRESETS["cpu"]["stage2_steps"])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--stage2-steps", "-1", "--stage2-steps must be an int >= 1, got -1"),
+    ("--stage1-steps", "0", "--stage1-steps must be an int >= 1, got 0"),
+    ("--spatial-steps", "-3", "--spatial-steps must be an int >= 0, got -3"),
+])
+def test_a_bad_budget_is_refused_before_anything_trains(option, value, message, tmp_path, capsys):
+    assert main(["train-vlm", option, value, "--out", str(tmp_path / "v.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {message}" and not any(tmp_path.iterdir())
+
+
 # -- error messages: one line, exit status 2
 
 
@@ -314,6 +338,41 @@ def test_train_vlm_resumes_a_crashed_run_to_the_same_model(tmp_path, monkeypatch
     assert not state.exists()
     a, b = (read_payload(p)["state_dict"] for p in (reference, out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, as if never stopped
+
+
+def test_train_vlm_resumes_inside_the_spatial_stage(tmp_path, monkeypatch, capsys):
+    """With --spatial-steps, train-vlm runs stage 1, the spatial stage and stage 2, each with its own saved state;
+    a run that dies inside the spatial stage resumes there and ends bit for bit where an unbroken run ends."""
+    import mllm_scratch.vlm as vlm
+
+    spatial = [*TINY, "--spatial-steps", "2", "--place-codes", "--checkpoint-every", "1"]
+    reference = tmp_path / "whole.pt"
+    assert main(["train-vlm", "--out", str(reference), *spatial]) == 0
+    out_text = capsys.readouterr().out
+    assert "spatial stage 2 steps" in out_text and "stage spatial: loss" in out_text
+    manifest = json.loads(reference.with_suffix(".json").read_text())
+    assert {"stage1_loss", "spatial_loss", "stage2_loss"} <= manifest["metrics"].keys()
+    assert manifest["config"]["place_codes"] is True and manifest["recipe"]["spatial_steps"] == 2
+
+    real_loss, calls = vlm.vlm_loss, []
+
+    def crash_in_spatial_stage(model, batch):
+        calls.append(1)
+        if len(calls) == 4:  # stage 1 has 2 steps; the spatial stage dies on its second
+            raise RuntimeError("power cut")
+        return real_loss(model, batch)
+
+    out = tmp_path / "resumed.pt"
+    monkeypatch.setattr(vlm, "vlm_loss", crash_in_spatial_stage)
+    with pytest.raises(RuntimeError, match="power cut"):
+        main(["train-vlm", "--out", str(out), *spatial])
+    assert sorted(p.name for p in (tmp_path / "resumed.train-state").iterdir()) == ["spatial.pt", "stage1.pt"]
+    steps_run = []
+    monkeypatch.setattr(vlm, "vlm_loss", lambda model, batch: steps_run.append(1) or real_loss(model, batch))
+    assert main(["train-vlm", "--out", str(out), *spatial, "--resume"]) == 0
+    assert len(steps_run) == 1 + 2  # the spatial stage's last step, then stage 2
+    a, b = (read_payload(p)["state_dict"] for p in (reference, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gpu_preset_builds_a_bigger_lm_and_a_valid_recipe(capsys):

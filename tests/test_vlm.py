@@ -27,6 +27,8 @@ from mllm_scratch.vlm import (
 
 TOK = load_tokenizer()
 VISION = ViTConfig(image_size=32, patch_size=8, dim=16, depth=1, num_heads=2)  # 16 image tokens
+# Every spatial switch on: the QA GPT, place codes, a spatial stage, the LM at 3e-4 (`train-vlm --spatial-steps ...`).
+SPATIAL = VLMRecipe(lm="qa", place_codes=True, spatial_steps=6000, stage2_lm_lr=3e-4)
 
 
 def tiny_vlm(encoder: str = "vit", projector: str = "mlp", seed: int = 0) -> UnifiedVLM:
@@ -257,6 +259,9 @@ def test_shipped_checkpoint_must_match_the_current_recipe(tmp_path, monkeypatch)
     monkeypatch.setattr(vlm_module, "DEFAULT_CHECKPOINT", path)
     with pytest.raises(CheckpointError, match=r"another recipe than VLMRecipe\(\).*build_checkpoints.py vlm"):
         load_vlm()
+    save_vlm(path, tiny_vlm(encoder="patches"), recipe=SPATIAL.to_dict())  # a switch turned on: another recipe
+    with pytest.raises(CheckpointError, match=r"another recipe than VLMRecipe\(\)"):
+        load_vlm()
     save_vlm(path, tiny_vlm(encoder="patches"), recipe=VLMRecipe().to_dict())
     assert load_vlm().config == tiny_vlm(encoder="patches").config
 
@@ -329,3 +334,158 @@ def test_shipped_vlms_refer_to_the_shipped_tower(name):
     manifest = json.loads((DEFAULT_DIR / f"{name}.json").read_text())
     stored = read_payload(DEFAULT_DIR / f"{name}.pt")["state_dict"]
     assert TOWER_REFERENCE in manifest and not any(k.startswith("encoder.") for k in stored)
+
+
+# -- the spatial switches: place codes after the projector, a spatial stage, the QA LM
+
+
+def test_spatial_switches_are_stored_only_when_on():
+    """Off, the switches leave VLMRecipe's and VLMConfig's stored dicts as they were before they existed, so older
+    results files and checkpoints still match; a recipe that turns them on records each of them."""
+    from dataclasses import fields
+
+    from dataclasses import replace
+    from pathlib import Path
+
+    switches = {"lm", "place_codes", "spatial_steps"}
+    assert {f.name for f in fields(VLMRecipe)} >= switches
+    assert not switches & VLMRecipe().to_dict().keys()
+    assert {k: SPATIAL.to_dict()[k] for k in switches} == {"lm": "qa", "place_codes": True, "spatial_steps": 6000}
+    assert SPATIAL.stages == (1, "spatial", 2) and VLMRecipe().stages == (1, 2)
+    # a results file written before the switches existed still matches today's two-stage recipe exactly
+    longer = json.loads((Path(__file__).resolve().parents[1] / "data" / "results" / "vlm_longer.json").read_text())
+    assert longer["recipe"] == replace(VLMRecipe(), stage2_steps=longer["recipe"]["stage2_steps"]).to_dict()
+    assert not {"token_norm", "place_codes"} & tiny_vlm().config.to_dict().keys()
+    on = VLMConfig(**{**tiny_vlm().config.to_dict(), "token_norm": True, "place_codes": True})
+    assert {"token_norm", "place_codes"} <= on.to_dict().keys() and VLMConfig(**on.to_dict()) == on
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lm="big"), "lm must be 'base' or 'qa', got 'big'"),
+    (dict(stage1_steps=0), "stage1_steps must be an int >= 1, got 0"),
+    (dict(stage2_steps=-5), "stage2_steps must be an int >= 1, got -5"),
+    (dict(spatial_steps=-1), "spatial_steps must be an int >= 0, got -1"),
+    (dict(spatial_steps=True), "spatial_steps must be an int >= 0, got True"),
+    (dict(spatial_steps=2.5), "spatial_steps must be an int >= 0, got 2.5"),
+])
+def test_a_bad_spatial_switch_is_refused(bad, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        VLMRecipe(**bad)
+
+
+def test_a_stage_that_does_not_exist_is_refused():
+    recipe = VLMRecipe(encoder="vit", caption_pairs=32, qa_pairs=32, batch_size=8)
+    with pytest.raises(ValueError, match="the recipe has spatial_steps=0, so it has no spatial stage"):
+        train_stage(tiny_vlm(), recipe, "spatial", TOK, progress=False)
+    config = SPATIAL.train_config("spatial")  # the spatial stage: its own budget, stage 2's rate
+    assert (config.steps, config.lr) == (SPATIAL.spatial_steps, SPATIAL.stage2_lr)
+    for stage in (3, 0, "mix", True):
+        with pytest.raises(ValueError, match=r"stage must be one of \(1, 'spatial', 2\), got " + repr(stage)):
+            train_stage(tiny_vlm(), recipe, stage, TOK, steps=1, progress=False)
+        with pytest.raises(ValueError, match="stage must be one of"):
+            recipe.train_config(stage)
+
+
+@pytest.mark.parametrize("projector", ["linear", "mlp"])
+def test_place_codes_add_row_plus_column_after_a_layernorm(projector):
+    """token_norm + place_codes: image token r * grid + c = LayerNorm(projector(patch)) + row[r] + column[c]."""
+    torch.manual_seed(0)
+    lm = GPTConfig(vocab_size=TOK.vocab_size, context_length=64, dim=32, depth=1, num_heads=2)
+    config = VLMConfig(encoder="patches", vision=VISION, lm=lm, projector=projector, image_id=TOK.image_id,
+                       token_norm=True, place_codes=True)
+    model = UnifiedVLM(config)
+    *base, norm, place = model.projector
+    assert isinstance(norm, torch.nn.LayerNorm) and place.grid == 4 and len(base) == (1 if projector == "linear" else 3)
+    images = torch.rand(2, 3, 32, 32)
+    tokens = model.image_tokens(images)
+    features = model.encoder(images)
+    for layer in base:
+        features = layer(features)
+    normed = torch.nn.functional.layer_norm(features, (32,), norm.weight, norm.bias)
+    for r in range(4):
+        for c in range(4):
+            torch.testing.assert_close(tokens[:, r * 4 + c], normed[:, r * 4 + c] + place.row[r] + place.column[c])
+    assert normed.std(dim=-1).mean().item() == pytest.approx(1.0, abs=0.05)  # at the scale of word embeddings
+    with pytest.raises(ValueError, match="expected 16 tokens per item"):
+        place(torch.zeros(1, 9, 32))
+    with pytest.raises(ValueError, match="place_codes need a square grid of image tokens"):
+        class Video(VLMConfig):  # a config whose tokens are not the patch grid (as chapter 09's latents)
+            @property
+            def num_image_tokens(self) -> int:
+                return 16 + 1
+        Video(encoder="patches", vision=VISION, lm=lm, image_id=TOK.image_id, place_codes=True)
+
+
+def test_spatial_data_asks_only_spatial_questions_canonical_words_first():
+    from mllm_scratch.shapeworld import CANONICAL_WORDS
+    from mllm_scratch.vlm import spatial_datasets
+
+    canonical, four_words = spatial_datasets(VLMRecipe(qa_pairs=40))
+    assert len(canonical) == len(four_words) == 40
+    for i in range(40):
+        assert canonical[i][3] == "spatial" and four_words[i][3] == "spatial"
+        assert any(f" {w} " in canonical[i][1] for w in CANONICAL_WORDS)
+    words = {w for i in range(40) for w in ("left of", "right of", "above", "below") if f" {w} " in four_words[i][1]}
+    assert words == {"left of", "right of", "above", "below"}
+
+
+def test_the_spatial_stage_trains_what_stage_2_trains_on_spatial_questions(tmp_path):
+    """train_vlm runs stage 1, then "spatial", then 2; the spatial stage tunes projector and LM, never the tower,
+    and a model with place codes round-trips through save_vlm / load_vlm."""
+    from dataclasses import replace
+
+    from mllm_scratch.gpt import GPT
+    from mllm_scratch.vit import VisionTransformer
+    from mllm_scratch.vlm import build_vlm, stage_data
+
+    recipe = replace(SPATIAL, encoder="vit", caption_pairs=16, qa_pairs=16, batch_size=4)
+    batch = next(iter(stage_data(recipe, "spatial", TOK, 64)))
+    questions = [TOK.decode([t for t in row.tolist() if t not in (TOK.image_id, TOK.pad_id)]) for row in batch.ids]
+    assert all(any(w in q for w in ("left of", "right of", "above", "below")) for q in questions)
+    torch.manual_seed(0)
+    tower = VisionTransformer(ViTConfig(image_size=32, patch_size=4, dim=16, depth=1, num_heads=2))
+    lm = GPT(GPTConfig(vocab_size=TOK.vocab_size, context_length=96, dim=32, depth=1, num_heads=2))
+    model = build_vlm(recipe, TOK, lm=lm, tower=tower)
+    assert model.config.token_norm and model.config.place_codes
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lrs = {}
+    real_adamw = torch.optim.AdamW
+
+    def spy(groups, **kw):  # the rates the spatial stage gives each part
+        lrs.update({g["part"]: g["lr"] for g in groups})
+        return real_adamw(groups, **kw)
+
+    torch.optim.AdamW = spy
+    try:
+        train_stage(model, recipe, "spatial", TOK, steps=2, log_every=0, progress=False, device="cpu")
+    finally:
+        torch.optim.AdamW = real_adamw
+    assert lrs == {"projector": recipe.stage2_lr, "lm": recipe.stage2_lm_lr}
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"projector", "lm"} and not any(model.trainable().values())
+    assert not torch.equal(model.projector[-1].row, before["projector.4.row"])  # the place codes learn
+    save_vlm(tmp_path / "v.pt", model)
+    loaded = load_vlm(tmp_path / "v.pt")
+    assert loaded.config.place_codes and all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_train_vlm_runs_the_spatial_stage_between_1_and_2(monkeypatch):
+    """train_vlm follows recipe.stages: a History per stage, named stage1, spatial, stage2, each its own budget."""
+    from dataclasses import replace
+
+    import mllm_scratch.vlm as vlm_module
+    from mllm_scratch.gpt import GPT
+    from mllm_scratch.vit import VisionTransformer
+    from mllm_scratch.vlm import build_vlm, loss_curve, train_vlm
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(ViTConfig(image_size=32, patch_size=4, dim=16, depth=1, num_heads=2))
+    lm = GPT(GPTConfig(vocab_size=TOK.vocab_size, context_length=96, dim=32, depth=1, num_heads=2))
+    monkeypatch.setattr(vlm_module, "build_vlm", lambda recipe, tokenizer: build_vlm(recipe, tokenizer, lm=lm, tower=tower))
+    recipe = replace(SPATIAL, encoder="vit", caption_pairs=8, qa_pairs=8, batch_size=4,
+                     stage1_steps=2, spatial_steps=3, stage2_steps=4)
+    model, histories = train_vlm(recipe, TOK, log_every=0, progress=False, device="cpu")
+    assert list(histories) == ["stage1", "spatial", "stage2"]
+    assert [h.steps[-1] for h in histories.values()] == [2, 3, 4]
+    assert not model.training and not any(model.trainable().values())
+    assert loss_curve(histories["spatial"], every=1)[-1][0] == 3
