@@ -213,6 +213,26 @@ def _checked_entry(e: Any, seen: dict[str, tuple[str, list[int]]], data_bytes: i
     return key
 
 
+# Decompressed format-2 streams, by the sha256 of the file's bytes: a process that loads the same
+# checkpoint again (a test suite, a notebook that reloads) skips the xz decompression, which is
+# nearly all of a load's time. Keyed by content, not path, so a file rebuilt in place is read anew;
+# tensors are built from a copy of the bytes, so nothing a caller does to them reaches the cache.
+_DECOMPRESSED: dict[bytes, bytes] = {}
+DECOMPRESSED_CACHE_BYTES = 64 * 2**20  # the most it holds; the oldest streams go first
+
+
+def _decompressed(data: bytes) -> bytes:
+    """lzma.decompress(data), from the cache when these very bytes were decompressed before."""
+    key = hashlib.sha256(data).digest()
+    raw = _DECOMPRESSED.pop(key, None)
+    if raw is None:
+        raw = lzma.decompress(data)
+    _DECOMPRESSED[key] = raw  # (re)inserted last: the newest
+    while sum(map(len, _DECOMPRESSED.values())) > DECOMPRESSED_CACHE_BYTES and len(_DECOMPRESSED) > 1:
+        del _DECOMPRESSED[next(iter(_DECOMPRESSED))]
+    return raw
+
+
 def read_payload(path: str | os.PathLike) -> dict[str, Any]:
     """{"format", "name", "config", "state_dict"} from a checkpoint file of either format (no checks of the manifest).
 
@@ -228,7 +248,7 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
                              f"expected {FORMAT_TORCH!r}")
         return payload
     _little_endian_only()
-    raw = lzma.decompress(path.read_bytes())
+    raw = _decompressed(path.read_bytes())
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size].decode("utf-8"))
     if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(header.get("tensors"), list):

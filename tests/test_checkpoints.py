@@ -263,3 +263,29 @@ def test_the_shipped_files_are_format_2_and_fit_the_budget():
         assert read_payload(path)["format"] == FORMAT, path.name
     total = sum(p.stat().st_size for p in files) / 2**20
     assert total <= 25, f"the shipped checkpoints hold {total:.1f} MiB; the book's budget is 25 MiB"
+
+
+def test_a_second_read_skips_decompression_and_never_shares_tensors(tmp_path, monkeypatch):
+    """read_payload remembers decompressed streams by their bytes' sha256: the same bytes read again are not
+    decompressed again, every read builds tensors of its own, a file rewritten in place is read anew, and the
+    cache stays within its bound."""
+    import lzma
+
+    import mllm_scratch.checkpoints as ck
+
+    monkeypatch.setattr(ck, "_DECOMPRESSED", {})
+    calls = []
+    real = lzma.decompress
+    monkeypatch.setattr(ck.lzma, "decompress", lambda data: calls.append(len(data)) or real(data))
+    path = tmp_path / "toy.pt"
+    save_checkpoint(path, small_model(), {"width": 4}, name="toy")
+    first = read_payload(path)["state_dict"]
+    first["0.weight"].zero_()  # a caller that changes what it was given...
+    second = read_payload(path)["state_dict"]
+    assert len(calls) == 1  # ...the second read did not decompress
+    assert torch.equal(second["0.weight"], small_model().state_dict()["0.weight"])  # ...and did not see the change
+    save_checkpoint(path, small_model(width=5), {"width": 5}, name="toy")  # rebuilt in place: other bytes
+    assert read_payload(path)["state_dict"]["0.weight"].shape == (5, 3) and len(calls) == 2
+    monkeypatch.setattr(ck, "DECOMPRESSED_CACHE_BYTES", 1)  # too small for two: only the newest stays
+    read_payload(path)
+    assert len(ck._DECOMPRESSED) == 1
