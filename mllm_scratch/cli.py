@@ -135,6 +135,8 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
         raise CLIError(f"--checkpoint-every {args.checkpoint_every}: expected a number of steps, or 0 for only Ctrl-C")
     recipe = _recipe(args)
     pre = preset_lm_recipe(args.preset, recipe.seed)
+    if pre is not None and args.lm is not None:
+        raise CLIError(f"--lm {args.lm}: the {args.preset} preset pretrains an LM of its own (stage 0); leave --lm out")
     with distributed(args.device, args.parallel) as (parallel, device):
         for what, size in [("--batch-size", recipe.batch_size)] + ([("the LM's pretraining batch", pre.batch_size)] if pre else []):
             try:

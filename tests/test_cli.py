@@ -212,6 +212,12 @@ def test_a_bad_budget_is_refused_before_anything_trains(option, value, message, 
     assert err.strip() == f"error: {message}" and not any(tmp_path.iterdir())
 
 
+def test_lm_cannot_be_chosen_for_a_preset_with_its_own_lm(tmp_path, capsys):
+    assert main(["train-vlm", "--preset", "gpu", "--lm", "qa", "--out", str(tmp_path / "v.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--lm qa: the gpu preset pretrains an LM of its own" in err and not any(tmp_path.iterdir())
+
+
 # -- error messages: one line, exit status 2
 
 
