@@ -518,10 +518,14 @@ def spatial_datasets(recipe: VLMRecipe) -> list[VQADataset]:
     With only the canonical words, "yes" follows from one object's place; the four words' mix
     ("right of" is "left of" reversed) needs the comparison itself. Chapter 07's spatial stage is the same.
     """
-    config = recipe.scene_config()
-    return [VQADataset("train", recipe.qa_pairs, config, skills=("spatial",), cache=True,
-                       spatial_words=CANONICAL_WORDS, offset=CANONICAL_OFFSET),
-            VQADataset("train", recipe.qa_pairs, config, skills=("spatial",), cache=True)]
+    return spatial_question_sets(recipe.qa_pairs, recipe.scene_config())
+
+
+def spatial_question_sets(n: int, config: ShapeWorldConfig, offset: int = CANONICAL_OFFSET) -> list[VQADataset]:
+    """[n "train" spatial questions in "left of"/"above" only, on scenes from train seed `offset` on; n with all
+    four words]: the spatial stage's data, for chapter 06's recipe and chapter 07's (`xattn_datasets`) alike."""
+    return [VQADataset("train", n, config, skills=("spatial",), cache=True, spatial_words=CANONICAL_WORDS, offset=offset),
+            VQADataset("train", n, config, skills=("spatial",), cache=True)]
 
 
 def stage_data(recipe: VLMRecipe, stage: int | str, tokenizer: Tokenizer, num_image_tokens: int, device=None, *,
@@ -833,6 +837,7 @@ __all__ = [
     "parse_caption",
     "save_vlm",
     "spatial_datasets",
+    "spatial_question_sets",
     "stage_data",
     "train_stage",
     "train_vlm",

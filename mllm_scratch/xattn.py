@@ -59,7 +59,7 @@ from mllm_scratch.shapeworld import CANONICAL_WORDS, SKILLS, CaptionDataset, Sha
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
 from mllm_scratch.vit import MLP, SWITCH, ViTConfig, VisionTransformer, config_dict
-from mllm_scratch.vlm import PlaceCodes, generate_grouped, greedy_decode
+from mllm_scratch.vlm import PlaceCodes, generate_grouped, greedy_decode, spatial_question_sets
 
 IGNORE_INDEX = -100
 
@@ -494,7 +494,7 @@ def xattn_datasets(recipe: XAttnRecipe, stage: str = "mix") -> list[Dataset]:
     canonical = lambda n: VQADataset("train", n, config, skills=("spatial",), cache=True,  # noqa: E731
                                      spatial_words=CANONICAL_WORDS, offset=recipe.canonical_offset)
     if stage == "spatial":
-        return [canonical(recipe.qa_pairs), VQADataset("train", recipe.qa_pairs, config, skills=("spatial",), cache=True)]
+        return spatial_question_sets(recipe.qa_pairs, config, recipe.canonical_offset)
     skills = SKILLS if recipe.reading else tuple(s for s in SKILLS if s != "reading")
     parts: list[Dataset] = [VQADataset("train", recipe.qa_pairs, config, skills=skills, cache=True)]
     if recipe.canonical_pairs:
