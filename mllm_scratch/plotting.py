@@ -63,10 +63,15 @@ def _check_cases(func: str, kind: str, n: int, questions: list, answers: list, t
 
 def show_gallery(images: list[torch.Tensor], questions: list[str], answers: list[str], truths: list[str],
                  cols: int = 4, size: float = 2.2):
-    """Held-out cases in a grid: each image titled with its question, the model's answer, the truth and ✓ or ✗."""
+    """Held-out cases in a grid: each image titled with its question, the model's answer, the truth and ✓ or ✗.
+
+    A grounded spatial reply ("red circle 1 blue square 5 yes") is judged by its final yes/no (`final_answer`).
+    """
     import textwrap
 
     import matplotlib.pyplot as plt
+
+    from mllm_scratch.shapeworld import final_answer
 
     n = len(images)
     _check_cases("show_gallery", "images", n, questions, answers, truths)
@@ -77,8 +82,10 @@ def show_gallery(images: list[torch.Tensor], questions: list[str], answers: list
     for ax, image, q, a, t in zip(axes.flat, images, questions, answers, truths):
         show_image(image, ax=ax)
         wrapped = "\n".join(textwrap.wrap(q, 26))
-        ax.set_title(f"{wrapped}\nmodel: {a or '(nothing)'} {_verdict(a, t)}\ntruth: {t}", fontsize=8,
-                     color="black" if a == t else "firebrick")
+        said = "\n".join(textwrap.wrap(f"model: {a or '(nothing)'} {_verdict(final_answer(a), final_answer(t))}", 30))
+        truth = "\n".join(textwrap.wrap(f"truth: {t}", 30))
+        ax.set_title(f"{wrapped}\n{said}\n{truth}", fontsize=8,
+                     color="black" if final_answer(a) == final_answer(t) else "firebrick")
     fig.tight_layout()
     return fig
 

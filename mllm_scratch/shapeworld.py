@@ -131,7 +131,7 @@ class Scene(_Canvas):
 
 @dataclass(frozen=True)
 class QA:
-    """A question about a scene or clip, its one-word answer and the skill it tests."""
+    """A question about a scene or clip, its answer (one word, or a grounded spatial answer) and the skill it tests."""
 
     question: str
     answer: str
@@ -513,6 +513,26 @@ def relations(a: ShapeObject, b: ShapeObject) -> list[str]:
 
 
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# A grounded spatial answer names each object and the cell its centre falls in, counting GROUND_CELLS
+# equal columns (for "left of"/"right of") or rows (for "above"/"below"), then says yes or no:
+# "is the red circle left of the blue square?" -> "red circle 1 blue square 5 yes".
+GROUND_CELLS = 8
+_GROUNDED = re.compile(r"([a-z]+ [a-z]+) ([0-9]) ([a-z]+ [a-z]+) ([0-9]) (yes|no)")
+
+
+def ground_cell(obj: ShapeObject, relation: str, scene: _Canvas) -> int:
+    """The column (for "left of"/"right of") or row (for "above"/"below") of obj's centre, 0..GROUND_CELLS - 1."""
+    if relation not in _OPPOSITE:
+        raise ValueError(f"relation {relation!r} is invalid: expected one of {tuple(_OPPOSITE)}")
+    horizontal = relation in ("left of", "right of")
+    start, length = (obj.x, scene.width) if horizontal else (obj.y, scene.height)
+    return min(GROUND_CELLS - 1, int((start + obj.side / 2) * GROUND_CELLS // length))
+
+
+def final_answer(text: str) -> str:
+    """The answer a reply gives: the yes/no at the end of a grounded spatial answer, else the reply itself."""
+    match = _GROUNDED.fullmatch(text)
+    return match.group(5) if match else text
 CANONICAL_WORDS: tuple[str, ...] = ("left of", "above")  # one word per axis: `questions(spatial_words=...)`
 
 
@@ -551,12 +571,15 @@ def questions(
     config: ShapeWorldConfig | None = None,
     *,
     spatial_words: tuple[str, ...] | None = None,
+    grounded: bool = False,
 ) -> list[QA]:
     """One unambiguous QA per requested image skill that the scene supports (in SKILLS order).
 
     spatial_words: the relation words a spatial question may use (default: all four, each
     answered "yes" half the time). CANONICAL_WORDS, ("left of", "above"), asks every pair
     one way only, so that "yes" means the first object is further left (or up).
+    grounded: a spatial answer says where both objects are first ("red circle 1 blue square 5 yes",
+    see `ground_cell`); `final_answer` reads its yes/no. Every other answer is one word either way.
     """
     skills = _check_skills(skills, SKILLS)
     spatial_words = _check_spatial_words(spatial_words)
@@ -589,6 +612,8 @@ def questions(
                 rel, answer = rng.choice(holds), "yes"
             else:
                 rel, answer = _OPPOSITE[rng.choice(holds)], "no"
+            if grounded:
+                answer = f"{a.name} {ground_cell(a, rel, scene)} {b.name} {ground_cell(b, rel, scene)} {answer}"
             out.append(QA(f"is the {a.name} {rel} the {b.name}?", answer, skill))
         elif skill == "existence":
             present = {(o.colour, o.shape) for o in objs}
@@ -933,12 +958,17 @@ class VQADataset(_SplitDataset):
 
     offset: item i comes from the split's seed offset + i, so two datasets of one split can hold
     different scenes (0: the same scenes as every other dataset of the split).
+    grounded: spatial answers say where both objects are first (`questions`); the scenes and
+    questions are the same as without it.
     """
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None,
                  skills: list[str] | tuple[str, ...] | None = None, cache: bool = False,
-                 spatial_words: tuple[str, ...] | None = None, offset: int = 0) -> None:
+                 spatial_words: tuple[str, ...] | None = None, offset: int = 0, grounded: bool = False) -> None:
         super().__init__(split, size, config, cache, offset)
+        if not isinstance(grounded, bool):
+            raise ValueError(f"grounded {grounded!r} is invalid: expected True or False")
+        self.grounded = grounded
         self.skills = _check_skills(skills, SKILLS)
         self.spatial_words = _check_spatial_words(spatial_words)
         if "reading" in self.skills and self.config.text_probability == 0:
@@ -950,7 +980,7 @@ class VQADataset(_SplitDataset):
         skill = self.skills[i % len(self.skills)]
         for _ in range(_MAX_ATTEMPTS):  # re-sample from the same seed's stream until the skill applies
             scene = _sample_scene(rng, self.config, self.split)
-            qas = questions(scene, rng, [skill], self.config, spatial_words=self.spatial_words)
+            qas = questions(scene, rng, [skill], self.config, spatial_words=self.spatial_words, grounded=self.grounded)
             if qas:
                 return to_tensor(render(scene)), qas[0].question, qas[0].answer, skill
         raise RuntimeError(f"no {skill!r} question found for item {i}")

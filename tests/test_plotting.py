@@ -21,6 +21,16 @@ def test_gallery_titles_say_answer_truth_and_verdict():
     plt.close(fig)
 
 
+def test_a_grounded_reply_is_judged_by_its_final_answer_and_wrapped():
+    reply = "purple diamond 6 yellow triangle 2 yes"
+    fig = show_gallery([torch.rand(3, 32, 32)] * 2, ["is the purple diamond right of the yellow triangle?"] * 2,
+                       [reply, reply.replace(" yes", " no")], ["yes", "yes"], cols=2)
+    right, wrong = (ax.get_title() for ax in fig.axes)
+    assert right.endswith("✓\ntruth: yes") and wrong.endswith("✗\ntruth: yes")
+    assert all(len(line) <= 30 for line in right.splitlines())  # the long reply is wrapped to fit its panel
+    plt.close(fig)
+
+
 def test_clip_gallery_shows_a_strip_per_clip():
     clips = [torch.rand(8, 3, 32, 32) for _ in range(2)]
     fig = show_clip_gallery(clips, ["which way?", "which shape moves?"], ["left", "circle"], ["left", "square"], frames=4)

@@ -499,3 +499,47 @@ def test_text_with_questions_follows_each_description_with_its_answers():
     for i in range(5):
         assert asked[i].startswith(plain[i] + " ")
         assert "how many objects are there? " in asked[i] and asked[i].count("?") >= 3
+
+
+def test_a_grounded_spatial_answer_names_each_objects_cell_then_answers():
+    """grounded=True changes only a spatial answer: "red circle 1 blue square 5 yes", the cells of the two
+    named objects' centres along the relation's axis, in the question's order, then the one-word answer."""
+    from mllm_scratch.shapeworld import GROUND_CELLS, final_answer, generate_scene, ground_cell, questions
+
+    checked = 0
+    for seed in range(200):
+        scene = generate_scene(seed, split="val")
+        plain = questions(scene, seed, None)
+        grounded = questions(scene, seed, None, grounded=True)
+        assert [(q.question, q.skill) for q in plain] == [(q.question, q.skill) for q in grounded]  # same questions
+        for p, g in zip(plain, grounded):
+            assert final_answer(g.answer) == p.answer and final_answer(p.answer) == p.answer
+            if p.skill != "spatial":
+                assert g.answer == p.answer
+                continue
+            word = next(w for w in ("left of", "right of", "above", "below") if f" {w} " in p.question)
+            first, second = p.question[len("is the "):-1].split(f" {word} the ")
+            a, b = (next(o for o in scene.objects if o.name == n) for n in (first, second))
+            axis, size = ("x", scene.width) if word in ("left of", "right of") else ("y", scene.height)
+            cells = [int((getattr(o, axis) + o.side / 2) / (size / GROUND_CELLS)) for o in (a, b)]
+            assert g.answer == f"{first} {cells[0]} {second} {cells[1]} {p.answer}"
+            assert [ground_cell(o, word, scene) for o in (a, b)] == cells
+            smaller_first = cells[0] < cells[1]  # boxes apart on the axis: the centres' cells differ that way
+            assert smaller_first == ((word in ("left of", "above")) == (p.answer == "yes"))
+            checked += 1
+    assert checked > 100
+    assert final_answer("red circle 9 blue square 1 maybe") == "red circle 9 blue square 1 maybe"  # not grounded: as is
+    with pytest.raises(ValueError, match="relation 'near' is invalid"):
+        ground_cell(generate_scene(0).objects[0], "near", generate_scene(0))
+
+
+def test_a_grounded_dataset_holds_the_same_scenes_and_questions():
+    from mllm_scratch.shapeworld import VQADataset, final_answer
+
+    plain, grounded = VQADataset("test", 30), VQADataset("test", 30, grounded=True)
+    for i in range(30):
+        (img_p, q_p, a_p, s_p), (img_g, q_g, a_g, s_g) = plain[i], grounded[i]
+        assert torch.equal(img_p, img_g) and (q_p, s_p) == (q_g, s_g) and final_answer(a_g) == a_p
+        assert (a_g != a_p) == (s_p == "spatial")
+    with pytest.raises(ValueError, match="grounded 1 is invalid: expected True or False"):
+        VQADataset("test", 3, grounded=1)
