@@ -27,10 +27,12 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
-# Budgets (and batch sizes) per preset; every other field is VLMRecipe's default, the notebook's recipe.
+# Budgets (and batch sizes) per preset; every other field is VLMRecipe's default, the notebook's two stages.
 PRESETS: dict[str, dict] = {
     "cpu": dict(stage1_steps=100, stage2_steps=400),  # see CPU_PRESET_MEASURED
-    "book": {},  # exactly VLMRecipe(): the shipped checkpoint's recipe
+    # the shipped checkpoint's recipe: vlm.SHIPPED_RECIPE (a test checks they agree; written out here so
+    # that building the parser needs no torch)
+    "book": dict(place_codes=True, grounded=True, spatial_steps=3000, stage2_lm_lr=3e-4),
     "gpu": dict(batch_size=256, caption_pairs=20_000, qa_pairs=100_000, stage1_steps=300, stage2_steps=8000,
                 stage2_lr=1e-3, stage2_lm_lr=3e-4),
 }
@@ -62,7 +64,8 @@ def book_preset_measured() -> str:
 
 
 _OVERRIDES = ("encoder", "projector", "caption_pairs", "qa_pairs", "batch_size", "stage1_steps", "stage2_steps",
-              "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed", "train_encoder", "spatial_steps", "lm", "place_codes")
+              "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed", "train_encoder", "spatial_steps", "lm", "place_codes",
+              "grounded")
 MODELS = {"vlm": "chapter 06's unified VLM (image tokens spliced into the LM's input; the default)",
           "xattn": "chapter 07's cross-attention VLM (the frozen LM reads the image through gated blocks)"}
 VIDEO_MODELS = {"xattn": "video", "unified": "unified"}  # --model of ask-video -> the chapter-09 model's name
@@ -77,7 +80,7 @@ class CLIError(Exception):
 
 
 def _recipe(args: argparse.Namespace):
-    """The VLMRecipe that train-vlm's arguments ask for: VLMRecipe(), then the preset, then each option given."""
+    """The VLMRecipe that train-vlm's arguments ask for: VLMRecipe(), then the preset's changes, then each option given."""
     from mllm_scratch.vlm import VLMRecipe
 
     recipe = replace(VLMRecipe(), **PRESETS[args.preset])
@@ -372,7 +375,7 @@ def _check_form(question: str, video: bool) -> None:
 
 
 def cmd_questions(args: argparse.Namespace) -> int:
-    from mllm_scratch.shapeworld import COLOURS, SHAPES, caption, generate_scene
+    from mllm_scratch.shapeworld import COLOURS, SHAPES, caption, generate_scene, questions
 
     sections = [(True, "Video questions (ask-video CLIP QUESTION)")] if args.video else [
         (False, "Image questions (ask IMAGE QUESTION)"), (True, "Video questions (ask-video CLIP QUESTION)")]
@@ -388,6 +391,9 @@ def cmd_questions(args: argparse.Namespace) -> int:
     if not args.video:
         example = next(caption(s) for s in map(generate_scene, range(100)) if s.text and len(s.objects) == 2)
         print(f"\nCaptions (caption IMAGE) list the objects left to right, e.g. \"{example}\"")
+        grounded = next(q for s in range(100) for q in questions(generate_scene(s), s, ["spatial"], grounded=True))
+        print(f"Chapter 06's model (--model vlm) grounds a spatial answer: each object's column (or row) of 8, then "
+              f"yes or no,\ne.g. \"{grounded.question}\" -> \"{grounded.answer}\"")
     return 0
 
 
@@ -530,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
         p.add_argument("--checkpoint", default=None, help="a checkpoint of that model, e.g. from train-vlm "
                        "(default: the shipped data/checkpoints/vlm.pt or xattn.pt)")
-        p.add_argument("--max-new-tokens", type=int, default=32 if name == "caption" else 4, help="longest reply in tokens")
+        p.add_argument("--max-new-tokens", type=int, default=32 if name == "caption" else 10,
+                       help="longest reply in tokens (a grounded spatial reply takes up to 8)")
         p.set_defaults(run=cmd_caption if name == "caption" else cmd_ask)
 
     v = sub.add_parser("ask-video", help="answer a question about a clip (an animated GIF or a folder of frames)",
@@ -548,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=3, help="longest reply in tokens")
     v.set_defaults(run=cmd_ask_video)
 
-    book = VLMRecipe()
+    book = replace(VLMRecipe(), **PRESETS["book"])
     d = sub.add_parser("draw", help="draw a caption with chapter 13's model",
                        description="Draw a ShapeWorld caption with chapter 13's drawing model: 16 image codes sampled "
                        "one by one, decoded by the VQ-VAE. Captions use sizes, colours and shapes, listed left to right "
@@ -578,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="vlm.pt", help="checkpoint to write, NAME.pt (+ NAME.json); default vlm.pt")
     t.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help=f"cpu (default): {CPU_PRESET_MEASURED}; book: the shipped checkpoint's recipe "
-                   f"({book.stage1_steps} + {book.stage2_steps} steps; {book_preset_measured()}); "
+                   f"({book.stage1_steps} + {book.spatial_steps} spatial + {book.stage2_steps} steps, place codes, "
+                   f"grounded spatial answers; {book_preset_measured()}); "
                    f"gpu: a bigger LM (pretrained first, as stage 0), longer stages, bigger batches; run it on "
                    f"GPUs with: {GPU_COMMAND}")
     t.add_argument("--encoder", choices=("clip", "vit", "patches"),
@@ -607,7 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     places.add_argument("--place-codes", dest="place_codes", action="store_const", const=True, default=None,
                         help="a LayerNorm and learned 2-D place codes after the projector")
     places.add_argument("--no-place-codes", dest="place_codes", action="store_const", const=False,
-                        help="the projector's output as it is (the presets')")
+                        help="the projector's output as it is (the cpu and gpu presets')")
+    grounds = t.add_mutually_exclusive_group()
+    grounds.add_argument("--grounded", dest="grounded", action="store_const", const=True, default=None,
+                         help="spatial answers say where both objects are first: 'red circle 1 blue square 5 yes' "
+                         "(the book preset's)")
+    grounds.add_argument("--no-grounded", dest="grounded", action="store_const", const=False,
+                         help="spatial answers are one word, yes or no (the cpu and gpu presets')")
     t.add_argument("--eval", type=int, default=300, help="test questions to score after training (0: none; default 300)")
     t.add_argument("--device", help="cuda, mps or cpu (default: the GPU if there is one; $MLLM_DEVICE overrides)")
     t.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")

@@ -45,7 +45,8 @@ from mllm_scratch.checkpoints import (
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, tokenizer_sha256
 from mllm_scratch.patches import patchify
 from mllm_scratch.runtime import checked_on_host
-from mllm_scratch.shapeworld import CANONICAL_WORDS, SKILLS, CaptionDataset, ShapeWorldConfig, VQADataset
+from mllm_scratch.shapeworld import (CANONICAL_WORDS, SKILLS, CaptionDataset, ShapeWorldConfig, VQADataset,
+                                    final_answer)
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
 from mllm_scratch.vit import SWITCH, ViTConfig, VisionTransformer, config_dict
@@ -418,10 +419,16 @@ class VLMRecipe:
     # A stage between 1 and 2 on spatial questions only (qa_pairs in "left of"/"above", qa_pairs with
     # all four words), at stage 2's rates: time for the LM to learn to compare two objects' places.
     spatial_steps: int = field(default=0, metadata=SWITCH)
+    # Grounded spatial answers in every stage's questions: "red circle 1 blue square 5 yes" (each
+    # object's column or row, then the answer; `shapeworld.questions(grounded=True)`).
+    grounded: bool = field(default=False, metadata=SWITCH)
 
     def __post_init__(self) -> None:
         if self.lm not in ("base", "qa"):
             raise ValueError(f"lm must be 'base' or 'qa', got {self.lm!r}")
+        for name in ("place_codes", "grounded", "train_encoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, least in (("stage1_steps", 1), ("spatial_steps", 0), ("stage2_steps", 1)):
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < least:
@@ -449,6 +456,12 @@ class VLMRecipe:
 
 
 STAGES = (1, "spatial", 2)
+
+# The shipped checkpoint's recipe (data/checkpoints/vlm.pt; the command line's "book" preset): LLaVA's
+# two stages of VLMRecipe(), plus what chapter 06's section 6 shows spatial questions need: place codes
+# on the image tokens, grounded spatial answers, a spatial stage, and the LM tuned at 3e-4.
+SHIPPED_CHANGES: dict[str, Any] = dict(place_codes=True, grounded=True, spatial_steps=3000, stage2_lm_lr=3e-4)
+SHIPPED_RECIPE = VLMRecipe(**SHIPPED_CHANGES)
 
 
 def check_stage(stage: Any) -> None:
@@ -518,14 +531,17 @@ def spatial_datasets(recipe: VLMRecipe) -> list[VQADataset]:
     With only the canonical words, "yes" follows from one object's place; the four words' mix
     ("right of" is "left of" reversed) needs the comparison itself. Chapter 07's spatial stage is the same.
     """
-    return spatial_question_sets(recipe.qa_pairs, recipe.scene_config())
+    return spatial_question_sets(recipe.qa_pairs, recipe.scene_config(), grounded=recipe.grounded)
 
 
-def spatial_question_sets(n: int, config: ShapeWorldConfig, offset: int = CANONICAL_OFFSET) -> list[VQADataset]:
+def spatial_question_sets(n: int, config: ShapeWorldConfig, offset: int = CANONICAL_OFFSET,
+                          grounded: bool = False) -> list[VQADataset]:
     """[n "train" spatial questions in "left of"/"above" only, on scenes from train seed `offset` on; n with all
-    four words]: the spatial stage's data, for chapter 06's recipe and chapter 07's (`xattn_datasets`) alike."""
-    return [VQADataset("train", n, config, skills=("spatial",), cache=True, spatial_words=CANONICAL_WORDS, offset=offset),
-            VQADataset("train", n, config, skills=("spatial",), cache=True)]
+    four words]: the spatial stage's data, for chapter 06's recipe and chapter 07's (`xattn_datasets`) alike.
+    grounded: answers that say where both objects are first (`shapeworld.questions`)."""
+    return [VQADataset("train", n, config, skills=("spatial",), cache=True, spatial_words=CANONICAL_WORDS, offset=offset,
+                       grounded=grounded),
+            VQADataset("train", n, config, skills=("spatial",), cache=True, grounded=grounded)]
 
 
 def stage_data(recipe: VLMRecipe, stage: int | str, tokenizer: Tokenizer, num_image_tokens: int, device=None, *,
@@ -541,7 +557,8 @@ def stage_data(recipe: VLMRecipe, stage: int | str, tokenizer: Tokenizer, num_im
     elif stage == "spatial":  # "left of"/"above" questions on scenes of their own, then all four words
         data = ConcatDataset(spatial_datasets(recipe))
     else:  # questions, plus the captions again so the model keeps captioning (LLaVA's stage-2 mix)
-        data = ConcatDataset([VQADataset("train", recipe.qa_pairs, recipe.scene_config(), cache=True), captions])
+        qa = VQADataset("train", recipe.qa_pairs, recipe.scene_config(), cache=True, grounded=recipe.grounded)
+        data = ConcatDataset([qa, captions])
     collate = VLMCollator(tokenizer, num_image_tokens)
     seed = recipe.seed + (stage if isinstance(stage, int) else 0)
     return batches(data, recipe.batch_size, seed=seed, collate_fn=collate, device=device,
@@ -674,15 +691,23 @@ def stack_dataset(dataset) -> tuple[torch.Tensor, list[tuple]]:
     return torch.stack([it[0] for it in items]), [tuple(it[1:]) for it in items]
 
 
+# Tokens a reply may take: the longest grounded answer ("purple diamond 6 yellow triangle 2 yes") is 7, and <|endoftext|>.
+ANSWER_TOKENS = 10
+
+
 @torch.no_grad()
 def vqa_accuracy(model: UnifiedVLM, tokenizer: Tokenizer, dataset: VQADataset, mode: str = "image") -> dict[str, float]:
-    """Exact-match answer accuracy per skill and overall ('all'); mode 'image', 'none' (text only) or 'shuffled'."""
+    """Exact-match answer accuracy per skill and overall ('all'); mode 'image', 'none' (text only) or 'shuffled'.
+
+    A grounded spatial reply ("red circle 1 blue square 5 yes") is scored by its final yes/no
+    (`final_answer`), against the dataset's answer in either form; `grounding_accuracy` scores the places.
+    """
     images, rest = stack_dataset(dataset)
     questions = [r[0] for r in rest]
-    predicted = model.generate(tokenizer, _images_for(mode, images), questions, max_new_tokens=4)
+    predicted = model.generate(tokenizer, _images_for(mode, images), questions, max_new_tokens=ANSWER_TOKENS)
     correct: dict[str, list[bool]] = {}
     for (question, answer, skill), guess in zip(rest, predicted):
-        correct.setdefault(skill, []).append(guess == answer)
+        correct.setdefault(skill, []).append(final_answer(guess) == final_answer(answer))
     out = {skill: sum(v) / len(v) for skill, v in correct.items()}
     out["all"] = sum(sum(v) for v in correct.values()) / len(predicted)
     return out
@@ -732,6 +757,26 @@ def caption_accuracy(model: UnifiedVLM, tokenizer: Tokenizer, dataset: CaptionDa
 # Checkpoints
 
 CHECKPOINT_NAME = "vlm"
+@torch.no_grad()
+def grounding_accuracy(model: UnifiedVLM, tokenizer: Tokenizer, dataset: VQADataset) -> dict[str, float]:
+    """For a grounded dataset's spatial questions: how often the reply names both places right, each place
+    ("first", "second"), places swapped between the two objects, and the final yes/no."""
+    if not getattr(dataset, "grounded", False) or "spatial" not in dataset.skills:
+        raise ValueError("grounding_accuracy needs a VQADataset with grounded=True that asks spatial questions")
+    images, rest = stack_dataset(dataset)
+    keep = [i for i, r in enumerate(rest) if r[2] == "spatial"]
+    said = model.generate(tokenizer, images[keep], [rest[i][0] for i in keep], max_new_tokens=ANSWER_TOKENS)
+    hits = {"both": 0, "first": 0, "second": 0, "swapped": 0, "answer": 0}
+    for i, guess in zip(keep, said):
+        truth, reply = rest[i][1].split(), guess.split() + [""] * 7
+        hits["first"] += reply[2] == truth[2]
+        hits["second"] += reply[5] == truth[5]
+        hits["both"] += reply[2] == truth[2] and reply[5] == truth[5]
+        hits["swapped"] += truth[2] != truth[5] and reply[2] == truth[5] and reply[5] == truth[2]
+        hits["answer"] += final_answer(guess) == truth[-1]
+    return {k: v / len(keep) for k, v in hits.items()}
+
+
 EVAL_QUESTIONS_PER_SKILL = 1000  # the manifest's test and compositional scores: 1,000 questions per skill
 DEFAULT_CHECKPOINT = DEFAULT_DIR / f"{CHECKPOINT_NAME}.pt"
 
@@ -773,7 +818,7 @@ def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
     try:
         saved, state_dict, path, rebuild = load_verified(
             CHECKPOINT_NAME, path, DEFAULT_CHECKPOINT, expected_config=None,
-            recipe=VLMRecipe().to_dict(), recipe_owner="VLMRecipe() in mllm_scratch/vlm.py",
+            recipe=SHIPPED_RECIPE.to_dict(), recipe_owner="SHIPPED_RECIPE in mllm_scratch/vlm.py",
             tokenizer_sha256=tokenizer_sha256(),
         )
     except CheckpointError as err:
@@ -797,8 +842,8 @@ def loss_curve(history: History, every: int = 100) -> list[list[float]]:
 
 
 def build_checkpoint(out: Path) -> dict:
-    """Train `VLMRecipe()` and save it as out/vlm.pt + out/vlm.json (what `build_checkpoints.py vlm` calls)."""
-    recipe = VLMRecipe()
+    """Train `SHIPPED_RECIPE` and save it as out/vlm.pt + out/vlm.json (what `build_checkpoints.py vlm` calls)."""
+    recipe = SHIPPED_RECIPE
     tokenizer = load_tokenizer()
     model, histories = train_vlm(recipe, tokenizer, log_every=100, progress=False, device="cpu")
     round_to_dtype(model, STORED_DTYPE)  # score the weights the float16 file will hold
@@ -812,11 +857,17 @@ def build_checkpoint(out: Path) -> dict:
         acc = vqa_accuracy(model, tokenizer, data)
         metrics[f"{split}_vqa"] = {k: round(v, 4) for k, v in acc.items()}
         print(f"vlm: {split} VQA " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        if recipe.grounded:  # where the model says the two objects are, on 1,000 spatial questions of the split
+            spatial = VQADataset(split, EVAL_QUESTIONS_PER_SKILL, recipe.scene_config(), skills=("spatial",), grounded=True)
+            metrics[f"{split}_grounding"] = {k: round(v, 4) for k, v in grounding_accuracy(model, tokenizer, spatial).items()}
+            print(f"vlm: {split} grounding " + ", ".join(f"{k} {v:.3f}" for k, v in metrics[f"{split}_grounding"].items()))
     return save_vlm(Path(out) / f"{CHECKPOINT_NAME}.pt", model, recipe=recipe.to_dict(), metrics=metrics, dtype=STORED_DTYPE)
 
 
 __all__ = [
+    "ANSWER_TOKENS",
     "DEFAULT_CHECKPOINT",
+    "SHIPPED_RECIPE",
     "IGNORE_INDEX",
     "PatchEncoder",
     "PlaceCodes",
@@ -829,6 +880,7 @@ __all__ = [
     "build_vlm",
     "caption_accuracy",
     "caption_scores",
+    "grounding_accuracy",
     "image_tower",
     "load_vlm",
     "loss_curve",

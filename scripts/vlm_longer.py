@@ -7,7 +7,7 @@
 Each row is `VLMRecipe(seed=s)` with `stage2_steps=9000`, trained, rounded to float16 as a
 shipped file is stored, and scored exactly as `vlm_seeds.py` scores the shipped recipe: 1,000
 *test* and 1,000 *compositional* questions per skill. The results go to
-data/results/vlm_longer.json, which chapter 06 prints beside vlm_seeds.json.
+data/results/vlm_longer.json, which chapter 06 prints beside vlm_two_stage_seeds.json (the same recipe, 6,000 steps).
 """
 
 from __future__ import annotations

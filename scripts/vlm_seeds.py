@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Chapter 06's recipe on three seeds: accuracy per skill, and how often each yes/no answer is given.
+"""Chapter 06's shipped recipe on three seeds: accuracy per skill, and how often each yes/no answer is given.
 
     python scripts/vlm_seeds.py              # every row (seed 0: the shipped model, 2 minutes; the others 21-25 each)
     python scripts/vlm_seeds.py --rows 1 2   # some rows only (merged into the results file)
 
-Each row is `VLMRecipe(seed=s)`: the projector's first values and the order of the batches
+Each row is `replace(SHIPPED_RECIPE, seed=s)`: the projector's first values and the order of the batches
 (seed 0 is the shipped checkpoint, which `build_checkpoints.py vlm` trains with this very
 recipe). A trained row is rounded to float16, as the shipped file is stored. Each row answers
 1,000 *test* and 1,000 *compositional* questions per skill, as `xattn_seeds.py` does for
@@ -15,13 +15,14 @@ go to data/results/vlm_seeds.json, which chapter 06 prints and checks on every s
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_rows  # noqa: E402  (scripts/, next to this file)
 from xattn_seeds import answers, table  # noqa: E402  (the same scoring and table as chapter 07's seeds)
 
-from mllm_scratch.vlm import VLMRecipe  # noqa: E402
+from mllm_scratch.vlm import SHIPPED_RECIPE, VLMRecipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "vlm_seeds.json"
 SEEDS = (0, 1, 2)
@@ -46,7 +47,7 @@ def run(i: int) -> dict:
 
     def compute() -> dict:
         if seed != 0:
-            return trained_and_scored(VLMRecipe(seed=seed))
+            return trained_and_scored(replace(SHIPPED_RECIPE, seed=seed))
         from mllm_scratch.tokenizer import load_tokenizer
         from mllm_scratch.vlm import load_vlm
 
@@ -59,8 +60,8 @@ def run(i: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     return search_rows.main(
         argv, __doc__, [f"seed {s}" + (" (the shipped model)" if s == 0 else "") for s in SEEDS], run, RESULTS,
-        header=lambda: {"what": "chapter 06's recipe on three seeds (scripts/vlm_seeds.py)",
-                        "recipe": VLMRecipe().to_dict(), "questions_per_skill": 1000},
+        header=lambda: {"what": "chapter 06's shipped recipe on three seeds (scripts/vlm_seeds.py)",
+                        "recipe": SHIPPED_RECIPE.to_dict(), "questions_per_skill": 1000},
         table=table,
         summary=lambda r: " test " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"]["accuracy"].items()),
     )

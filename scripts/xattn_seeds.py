@@ -32,11 +32,13 @@ YES_NO = ("spatial", "existence")
 
 def answers(model, tokenizer, split: str) -> dict:
     """{"accuracy": per skill and "all", "yes_ratio": per yes/no skill, "truth_yes": the same for the truth}."""
-    from mllm_scratch.vlm import stack_dataset
+    from mllm_scratch.shapeworld import final_answer
+    from mllm_scratch.vlm import ANSWER_TOKENS, stack_dataset
 
     data = VQADataset(split, PER_SKILL * len(SKILLS))  # skills take turns: PER_SKILL of each
     images, rest = stack_dataset(data)
-    guesses = model.generate(tokenizer, images, [r[0] for r in rest], max_new_tokens=4)
+    guesses = [final_answer(g) for g in model.generate(tokenizer, images, [r[0] for r in rest],
+                                                       max_new_tokens=ANSWER_TOKENS)]  # a grounded reply's yes/no
     right: dict[str, list[bool]] = {}
     said: dict[str, list[bool]] = {}
     truth: dict[str, list[bool]] = {}

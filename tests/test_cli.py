@@ -17,9 +17,10 @@ from mllm_scratch.checkpoints import read_payload
 from mllm_scratch.cli import PRESETS, _recipe, build_parser, main, matching_form, question_forms
 from mllm_scratch.images import load_frames, load_image, save_frames
 from mllm_scratch.shapeworld import (COLOURS, NUMBER_WORDS, SHAPES, SKILLS, VIDEO_SKILLS, CaptionDataset,
-                                     VideoQADataset, VQADataset, generate_clip, render_clip, split_seed, to_tensor)
+                                     ShapeWorldConfig, VideoQADataset, VQADataset, final_answer, generate_clip,
+                                     generate_scene, questions, render_clip, split_seed, to_tensor)
 from mllm_scratch.video import VIDEO_SCENES
-from mllm_scratch.vlm import VLMRecipe, parse_caption
+from mllm_scratch.vlm import SHIPPED_RECIPE, VLMRecipe, parse_caption
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "MLLM_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
@@ -96,6 +97,12 @@ def test_shipped_vlm_captions_and_answers_a_rendered_scene(png, capsys):
     assert out.strip() in COLOURS and err == ""  # an answer of the right kind, and no warning
     assert main(["ask", str(png), "how many objects are there"]) == 0  # the missing "?" is added
     assert capsys.readouterr().out.strip() in NUMBER_WORDS
+    scene = generate_scene(split_seed("test", 1), ShapeWorldConfig(), "test")
+    (qa,) = questions(scene, 0, ["spatial"], grounded=True)
+    assert main(["ask", str(png), qa.question]) == 0  # the shipped model grounds a spatial reply: names, places, answer
+    reply = capsys.readouterr().out.strip()
+    words, truth = reply.split(), qa.answer.split()
+    assert len(words) == 7 and words[:2] + words[3:5] == truth[:2] + truth[3:5] and final_answer(reply) in ("yes", "no")
 
 
 def test_cross_attention_model(png, capsys):
@@ -174,7 +181,7 @@ def test_greyscale_jpeg_of_any_size_works(trained, tmp_path, capsys):
 
 def test_encoder_switch_reaches_the_recipe(capsys):
     parser = build_parser()
-    assert _recipe(parser.parse_args(["train-vlm"])).train_encoder == VLMRecipe().train_encoder  # the book's recipe
+    assert _recipe(parser.parse_args(["train-vlm"])).train_encoder == SHIPPED_RECIPE.train_encoder  # the book's recipe
     assert _recipe(parser.parse_args(["train-vlm", "--freeze-encoder"])).train_encoder is False
     assert _recipe(parser.parse_args(["train-vlm", "--train-encoder"])).train_encoder is True
     assert _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--freeze-encoder"])) == replace_recipe(False)
@@ -186,14 +193,19 @@ def test_encoder_switch_reaches_the_recipe(capsys):
 def replace_recipe(train_encoder: bool) -> VLMRecipe:
     from dataclasses import replace
 
-    return replace(VLMRecipe(), train_encoder=train_encoder)
+    return replace(SHIPPED_RECIPE, train_encoder=train_encoder)
 
 
 def test_spatial_switches_reach_the_recipe():
-    """--spatial-steps, --lm and --place-codes override the preset; off by default, as in the book's recipe."""
+    """--spatial-steps, --lm, --place-codes and --grounded override the preset; the book preset is SHIPPED_RECIPE
+    (place codes, grounded answers, a spatial stage), the cpu preset VLMRecipe()'s two stages with them off."""
     parser = build_parser()
     book = _recipe(parser.parse_args(["train-vlm", "--preset", "book"]))
-    assert book == VLMRecipe() and (book.spatial_steps, book.place_codes, book.lm) == (0, False, "base")
+    assert book == SHIPPED_RECIPE and (book.spatial_steps, book.place_codes, book.grounded, book.lm) == (3000, True, True, "base")
+    cpu = _recipe(parser.parse_args(["train-vlm"]))
+    assert (cpu.spatial_steps, cpu.place_codes, cpu.grounded) == (0, False, False)
+    assert _recipe(parser.parse_args(["train-vlm", "--grounded"])).grounded is True
+    assert _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--no-grounded"])).grounded is False
     r = _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--spatial-steps", "5", "--place-codes", "--lm", "qa",
                                    "--stage2-lm-lr", "3e-4"]))
     assert (r.spatial_steps, r.place_codes, r.lm, r.stage2_lm_lr, r.stage2_steps) == (5, True, "qa", 3e-4, 6000)

@@ -1,6 +1,7 @@
 """The unified VLM (method A): label masking, <|image|> splicing, freezing, and the error for a wrong image-token count."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from mllm_scratch.shapeworld import CaptionDataset, VQADataset
 from mllm_scratch.tokenizer import load_tokenizer
 from mllm_scratch.train import TrainConfig, batches, train
 from mllm_scratch.vit import ViTConfig
+import mllm_scratch.vlm as vlm
 from mllm_scratch.vlm import (
     IGNORE_INDEX,
     UnifiedVLM,
@@ -29,6 +31,7 @@ TOK = load_tokenizer()
 VISION = ViTConfig(image_size=32, patch_size=8, dim=16, depth=1, num_heads=2)  # 16 image tokens
 # Every spatial switch on: the QA GPT, place codes, a spatial stage, the LM at 3e-4 (`train-vlm --spatial-steps ...`).
 SPATIAL = VLMRecipe(lm="qa", place_codes=True, spatial_steps=6000, stage2_lm_lr=3e-4)
+SHIPPED_RECIPE = vlm.SHIPPED_RECIPE
 
 
 def tiny_vlm(encoder: str = "vit", projector: str = "mlp", seed: int = 0) -> UnifiedVLM:
@@ -251,18 +254,18 @@ def test_manifest_records_the_tokenizer_and_load_refuses_another(tmp_path):
 
 
 def test_shipped_checkpoint_must_match_the_current_recipe(tmp_path, monkeypatch):
-    """For the default path, a manifest whose recipe is not VLMRecipe() is stale and refused."""
+    """For the default path, a manifest whose recipe is not SHIPPED_RECIPE is stale and refused."""
     import mllm_scratch.vlm as vlm_module
 
     path = tmp_path / "vlm.pt"
-    save_vlm(path, tiny_vlm(encoder="patches"), recipe={**VLMRecipe().to_dict(), "stage2_steps": 1})
+    save_vlm(path, tiny_vlm(encoder="patches"), recipe={**SHIPPED_RECIPE.to_dict(), "stage2_steps": 1})
     monkeypatch.setattr(vlm_module, "DEFAULT_CHECKPOINT", path)
-    with pytest.raises(CheckpointError, match=r"another recipe than VLMRecipe\(\).*build_checkpoints.py vlm"):
+    with pytest.raises(CheckpointError, match=r"another recipe than SHIPPED_RECIPE.*build_checkpoints.py vlm"):
         load_vlm()
-    save_vlm(path, tiny_vlm(encoder="patches"), recipe=SPATIAL.to_dict())  # a switch turned on: another recipe
-    with pytest.raises(CheckpointError, match=r"another recipe than VLMRecipe\(\)"):
+    save_vlm(path, tiny_vlm(encoder="patches"), recipe=VLMRecipe().to_dict())  # the switches off: another recipe
+    with pytest.raises(CheckpointError, match=r"another recipe than SHIPPED_RECIPE"):
         load_vlm()
-    save_vlm(path, tiny_vlm(encoder="patches"), recipe=VLMRecipe().to_dict())
+    save_vlm(path, tiny_vlm(encoder="patches"), recipe=SHIPPED_RECIPE.to_dict())
     assert load_vlm().config == tiny_vlm(encoder="patches").config
 
 
@@ -347,10 +350,12 @@ def test_spatial_switches_are_stored_only_when_on():
     from dataclasses import replace
     from pathlib import Path
 
-    switches = {"lm", "place_codes", "spatial_steps"}
+    switches = {"lm", "place_codes", "spatial_steps", "grounded"}
     assert {f.name for f in fields(VLMRecipe)} >= switches
     assert not switches & VLMRecipe().to_dict().keys()
-    assert {k: SPATIAL.to_dict()[k] for k in switches} == {"lm": "qa", "place_codes": True, "spatial_steps": 6000}
+    assert {k: SPATIAL.to_dict()[k] for k in switches - {"grounded"}} == {"lm": "qa", "place_codes": True, "spatial_steps": 6000}
+    assert SHIPPED_RECIPE == replace(VLMRecipe(), place_codes=True, grounded=True, spatial_steps=3000, stage2_lm_lr=3e-4)
+    assert SHIPPED_RECIPE.to_dict().keys() - VLMRecipe().to_dict().keys() == {"place_codes", "grounded", "spatial_steps"}
     assert SPATIAL.stages == (1, "spatial", 2) and VLMRecipe().stages == (1, 2)
     # a results file written before the switches existed still matches today's two-stage recipe exactly
     longer = json.loads((Path(__file__).resolve().parents[1] / "data" / "results" / "vlm_longer.json").read_text())
@@ -367,6 +372,8 @@ def test_spatial_switches_are_stored_only_when_on():
     (dict(spatial_steps=-1), "spatial_steps must be an int >= 0, got -1"),
     (dict(spatial_steps=True), "spatial_steps must be an int >= 0, got True"),
     (dict(spatial_steps=2.5), "spatial_steps must be an int >= 0, got 2.5"),
+    (dict(grounded="yes"), "grounded must be True or False, got 'yes'"),
+    (dict(place_codes=1), "place_codes must be True or False, got 1"),
 ])
 def test_a_bad_spatial_switch_is_refused(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -489,3 +496,55 @@ def test_train_vlm_runs_the_spatial_stage_between_1_and_2(monkeypatch):
     assert [h.steps[-1] for h in histories.values()] == [2, 3, 4]
     assert not model.training and not any(model.trainable().values())
     assert loss_curve(histories["spatial"], every=1)[-1][0] == 3
+
+
+# -- grounded spatial answers: the recipe's data, and how replies are scored
+
+
+def test_a_grounded_recipe_grounds_the_spatial_answers_of_both_stages_that_ask_questions():
+    recipe = VLMRecipe(encoder="vit", caption_pairs=32, qa_pairs=64, batch_size=8, spatial_steps=1, grounded=True)
+    for data in vlm.spatial_datasets(recipe):
+        assert data.grounded and {data[i][3] for i in range(8)} == {"spatial"}
+        assert all(len(data[i][2].split()) == 7 for i in range(8))  # "red circle 1 blue square 5 yes"
+    assert not any(d.grounded for d in vlm.spatial_datasets(replace(recipe, grounded=False)))
+    answers = [TOK.decode([t for t in row.tolist() if t >= 0 and t != TOK.eot_id])
+               for _, batch in zip(range(8), vlm.stage_data(recipe, 2, TOK, 4)) for row in batch.labels]
+    spatial = [a for a in answers if a.strip().endswith((" yes", " no")) and len(a.split()) == 7]
+    plain = [a for a in answers if len(a.split()) == 1]
+    assert spatial and plain  # grounded spatial answers beside one-word ones (and captions) in stage 2's mix
+
+
+class Replies:
+    """A stand-in model whose generate() says the given replies, so scoring is tested without training."""
+
+    def __init__(self, replies):
+        self.replies = replies
+
+    def generate(self, tokenizer, images, prompts, max_new_tokens):
+        assert max_new_tokens >= 8 and len(prompts) == len(self.replies)
+        return list(self.replies)
+
+
+def test_vqa_accuracy_scores_a_grounded_reply_by_its_final_answer():
+    data = VQADataset("val", 10, skills=("spatial",), grounded=True)
+    truth = [data[i][2] for i in range(10)]
+    flipped = {"yes": "no", "no": "yes"}
+    replies = truth[:6] + [t.rsplit(" ", 1)[0] + " " + flipped[t.split()[-1]] for t in truth[6:]]
+    assert vlm.vqa_accuracy(Replies(replies), TOK, data)["spatial"] == pytest.approx(0.6)
+    plain = VQADataset("val", 10, skills=("spatial",))  # one-word truths: a grounded reply still scores by its yes/no
+    assert vlm.vqa_accuracy(Replies(replies), TOK, plain)["spatial"] == pytest.approx(0.6)
+    assert vlm.vqa_accuracy(Replies([t.split()[-1] for t in truth]), TOK, data)["spatial"] == 1.0
+
+
+def test_grounding_accuracy_counts_places_swaps_and_answers():
+    data = VQADataset("val", 40, skills=("spatial",), grounded=True)
+    truth = [data[i][2].split() for i in range(40)]
+    def swap(t):
+        return " ".join([t[0], t[1], t[5], t[3], t[4], t[2], t[6]])
+    replies = [" ".join(t) for t in truth[:30]] + [swap(t) for t in truth[30:]]
+    differ = sum(t[2] != t[5] for t in truth[30:])
+    scores = vlm.grounding_accuracy(Replies(replies), TOK, data)
+    assert scores["both"] == pytest.approx((30 + (10 - differ)) / 40) and scores["swapped"] == pytest.approx(differ / 40)
+    assert scores["answer"] == 1.0 and scores["first"] == scores["second"] == scores["both"]
+    with pytest.raises(ValueError, match="grounded=True"):
+        vlm.grounding_accuracy(Replies([]), TOK, VQADataset("val", 5, skills=("spatial",)))
