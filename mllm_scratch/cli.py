@@ -65,7 +65,7 @@ def book_preset_measured() -> str:
 
 _OVERRIDES = ("encoder", "projector", "caption_pairs", "qa_pairs", "batch_size", "stage1_steps", "stage2_steps",
               "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed", "train_encoder", "spatial_steps", "lm", "place_codes",
-              "grounded")
+              "grounded", "text_questions")
 MODELS = {"vlm": "chapter 06's unified VLM (image tokens spliced into the LM's input; the default)",
           "xattn": "chapter 07's cross-attention VLM (the frozen LM reads the image through gated blocks)"}
 VIDEO_MODELS = {"xattn": "video", "unified": "unified"}  # --model of ask-video -> the chapter-09 model's name
@@ -88,7 +88,8 @@ def _recipe(args: argparse.Namespace):
     try:  # the recipe checks its budgets before anything trains
         return replace(recipe, **given)
     except ValueError as err:
-        raise CLIError("--" + str(err).replace("_", "-")) from None  # "--stage2-steps must be an int >= 1, got -1"
+        name, _, rest = str(err).partition(" ")  # the option's name, as typed: "--stage2-steps must be an int >= 1, got -1"
+        raise CLIError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 def preset_lm_recipe(preset: str, seed: int = 0):
@@ -599,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("stage2-lr", float, "rate of the projector in the spatial stage and stage 2"),
                              ("stage2-lm-lr", float, "rate of the pretrained LM in the spatial stage and stage 2"),
                              ("spatial-steps", int, "steps of the spatial stage, between stages 1 and 2 (0: none)"),
+                             ("text-questions", int, "text-only colour and shape questions about described scenes "
+                              "that name every (colour, shape) pair, added to stage 2's mix (0, the presets': none)"),
                              ("seed", int, "random seed")):
         t.add_argument(f"--{name}", type=kind, help=f"{text} (overrides the preset)")
     tower = t.add_mutually_exclusive_group()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 import numpy as np
@@ -983,6 +983,38 @@ class VQADataset(_SplitDataset):
             qas = questions(scene, rng, [skill], self.config, spatial_words=self.spatial_words, grounded=self.grounded)
             if qas:
                 return to_tensor(render(scene)), qas[0].question, qas[0].answer, skill
+        raise RuntimeError(f"no {skill!r} question found for item {i}")
+
+
+class DescribedQADataset(_SplitDataset):
+    """(blank image, description + question, answer, skill): a colour or shape question that the text itself answers.
+
+    The scene is described ("there are two objects. a small green circle is left of ...") and never
+    drawn, so the image is the empty canvas. all_pairs=True draws the objects from every (colour, shape)
+    pair, the held-out ones included: text may name a green circle although no image shows one. In the
+    images' questions "what shape is the green object?" is never "circle", and a model learns that
+    from the words alone; here it sometimes is. Scenes come from the split's seeds from `offset` on, so
+    they can differ from every image dataset's; their text is off (descriptions stay short).
+    """
+
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None,
+                 skills: list[str] | tuple[str, ...] = ("colour", "shape"), cache: bool = False, offset: int = 0,
+                 all_pairs: bool = True) -> None:
+        super().__init__(split, size, config, cache, offset)
+        if not isinstance(all_pairs, bool):
+            raise ValueError(f"all_pairs {all_pairs!r} is invalid: expected True or False")
+        self.skills = _check_skills(skills, ("colour", "shape"))
+        self.all_pairs = all_pairs
+        self.config = replace(self.config, text_probability=0.0)
+        self._blank = to_tensor(render(Scene((), None, self.config.image_size, canvas=self.config.canvas)))
+
+    def _make(self, rng, i):
+        skill = self.skills[i % len(self.skills)]
+        for _ in range(_MAX_ATTEMPTS):
+            scene = _sample_scene(rng, self.config, None if self.all_pairs else self.split)
+            qas = questions(scene, rng, [skill], self.config)
+            if qas:
+                return self._blank.clone(), f"{description(scene)} {qas[0].question}", qas[0].answer, skill
         raise RuntimeError(f"no {skill!r} question found for item {i}")
 
 

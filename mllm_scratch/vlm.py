@@ -45,7 +45,7 @@ from mllm_scratch.checkpoints import (
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, tokenizer_sha256
 from mllm_scratch.patches import patchify
 from mllm_scratch.runtime import checked_on_host
-from mllm_scratch.shapeworld import (CANONICAL_WORDS, SKILLS, CaptionDataset, ShapeWorldConfig, VQADataset,
+from mllm_scratch.shapeworld import (CANONICAL_WORDS, SKILLS, CaptionDataset, DescribedQADataset, ShapeWorldConfig, VQADataset,
                                     final_answer)
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
@@ -422,6 +422,11 @@ class VLMRecipe:
     # Grounded spatial answers in every stage's questions: "red circle 1 blue square 5 yes" (each
     # object's column or row, then the answer; `shapeworld.questions(grounded=True)`).
     grounded: bool = field(default=False, metadata=SWITCH)
+    # Text-only colour and shape questions in stage 2's mix, about scenes described and never drawn, with
+    # objects of every (colour, shape) pair (`shapeworld.DescribedQADataset`): the words "green circle" occur,
+    # although no image shows one. Off in the shipped recipe: on three seeds it did not lift the unseen
+    # pairs (appendix A1, section 6; scripts/text_questions_seeds.py).
+    text_questions: int = field(default=0, metadata=SWITCH)
 
     def __post_init__(self) -> None:
         if self.lm not in ("base", "qa"):
@@ -429,7 +434,7 @@ class VLMRecipe:
         for name in ("place_codes", "grounded", "train_encoder"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, least in (("stage1_steps", 1), ("spatial_steps", 0), ("stage2_steps", 1)):
+        for name, least in (("stage1_steps", 1), ("spatial_steps", 0), ("stage2_steps", 1), ("text_questions", 0)):
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {n!r}")
@@ -523,6 +528,8 @@ def param_groups(model: UnifiedVLM, lr: float, pretrained_lr: float, weight_deca
 
 # Where the canonical spatial questions' scenes start among the train seeds: scenes of their own.
 CANONICAL_OFFSET = 1_000_000
+# Where stage 2's described scenes (text_questions) start among the train seeds.
+DESCRIBED_OFFSET = 2_000_000
 
 
 def spatial_datasets(recipe: VLMRecipe) -> list[VQADataset]:
@@ -558,7 +565,11 @@ def stage_data(recipe: VLMRecipe, stage: int | str, tokenizer: Tokenizer, num_im
         data = ConcatDataset(spatial_datasets(recipe))
     else:  # questions, plus the captions again so the model keeps captioning (LLaVA's stage-2 mix)
         qa = VQADataset("train", recipe.qa_pairs, recipe.scene_config(), cache=True, grounded=recipe.grounded)
-        data = ConcatDataset([qa, captions])
+        data = [qa, captions]
+        if recipe.text_questions:  # described scenes of their own, past the image datasets' train seeds
+            data.append(DescribedQADataset("train", recipe.text_questions, recipe.scene_config(), cache=True,
+                                           offset=DESCRIBED_OFFSET))
+        data = ConcatDataset(data)
     collate = VLMCollator(tokenizer, num_image_tokens)
     seed = recipe.seed + (stage if isinstance(stage, int) else 0)
     return batches(data, recipe.batch_size, seed=seed, collate_fn=collate, device=device,

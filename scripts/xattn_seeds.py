@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_rows  # noqa: E402  (scripts/, next to this file)
 
-from mllm_scratch.shapeworld import SKILLS, VQADataset  # noqa: E402
+from mllm_scratch.shapeworld import HELD_OUT, SKILLS, VQADataset  # noqa: E402
 from mllm_scratch.xattn import XAttnRecipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "xattn_seeds.json"
@@ -49,9 +49,25 @@ def answers(model, tokenizer, split: str) -> dict:
             truth.setdefault(skill, []).append(answer == "yes")
     accuracy = {k: round(sum(v) / len(v), 4) for k, v in right.items()}
     accuracy["all"] = round(sum(sum(v) for v in right.values()) / len(guesses), 4)
+    held = {}  # colour and shape questions about a held-out pair's object (the compositional split's)
+    for (question, answer, skill), guess in zip(rest, guesses):
+        if skill in ("colour", "shape") and asked_pair(question, answer) in HELD_OUT:
+            held.setdefault(skill, []).append(guess == answer)
     return {"accuracy": accuracy,
             "yes_ratio": {k: round(sum(v) / len(v), 4) for k, v in said.items()},
-            "truth_yes": {k: round(sum(v) / len(v), 4) for k, v in truth.items()}}
+            "truth_yes": {k: round(sum(v) / len(v), 4) for k, v in truth.items()},
+            "held_out": {k: round(sum(v) / len(v), 4) for k, v in held.items()},
+            "held_out_questions": {k: len(v) for k, v in held.items()}}
+
+
+def asked_pair(question: str, answer: str) -> tuple[str, str]:
+    """The (colour, shape) of the object a colour or shape question asks about, given its true answer."""
+    words = question.rstrip("?").split()
+    if question.startswith("what shape is the "):  # "what shape is the green object?" -> (green, answer)
+        return words[-2], answer
+    if question.startswith("what colour is the "):  # "what colour is the circle?" -> (answer, circle)
+        return answer, words[-1]
+    raise ValueError(f"not a colour or shape question: {question!r}")
 
 
 def run(i: int) -> dict:
@@ -76,12 +92,14 @@ def run(i: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"seed  split          {' '.join(f'{s:>9s}' for s in SKILLS)}  yes-ratio (spatial, existence)"]
+    lines = [f"seed  split          {' '.join(f'{s:>9s}' for s in SKILLS)}  yes-ratio (spatial, existence)"
+             "  held-out pairs (colour, shape)"]
     for r in sorted(rows, key=lambda r: r["row"]):
         for split in ("test", "compositional"):
-            acc, yes = r[split]["accuracy"], r[split]["yes_ratio"]
+            acc, yes, held = r[split]["accuracy"], r[split]["yes_ratio"], r[split].get("held_out", {})
             lines.append(f"{r['seed']:4d}  {split:13s} {' '.join(f'{acc[s]:9.3f}' for s in SKILLS)}  "
-                         f"{yes['spatial']:.2f}, {yes['existence']:.2f}")
+                         f"{yes['spatial']:.2f}, {yes['existence']:.2f}"
+                         + (f"                    {held['colour']:.3f}, {held['shape']:.3f}" if held else ""))
     return "\n".join(lines)
 
 

@@ -203,7 +203,8 @@ def test_spatial_switches_reach_the_recipe():
     book = _recipe(parser.parse_args(["train-vlm", "--preset", "book"]))
     assert book == SHIPPED_RECIPE and (book.spatial_steps, book.place_codes, book.grounded, book.lm) == (3000, True, True, "base")
     cpu = _recipe(parser.parse_args(["train-vlm"]))
-    assert (cpu.spatial_steps, cpu.place_codes, cpu.grounded) == (0, False, False)
+    assert (cpu.spatial_steps, cpu.place_codes, cpu.grounded, cpu.text_questions, book.text_questions) == (0, False, False, 0, 0)
+    assert _recipe(parser.parse_args(["train-vlm", "--text-questions", "500"])).text_questions == 500
     assert _recipe(parser.parse_args(["train-vlm", "--grounded"])).grounded is True
     assert _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--no-grounded"])).grounded is False
     r = _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--spatial-steps", "5", "--place-codes", "--lm", "qa",
@@ -217,6 +218,7 @@ def test_spatial_switches_reach_the_recipe():
     ("--stage2-steps", "-1", "--stage2-steps must be an int >= 1, got -1"),
     ("--stage1-steps", "0", "--stage1-steps must be an int >= 1, got 0"),
     ("--spatial-steps", "-3", "--spatial-steps must be an int >= 0, got -3"),
+    ("--text-questions", "-5", "--text-questions must be an int >= 0, got -5"),
 ])
 def test_a_bad_budget_is_refused_before_anything_trains(option, value, message, tmp_path, capsys):
     assert main(["train-vlm", option, value, "--out", str(tmp_path / "v.pt")]) == 2

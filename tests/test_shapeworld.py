@@ -543,3 +543,40 @@ def test_a_grounded_dataset_holds_the_same_scenes_and_questions():
         assert (a_g != a_p) == (s_p == "spatial")
     with pytest.raises(ValueError, match="grounded 1 is invalid: expected True or False"):
         VQADataset("test", 3, grounded=1)
+
+
+# -- described scenes: text-only colour and shape questions (chapter 06's stage-2 mix)
+
+
+def test_described_questions_are_answered_by_their_text_and_name_held_out_pairs():
+    from mllm_scratch.shapeworld import HELD_OUT, DescribedQADataset, Scene
+
+    data = DescribedQADataset("train", 400, offset=2_000_000)
+    blank = sw.to_tensor(sw.render(Scene((), None, ShapeWorldConfig().image_size)))
+    held = 0
+    for i in range(len(data)):
+        image, prompt, answer, skill = data[i]
+        assert torch.equal(image, blank) and skill == ("colour", "shape")[i % 2]
+        text, question = prompt.rsplit(". ", 1)
+        if skill == "shape":  # "what shape is the green object?": the text names one green thing, and its shape
+            colour = question.split()[-2]
+            assert question == f"what shape is the {colour} object?" and f" {colour} {answer}" in text
+            held += (colour, answer) in HELD_OUT
+        else:  # "what colour is the circle?"
+            shape = question.split()[-1].rstrip("?")
+            assert question == f"what colour is the {shape}?" and f" {answer} {shape}" in text
+    assert held >= 10  # ~1 in 8 of 200 shape answers names a held-out pair
+    train_only = DescribedQADataset("train", 200, offset=2_000_000, skills=("shape",), all_pairs=False)
+    assert not any((train_only[i][1].split()[-2], train_only[i][2]) in HELD_OUT for i in range(200))
+    assert data[7][1:] == DescribedQADataset("train", 400, offset=2_000_000)[7][1:]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(skills=("count",)), "skills ['count'] are invalid"),
+    (dict(all_pairs="yes"), "all_pairs 'yes' is invalid: expected True or False"),
+])
+def test_a_bad_described_dataset_is_refused(kwargs, message):
+    from mllm_scratch.shapeworld import DescribedQADataset
+
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        DescribedQADataset("train", 10, **kwargs)

@@ -350,10 +350,10 @@ def test_spatial_switches_are_stored_only_when_on():
     from dataclasses import replace
     from pathlib import Path
 
-    switches = {"lm", "place_codes", "spatial_steps", "grounded"}
+    switches = {"lm", "place_codes", "spatial_steps", "grounded", "text_questions"}
     assert {f.name for f in fields(VLMRecipe)} >= switches
     assert not switches & VLMRecipe().to_dict().keys()
-    assert {k: SPATIAL.to_dict()[k] for k in switches - {"grounded"}} == {"lm": "qa", "place_codes": True, "spatial_steps": 6000}
+    assert {k: SPATIAL.to_dict()[k] for k in switches - {"grounded", "text_questions"}} == {"lm": "qa", "place_codes": True, "spatial_steps": 6000}
     assert SHIPPED_RECIPE == replace(VLMRecipe(), place_codes=True, grounded=True, spatial_steps=3000, stage2_lm_lr=3e-4)
     assert SHIPPED_RECIPE.to_dict().keys() - VLMRecipe().to_dict().keys() == {"place_codes", "grounded", "spatial_steps"}
     assert SPATIAL.stages == (1, "spatial", 2) and VLMRecipe().stages == (1, 2)
@@ -374,6 +374,8 @@ def test_spatial_switches_are_stored_only_when_on():
     (dict(spatial_steps=2.5), "spatial_steps must be an int >= 0, got 2.5"),
     (dict(grounded="yes"), "grounded must be True or False, got 'yes'"),
     (dict(place_codes=1), "place_codes must be True or False, got 1"),
+    (dict(text_questions=-1), "text_questions must be an int >= 0, got -1"),
+    (dict(text_questions=100.0), "text_questions must be an int >= 0, got 100.0"),
 ])
 def test_a_bad_spatial_switch_is_refused(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -512,6 +514,24 @@ def test_a_grounded_recipe_grounds_the_spatial_answers_of_both_stages_that_ask_q
     spatial = [a for a in answers if a.strip().endswith((" yes", " no")) and len(a.split()) == 7]
     plain = [a for a in answers if len(a.split()) == 1]
     assert spatial and plain  # grounded spatial answers beside one-word ones (and captions) in stage 2's mix
+
+
+def test_text_questions_join_stage_2s_mix_only():
+    """text_questions adds described-scene questions (blank image, description + question) to stage 2 alone."""
+    recipe = VLMRecipe(encoder="vit", caption_pairs=16, qa_pairs=16, batch_size=16, spatial_steps=1, text_questions=16)
+
+    def prompts(recipe, stage, n):  # the prompts of the stage's first n batches (one epoch of its data)
+        return [TOK.decode([t for t in row.tolist() if t not in (TOK.image_id, TOK.pad_id)])
+                for _, batch in zip(range(n), vlm.stage_data(recipe, stage, TOK, 4)) for row in batch.ids]
+
+    described = lambda texts: [t for t in texts if t.startswith("there ")]
+    mix = prompts(recipe, 2, 3)  # 16 questions + 16 captions + 16 described
+    assert len(described(mix)) == 16 and all(" what colour is " in t or " what shape is " in t for t in described(mix))
+    assert not described(prompts(recipe, 1, 1)) and not described(prompts(recipe, "spatial", 2))
+    assert not described(prompts(replace(recipe, text_questions=0), 2, 2))
+    for stage in (1, "spatial"):  # the stages before stage 2 read the very same batches with or without them
+        with_text, without = (next(iter(vlm.stage_data(r, stage, TOK, 4))) for r in (recipe, replace(recipe, text_questions=0)))
+        assert torch.equal(with_text.ids, without.ids) and torch.equal(with_text.images, without.images)
 
 
 class Replies:
