@@ -629,6 +629,20 @@ def questions(
     return out
 
 
+def asked_pair(question: str, answer: str) -> tuple[str, str]:
+    """The (colour, shape) of the object a colour or shape question asks about, given its true answer.
+
+    "what shape is the green object?", "circle" -> ("green", "circle"); "what colour is the circle?", "green" -> the same.
+    """
+    words = question.rstrip("?").split()
+    if question.startswith("what shape is the ") and len(words) == 6:
+        return words[-2], answer
+    if question.startswith("what colour is the ") and len(words) == 5:
+        return answer, words[-1]
+    raise ValueError(f"question {question!r} is not a colour or shape question: expected 'what shape is the "
+                     "<colour> object?' or 'what colour is the <shape>?'")
+
+
 def _check_spatial_words(words) -> tuple[str, ...] | None:
     if words is None:
         return None

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_rows  # noqa: E402  (scripts/, next to this file)
 
-from mllm_scratch.shapeworld import HELD_OUT, SKILLS, VQADataset  # noqa: E402
+from mllm_scratch.shapeworld import HELD_OUT, SKILLS, VQADataset, asked_pair  # noqa: E402
 from mllm_scratch.xattn import XAttnRecipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "xattn_seeds.json"
@@ -58,16 +58,6 @@ def answers(model, tokenizer, split: str) -> dict:
             "truth_yes": {k: round(sum(v) / len(v), 4) for k, v in truth.items()},
             "held_out": {k: round(sum(v) / len(v), 4) for k, v in held.items()},
             "held_out_questions": {k: len(v) for k, v in held.items()}}
-
-
-def asked_pair(question: str, answer: str) -> tuple[str, str]:
-    """The (colour, shape) of the object a colour or shape question asks about, given its true answer."""
-    words = question.rstrip("?").split()
-    if question.startswith("what shape is the "):  # "what shape is the green object?" -> (green, answer)
-        return words[-2], answer
-    if question.startswith("what colour is the "):  # "what colour is the circle?" -> (answer, circle)
-        return answer, words[-1]
-    raise ValueError(f"not a colour or shape question: {question!r}")
 
 
 def run(i: int) -> dict:

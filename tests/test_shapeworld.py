@@ -580,3 +580,20 @@ def test_a_bad_described_dataset_is_refused(kwargs, message):
 
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         DescribedQADataset("train", 10, **kwargs)
+
+
+def test_asked_pair_reads_the_object_a_colour_or_shape_question_is_about():
+    from mllm_scratch.shapeworld import asked_pair
+
+    assert asked_pair("what shape is the green object?", "circle") == ("green", "circle")
+    assert asked_pair("what colour is the circle?", "green") == ("green", "circle")
+    asked = 0
+    for i in range(60):  # on real questions the pair is one of the scene's objects, the one the question singles out
+        scene = sw.generate_scene(sw.split_seed("val", i), ShapeWorldConfig(), "val")
+        for qa in sw.questions(scene, i, ["colour", "shape"]):
+            colour, shape = asked_pair(qa.question, qa.answer)
+            assert (colour, shape) in {(o.colour, o.shape) for o in scene.objects}
+            asked += 1
+    assert asked >= 60
+    with pytest.raises(ValueError, match="is not a colour or shape question"):
+        asked_pair("how many objects are there?", "two")
