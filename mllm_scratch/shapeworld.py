@@ -1006,8 +1006,8 @@ class DescribedQADataset(_SplitDataset):
     The scene is described ("there are two objects. a small green circle is left of ...") and never
     drawn, so the image is the empty canvas. all_pairs=True draws the objects from every (colour, shape)
     pair, the held-out ones included: text may name a green circle although no image shows one. In the
-    images' questions "what shape is the green object?" is never "circle", and a model learns that
-    from the words alone; here it sometimes is. Scenes come from the split's seeds from `offset` on, so
+    images' questions "what shape is the green object?" is never "circle", and a model may learn that
+    from the words alone; here it sometimes is (appendix A1, section 6, tests whether that helps). Scenes come from the split's seeds from `offset` on, so
     they can differ from every image dataset's; their text is off (descriptions stay short).
     """
 

@@ -45,8 +45,8 @@ from mllm_scratch.checkpoints import (
 from mllm_scratch.gpt import GPT, GPTConfig, next_token_loss, tokenizer_sha256
 from mllm_scratch.patches import patchify
 from mllm_scratch.runtime import checked_on_host
-from mllm_scratch.shapeworld import (CANONICAL_WORDS, SKILLS, CaptionDataset, DescribedQADataset, ShapeWorldConfig, VQADataset,
-                                    final_answer)
+from mllm_scratch.shapeworld import (CANONICAL_WORDS, SKILLS, CaptionDataset, DescribedQADataset, ShapeWorldConfig,
+                                    VQADataset, final_answer)
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, autocast, batches, run_overrides, train
 from mllm_scratch.vit import SWITCH, ViTConfig, VisionTransformer, config_dict
