@@ -32,7 +32,7 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(stage1_steps=100, stage2_steps=400),  # see CPU_PRESET_MEASURED
     # the shipped checkpoint's recipe: vlm.SHIPPED_RECIPE (a test checks they agree; written out here so
     # that building the parser needs no torch)
-    "book": dict(place_codes=True, grounded=True, spatial_steps=3000, stage2_lm_lr=3e-4),
+    "book": dict(place_codes=True, grounded=True, spatial_steps=3000, stage2_lm_lr=3e-4, colour_shape_prior=True),
     "gpu": dict(batch_size=256, caption_pairs=20_000, qa_pairs=100_000, stage1_steps=300, stage2_steps=8000,
                 stage2_lr=1e-3, stage2_lm_lr=3e-4),
 }
@@ -65,7 +65,7 @@ def book_preset_measured() -> str:
 
 _OVERRIDES = ("encoder", "projector", "caption_pairs", "qa_pairs", "batch_size", "stage1_steps", "stage2_steps",
               "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed", "train_encoder", "spatial_steps", "lm", "place_codes",
-              "grounded", "text_questions")
+              "grounded", "text_questions", "colour_shape_prior")
 MODELS = {"vlm": "chapter 06's unified VLM (image tokens spliced into the LM's input; the default)",
           "xattn": "chapter 07's cross-attention VLM (the frozen LM reads the image through gated blocks)"}
 VIDEO_MODELS = {"xattn": "video", "unified": "unified"}  # --model of ask-video -> the chapter-09 model's name
@@ -625,6 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(the book preset's)")
     grounds.add_argument("--no-grounded", dest="grounded", action="store_const", const=False,
                          help="spatial answers are one word, yes or no (the cpu and gpu presets')")
+    priors = t.add_mutually_exclusive_group()
+    priors.add_argument("--colour-shape-prior", dest="colour_shape_prior", action="store_const", const=True,
+                        default=None, help="stage 2's loss adds the training pairs' log p(shape | colour) to the logits "
+                        "(a product of experts, dropped at test; the book preset's)")
+    priors.add_argument("--no-colour-shape-prior", dest="colour_shape_prior", action="store_const", const=False,
+                        help="stage 2's plain loss (the cpu and gpu presets')")
     t.add_argument("--eval", type=int, default=300, help="test questions to score after training (0: none; default 300)")
     t.add_argument("--device", help="cuda, mps or cpu (default: the GPU if there is one; $MLLM_DEVICE overrides)")
     t.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")

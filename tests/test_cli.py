@@ -205,6 +205,9 @@ def test_spatial_switches_reach_the_recipe():
     cpu = _recipe(parser.parse_args(["train-vlm"]))
     assert (cpu.spatial_steps, cpu.place_codes, cpu.grounded, cpu.text_questions, book.text_questions) == (0, False, False, 0, 0)
     assert _recipe(parser.parse_args(["train-vlm", "--text-questions", "500"])).text_questions == 500
+    assert book.colour_shape_prior is True and cpu.colour_shape_prior is False  # the product of experts: the book's only
+    assert _recipe(parser.parse_args(["train-vlm", "--colour-shape-prior"])).colour_shape_prior is True
+    assert _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--no-colour-shape-prior"])).colour_shape_prior is False
     assert _recipe(parser.parse_args(["train-vlm", "--grounded"])).grounded is True
     assert _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--no-grounded"])).grounded is False
     r = _recipe(parser.parse_args(["train-vlm", "--preset", "book", "--spatial-steps", "5", "--place-codes", "--lm", "qa",

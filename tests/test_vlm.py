@@ -350,12 +350,14 @@ def test_spatial_switches_are_stored_only_when_on():
     from dataclasses import replace
     from pathlib import Path
 
-    switches = {"lm", "place_codes", "spatial_steps", "grounded", "text_questions"}
+    switches = {"lm", "place_codes", "spatial_steps", "grounded", "text_questions", "colour_shape_prior"}
     assert {f.name for f in fields(VLMRecipe)} >= switches
     assert not switches & VLMRecipe().to_dict().keys()
-    assert {k: SPATIAL.to_dict()[k] for k in switches - {"grounded", "text_questions"}} == {"lm": "qa", "place_codes": True, "spatial_steps": 6000}
-    assert SHIPPED_RECIPE == replace(VLMRecipe(), place_codes=True, grounded=True, spatial_steps=3000, stage2_lm_lr=3e-4)
-    assert SHIPPED_RECIPE.to_dict().keys() - VLMRecipe().to_dict().keys() == {"place_codes", "grounded", "spatial_steps"}
+    assert {k: SPATIAL.to_dict()[k] for k in switches - {"grounded", "text_questions", "colour_shape_prior"}} == {"lm": "qa", "place_codes": True, "spatial_steps": 6000}
+    assert SHIPPED_RECIPE == replace(VLMRecipe(), place_codes=True, grounded=True, spatial_steps=3000, stage2_lm_lr=3e-4,
+                                     colour_shape_prior=True)
+    assert SHIPPED_RECIPE.to_dict().keys() - VLMRecipe().to_dict().keys() == {"place_codes", "grounded", "spatial_steps",
+                                                                              "colour_shape_prior"}
     assert SPATIAL.stages == (1, "spatial", 2) and VLMRecipe().stages == (1, 2)
     # a results file written before the switches existed still matches today's two-stage recipe exactly
     longer = json.loads((Path(__file__).resolve().parents[1] / "data" / "results" / "vlm_longer.json").read_text())
@@ -376,6 +378,7 @@ def test_spatial_switches_are_stored_only_when_on():
     (dict(place_codes=1), "place_codes must be True or False, got 1"),
     (dict(text_questions=-1), "text_questions must be an int >= 0, got -1"),
     (dict(text_questions=100.0), "text_questions must be an int >= 0, got 100.0"),
+    (dict(colour_shape_prior="on"), "colour_shape_prior must be True or False, got 'on'"),
 ])
 def test_a_bad_spatial_switch_is_refused(bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -532,6 +535,70 @@ def test_text_questions_join_stage_2s_mix_only():
     for stage in (1, "spatial"):  # the stages before stage 2 read the very same batches with or without them
         with_text, without = (next(iter(vlm.stage_data(r, stage, TOK, 4))) for r in (recipe, replace(recipe, text_questions=0)))
         assert torch.equal(with_text.ids, without.ids) and torch.equal(with_text.images, without.images)
+
+
+def handmade_prior_bias(ids, labels, vocab_size, floor=1e-3):
+    """The colour-shape bias written out the slow way, position by position, from the training pairs alone."""
+    from mllm_scratch.shapeworld import COLOURS, SHAPES, ShapeWorldConfig
+
+    word = {w: TOK.encode_ordinary(" " + w)[0] for w in (*COLOURS, *SHAPES, "object")}
+    pairs = ShapeWorldConfig().train_pairs()
+    question_mark = TOK.encode_ordinary("?")[0]
+    bias = torch.zeros(ids.shape[0], ids.shape[1] - 1, vocab_size)
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):  # logits at t predict the token at t + 1
+            if labels[b, t + 1] == vlm.IGNORE_INDEX:
+                continue
+            colour = None
+            if int(ids[b, t]) in [word[c] for c in COLOURS]:  # "... green" -> a shape may follow
+                colour = next(c for c in COLOURS if word[c] == int(ids[b, t]))
+            elif t >= 2 and ids[b, t] == question_mark and ids[b, t - 1] == word["object"]:  # "the green object?" -> answer
+                colour = next((c for c in COLOURS if word[c] == int(ids[b, t - 2])), None)
+            if colour is None:
+                continue
+            seen = [s for s in SHAPES if (colour, s) in pairs]
+            for s in SHAPES:
+                p = 1 / len(seen) if s in seen else floor
+                bias[b, t, word[s]] = torch.log(torch.tensor(p * len(SHAPES)))
+    return bias
+
+
+def test_the_colour_shape_prior_equals_the_handmade_one_on_stage_2_batches():
+    """ColourShapePrior.bias (a table look-up) equals the position-by-position loop, and prior_loss adds it to the logits."""
+    recipe = VLMRecipe(encoder="vit", caption_pairs=64, qa_pairs=64, batch_size=16, grounded=True)
+    model = tiny_vlm("vit")
+    vocab = model.lm.config.vocab_size
+    prior = vlm.ColourShapePrior(TOK, vocab)
+    biased = 0
+    for _, batch in zip(range(4), vlm.stage_data(recipe, 2, TOK, model.num_image_tokens)):
+        fast = prior.bias(batch.ids, batch.labels)
+        assert torch.equal(fast, handmade_prior_bias(batch.ids, batch.labels, vocab))
+        biased += int(fast.abs().sum(-1).gt(0).sum())
+        logits = model(batch.ids, batch.images)[:, :-1] + fast
+        hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels[:, 1:].flatten(),
+                                                 ignore_index=vlm.IGNORE_INDEX)
+        assert torch.allclose(vlm.prior_loss(model, batch, prior), hand, atol=1e-6)
+    assert biased > 20  # captions, grounded names and shape answers all carry it
+    green, circle, square = (TOK.encode_ordinary(" " + w)[0] for w in ("green", "circle", "square"))
+    row = prior.rows[prior.row_of[green]]
+    assert row[circle] < -5 and 0.2 < row[square] < 0.25 and row.ne(0).sum() == 5  # only the five shape words
+    assert prior.row_of[TOK.encode_ordinary(" red")[0]] > 0 and prior.row_of[circle] == 0
+
+
+def test_the_colour_shape_prior_is_refused_a_bad_floor_and_trains_stage_2_only(monkeypatch):
+    with pytest.raises(ValueError, match=r"floor must be a probability in \(0, 1\), got 0"):
+        vlm.ColourShapePrior(TOK, 512, floor=0)
+    with pytest.raises(ValueError, match=r"the word '\w+' must be one token of a 100-token vocabulary, got ids \[\d+\]"):
+        vlm.ColourShapePrior(TOK, 100)
+    used = []
+    monkeypatch.setattr(vlm, "prior_loss", lambda m, b, prior: used.append(prior) or vlm.vlm_loss(m, b))
+    recipe = VLMRecipe(encoder="vit", caption_pairs=16, qa_pairs=16, batch_size=8, colour_shape_prior=True)
+    model = tiny_vlm("vit")
+    for stage in (1, 2):
+        vlm.train_stage(model, recipe, stage, TOK, steps=2, progress=False)
+        assert len(used) == (0 if stage == 1 else 2)  # stage 1 trains the projector on plain captions
+    vlm.train_stage(model, replace(recipe, colour_shape_prior=False), 2, TOK, steps=1, progress=False)
+    assert len(used) == 2  # off: the plain loss
 
 
 class Replies:
