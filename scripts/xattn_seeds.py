@@ -50,14 +50,21 @@ def answers(model, tokenizer, split: str) -> dict:
     accuracy = {k: round(sum(v) / len(v), 4) for k, v in right.items()}
     accuracy["all"] = round(sum(sum(v) for v in right.values()) / len(guesses), 4)
     held = {}  # colour and shape questions about a held-out pair's object (the compositional split's)
+    by_pair: dict[str, dict[str, list[bool]]] = {}  # the same questions by the pair asked about ("seen": any other)
     for (question, answer, skill), guess in zip(rest, guesses):
-        if skill in ("colour", "shape") and asked_pair(question, answer) in HELD_OUT:
-            held.setdefault(skill, []).append(guess == answer)
+        if skill in ("colour", "shape"):
+            pair = asked_pair(question, answer)
+            if pair in HELD_OUT:
+                held.setdefault(skill, []).append(guess == answer)
+            name = " ".join(pair) if pair in HELD_OUT else "seen"
+            by_pair.setdefault(skill, {}).setdefault(name, []).append(guess == answer)
     return {"accuracy": accuracy,
             "yes_ratio": {k: round(sum(v) / len(v), 4) for k, v in said.items()},
             "truth_yes": {k: round(sum(v) / len(v), 4) for k, v in truth.items()},
             "held_out": {k: round(sum(v) / len(v), 4) for k, v in held.items()},
-            "held_out_questions": {k: len(v) for k, v in held.items()}}
+            "held_out_questions": {k: len(v) for k, v in held.items()},
+            "by_pair": {k: {p: round(sum(v) / len(v), 4) for p, v in sorted(d.items())} for k, d in by_pair.items()},
+            "by_pair_questions": {k: {p: len(v) for p, v in sorted(d.items())} for k, d in by_pair.items()}}
 
 
 def run(i: int) -> dict:
