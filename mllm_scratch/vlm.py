@@ -491,7 +491,7 @@ class VLMRecipe:
     # A product of experts in stage 2's loss (`ColourShapePrior`): the training data's log p(shape | colour) is
     # added to the logits wherever a shape word follows a colour word or answers "what shape is the green object?",
     # and dropped at test. The bias explains "green is never a circle", so the model need not learn it
-    # (chapter 06, section 7; on in the shipped recipe).
+    # (chapter 06, section 12; on in the shipped recipe).
     colour_shape_prior: bool = field(default=False, metadata=SWITCH)
 
     def __post_init__(self) -> None:
@@ -529,8 +529,8 @@ class VLMRecipe:
 STAGES = (1, "spatial", 2)
 
 # The shipped checkpoint's recipe (data/checkpoints/vlm.pt; the command line's "book" preset): LLaVA's
-# two stages of VLMRecipe(), plus what chapter 06's section 6 shows spatial questions need: place codes
-# on the image tokens, grounded spatial answers, a spatial stage, and the LM tuned at 3e-4; and section 7's
+# two stages of VLMRecipe(), plus what chapter 06's section 11 shows spatial questions need: place codes
+# on the image tokens, grounded spatial answers, a spatial stage, and the LM tuned at 3e-4; and section 12's
 # product of experts against the colour-shape prior of the training pairs.
 SHIPPED_CHANGES: dict[str, Any] = dict(place_codes=True, grounded=True, spatial_steps=3000, stage2_lm_lr=3e-4,
                                        colour_shape_prior=True)
