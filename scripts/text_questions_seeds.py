@@ -24,31 +24,18 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import search_rows  # noqa: E402  (scripts/, next to this file)
-from vlm_seeds import trained_and_scored  # noqa: E402  (train, round to float16, score)
-from xattn_seeds import table  # noqa: E402
+from vlm_seeds import recipe_on_seeds  # noqa: E402  (train, round to float16, score; the same table)
 
 from mllm_scratch.vlm import SHIPPED_RECIPE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "text_questions_seeds.json"
-SEEDS = (0, 1, 2)
 RECIPE = replace(SHIPPED_RECIPE, colour_shape_prior=False, text_questions=20_000)
 
 
-def run(i: int) -> dict:
-    seed = SEEDS[i]
-    return search_rows.timed_row(i, {"seed": seed}, lambda: trained_and_scored(replace(RECIPE, seed=seed)))
-
-
 def main(argv: list[str] | None = None) -> int:
-    return search_rows.main(
-        argv, __doc__, [f"seed {s}" for s in SEEDS], run, RESULTS,
-        header=lambda: {"what": "chapter 06's shipped recipe with 20,000 text-only questions in stage 2, on three "
-                                "seeds (scripts/text_questions_seeds.py)",
-                        "recipe": RECIPE.to_dict(), "questions_per_skill": 1000},
-        table=table,
-        summary=lambda r: " compositional " + ", ".join(f"{k} {v:.2f}" for k, v in r["compositional"]["accuracy"].items()),
-    )
+    return recipe_on_seeds(argv, __doc__, RECIPE, RESULTS,
+                           "chapter 06's shipped recipe with 20,000 text-only questions in stage 2, on three "
+                           "seeds (scripts/text_questions_seeds.py)")
 
 
 if __name__ == "__main__":

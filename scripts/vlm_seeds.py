@@ -42,6 +42,21 @@ def trained_and_scored(recipe: VLMRecipe) -> dict:
     return {split: answers(model, tokenizer, split) for split in ("test", "compositional")}
 
 
+def recipe_on_seeds(argv: list[str] | None, doc: str, recipe: VLMRecipe, results: Path, what: str) -> int:
+    """The command line of a script that trains `recipe` on SEEDS and scores each row as this one does."""
+
+    def run(i: int) -> dict:
+        seed = SEEDS[i]
+        return search_rows.timed_row(i, {"seed": seed}, lambda: trained_and_scored(replace(recipe, seed=seed)))
+
+    return search_rows.main(
+        argv, doc, [f"seed {s}" for s in SEEDS], run, results,
+        header=lambda: {"what": what, "recipe": recipe.to_dict(), "questions_per_skill": 1000},
+        table=table,
+        summary=lambda r: " compositional " + ", ".join(f"{k} {v:.2f}" for k, v in r["compositional"]["accuracy"].items()),
+    )
+
+
 def run(i: int) -> dict:
     seed = SEEDS[i]
 
