@@ -341,10 +341,16 @@ def generate_grouped(
     return out
 
 
-def vlm_loss(model: UnifiedVLM, batch: VLMBatch) -> torch.Tensor:
-    """The `loss_fn` for `train`: next-token loss on the scored (answer / caption) tokens only."""
-    logits = model(batch.ids, batch.images)  # (B, T, vocab)
-    return next_token_loss(logits[:, :-1], batch.labels[:, 1:], ignore_index=IGNORE_INDEX)  # position t predicts t + 1
+def vlm_loss(model: UnifiedVLM, batch: VLMBatch, prior: ColourShapePrior | None = None) -> torch.Tensor:
+    """The `loss_fn` for `train`: next-token loss on the scored (answer / caption) tokens only.
+
+    With a `prior` (a `ColourShapePrior`), its bias is added to the logits first: the model and the
+    bias expert as a product of experts (stage 2 of a recipe with `colour_shape_prior`).
+    """
+    logits = model(batch.ids, batch.images)[:, :-1]  # (B, T-1, vocab): position t predicts t + 1
+    if prior is not None:
+        logits = logits + prior.bias(batch.ids, batch.labels).to(logits.dtype)
+    return next_token_loss(logits, batch.labels[:, 1:], ignore_index=IGNORE_INDEX)
 
 
 class ColourShapePrior:
@@ -399,13 +405,6 @@ class ColourShapePrior:
     def bias(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, T-1, vocab): the bias to add to the logits of positions 0 .. T-2."""
         return self.rows.to(ids.device)[self.keys(ids, labels)]
-
-
-def prior_loss(model: UnifiedVLM, batch: VLMBatch, prior: ColourShapePrior) -> torch.Tensor:
-    """`vlm_loss` with `prior`'s bias added to the logits first (the model's logits and the bias: a product of experts)."""
-    logits = model(batch.ids, batch.images)[:, :-1]  # (B, T-1, vocab)
-    logits = logits + prior.bias(batch.ids, batch.labels).to(logits.dtype)
-    return next_token_loss(logits, batch.labels[:, 1:], ignore_index=IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------
@@ -685,7 +684,7 @@ def train_stage(
     loss_fn = vlm_loss
     if stage == 2 and recipe.colour_shape_prior:  # the product of experts, in stage 2 only; dropped at test
         prior = ColourShapePrior(tokenizer, model.lm.config.vocab_size, recipe.scene_config())
-        loss_fn = lambda m, b: prior_loss(m, b, prior)  # noqa: E731
+        loss_fn = lambda m, b: vlm_loss(m, b, prior)  # noqa: E731
     history = run_stage(model, recipe, stage, groups, loss_fn, model.num_image_tokens, tokenizer,
                         steps=steps, data=data, log_every=log_every, progress=progress, device=device,
                         checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every,

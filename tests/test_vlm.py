@@ -564,7 +564,7 @@ def handmade_prior_bias(ids, labels, vocab_size, floor=1e-3):
 
 
 def test_the_colour_shape_prior_equals_the_handmade_one_on_stage_2_batches():
-    """ColourShapePrior.bias (a table look-up) equals the position-by-position loop, and prior_loss adds it to the logits."""
+    """ColourShapePrior.bias (a table look-up) equals the position-by-position loop, and vlm_loss(prior=...) adds it to the logits."""
     recipe = VLMRecipe(encoder="vit", caption_pairs=64, qa_pairs=64, batch_size=16, grounded=True)
     model = tiny_vlm("vit")
     vocab = model.lm.config.vocab_size
@@ -577,7 +577,7 @@ def test_the_colour_shape_prior_equals_the_handmade_one_on_stage_2_batches():
         logits = model(batch.ids, batch.images)[:, :-1] + fast
         hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels[:, 1:].flatten(),
                                                  ignore_index=vlm.IGNORE_INDEX)
-        assert torch.allclose(vlm.prior_loss(model, batch, prior), hand, atol=1e-6)
+        assert torch.allclose(vlm.vlm_loss(model, batch, prior), hand, atol=1e-6)
     assert biased > 20  # captions, grounded names and shape answers all carry it
     green, circle, square = (TOK.encode_ordinary(" " + w)[0] for w in ("green", "circle", "square"))
     row = prior.rows[prior.row_of[green]]
@@ -591,7 +591,8 @@ def test_the_colour_shape_prior_is_refused_a_bad_floor_and_trains_stage_2_only(m
     with pytest.raises(ValueError, match=r"the word '\w+' must be one token of a 100-token vocabulary, got ids \[\d+\]"):
         vlm.ColourShapePrior(TOK, 100)
     used = []
-    monkeypatch.setattr(vlm, "prior_loss", lambda m, b, prior: used.append(prior) or vlm.vlm_loss(m, b))
+    plain = vlm.vlm_loss
+    monkeypatch.setattr(vlm, "vlm_loss", lambda m, b, prior=None: (prior is not None and used.append(prior)) or plain(m, b))
     recipe = VLMRecipe(encoder="vit", caption_pairs=16, qa_pairs=16, batch_size=8, colour_shape_prior=True)
     model = tiny_vlm("vit")
     for stage in (1, 2):
