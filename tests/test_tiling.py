@@ -91,3 +91,147 @@ def test_dynamic_tiles_adds_the_thumbnail_last():
 def test_tile_tags():
     assert tile_tags((1, 2)) == ["<tile_1>", "<tile_2>", "<tile_global_thumbnail>"]
     assert tile_tags((2, 1), thumbnail=False) == ["<tile_1>", "<tile_2>"]
+
+
+# ----------------------------------------------------------------------------------
+# The tiled VLM (chapter 10)
+
+import copy  # noqa: E402
+
+from mllm_scratch.checkpoints import round_to_dtype  # noqa: E402
+from mllm_scratch.clip import pretrained_image_tower  # noqa: E402
+from mllm_scratch.gpt import GPT, GPTConfig  # noqa: E402
+from mllm_scratch.tiling import (  # noqa: E402
+    PrefixCollator,
+    TiledRecipe,
+    build_tiled_vlm,
+    extend_positions,
+    load_tiled_vlm,
+    save_tiled_vlm,
+    thumbnail_baseline,
+)
+from mllm_scratch.tokenizer import load_tokenizer  # noqa: E402
+from mllm_scratch.vlm import load_vlm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiled():
+    torch.manual_seed(0)
+    return build_tiled_vlm(TiledRecipe(), load_vlm(), pretrained_image_tower(), load_tokenizer()).eval()
+
+
+def test_the_tiled_model_cuts_and_shrinks_as_the_hand_written_functions_do(tiled):
+    images = torch.rand(3, 3, 64, 64)
+    cut = tiled.tiles(images).reshape(3, 4, 3, 32, 32)
+    for i in range(3):
+        assert torch.equal(cut[i], tile(images[i], 32)[0])
+        assert torch.allclose(tiled.thumbnail(images)[i], resize(images[i], 32, 32), atol=1e-6)
+    with pytest.raises(ValueError, match=r"images of 48 x 64 px do not fit the model's 2 x 2 grid of 32 px tiles"):
+        tiled.tiles(torch.rand(1, 3, 48, 64))
+
+
+def test_the_prefix_puts_thumbnail_then_tagged_tiles_and_splice_fills_it_in_order(tiled):
+    tok = load_tokenizer()
+    prefix = tiled.prefix()
+    assert prefix[:64] == [tok.image_id] * 64
+    for k in range(4):  # tile k: its tag (" 1" ...), then 16 slots
+        start = 64 + 17 * k
+        assert tok.decode(prefix[start : start + 1]) == f" {k + 1}"
+        assert prefix[start + 1 : start + 17] == [tok.image_id] * 16
+    assert tiled.num_image_tokens == 128 == prefix.count(tok.image_id)
+    images = torch.rand(2, 3, 64, 64)
+    ids = torch.tensor([prefix + tok.encode_ordinary("what does the text say?")] * 2)
+    embeds = tiled.splice(ids, images)
+    with torch.no_grad():
+        thumb = tiled.projector(tiled.encoder(tiled.thumbnail(images)).patches)
+        per_tile = tiled.tile_connector(tiled.tile_encoder(tiled.tiles(images)).patches).reshape(2, 4, 16, -1)
+    assert torch.allclose(embeds[:, :64], thumb, atol=1e-6)
+    for k in range(4):
+        start = 64 + 17 * k
+        assert torch.allclose(embeds[:, start + 1 : start + 17], per_tile[:, k], atol=1e-6)
+        assert torch.equal(embeds[:, start], tiled.lm.embed(ids[:, start : start + 1])[:, 0])  # the tag is text
+
+
+def test_the_collator_scores_only_the_answer(tiled):
+    tok = load_tokenizer()
+    batch = PrefixCollator(tok, tiled.prefix())([(torch.rand(3, 64, 64), "what does the text say?", "k7", "reading")])
+    scored = batch.labels[0][batch.labels[0] != -100].tolist()
+    assert scored == tok.encode_ordinary(" k7") + [tok.eot_id]
+    assert batch.ids[0, : len(tiled.prefix())].tolist() == tiled.prefix()
+
+
+def test_extend_positions_keeps_every_old_output_and_copies_rows():
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(context_length=16, dim=32, depth=1, num_heads=2)).eval()
+    longer = extend_positions(lm, 24, 4).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    assert torch.equal(longer(ids), lm(ids))
+    assert torch.equal(longer.pos_emb.weight[16:], lm.pos_emb.weight[4:12])
+    with pytest.raises(ValueError, match="cannot grow 16 positions to 24 copying rows from 10"):
+        extend_positions(lm, 24, 10)
+    with pytest.raises(ValueError, match="cannot grow 16 positions to 8"):
+        extend_positions(lm, 8, 0)
+
+
+def test_recipe_errors_name_the_value():
+    with pytest.raises(ValueError, match="tile_connector 'conv' is unknown"):
+        TiledRecipe(tile_connector="conv")
+    with pytest.raises(ValueError, match="image_size 48 is not a whole number of 32 px tiles"):
+        TiledRecipe(image_size=48)
+    with pytest.raises(ValueError, match="mix_steps must be a positive int, got 0"):
+        TiledRecipe(mix_steps=0)
+    assert TiledRecipe(**{**TiledRecipe().to_dict()}) == TiledRecipe()  # the stored dict rebuilds the recipe
+
+
+def test_save_and_load_round_trip(tiled, tmp_path):
+    model = round_to_dtype(copy.deepcopy(tiled))  # the weights a float16 file holds
+    save_tiled_vlm(tmp_path / "tiled_vlm.pt", model, "pixelshuffle", recipe=TiledRecipe().to_dict())
+    loaded = load_tiled_vlm(tmp_path / "tiled_vlm.pt")
+    images = torch.rand(2, 3, 64, 64)
+    ids = torch.tensor([model.prefix() + [5, 6]] * 2)
+    assert torch.equal(loaded(ids, images), model(ids, images))
+
+
+def test_the_baseline_sees_each_image_shrunk_as_the_thumbnail(tiled):
+    images = torch.rand(2, 3, 64, 64)
+    shrunk = thumbnail_baseline([(images[0], "q", "a", "colour"), (images[1], "r", "b", "shape")])
+    assert len(shrunk) == 2 and shrunk[1][1:] == ("r", "b", "shape")
+    assert torch.allclose(torch.stack([shrunk[0][0], shrunk[1][0]]), tiled.thumbnail(images), atol=1e-6)
+
+
+def test_a_short_run_trains_only_the_connector_projector_and_lm_and_freezes_all_after():
+    from dataclasses import replace
+
+    from mllm_scratch.tiling import train_tiled_vlm
+
+    base, tower = load_vlm(), pretrained_image_tower()
+    before = {name: copy.deepcopy(part.state_dict()) for name, part in
+              (("encoder", base.encoder), ("projector", base.projector), ("lm", base.lm), ("tile_encoder", tower))}
+    recipe = replace(TiledRecipe(), reading_pairs=40, qa_pairs=40, caption_pairs=20, batch_size=4)
+    model, histories = train_tiled_vlm(recipe, base=base, tile_tower=tower, steps={"reading": 2, "mix": 2},
+                                       progress=False, log_every=0)
+    assert set(histories) == {"reading", "mix"} and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(before["encoder"], model.encoder.state_dict()) and same(before["tile_encoder"], model.tile_encoder.state_dict())
+    assert same(before["lm"], base.lm.state_dict())  # the tiled model trains a copy of chapter 06's LM
+    assert not same(before["projector"], model.projector.state_dict())
+    tuned = model.lm.state_dict()
+    assert any(not torch.equal(v, tuned[k]) for k, v in before["lm"].items() if k.startswith("blocks."))
+    with pytest.raises(ValueError, match="steps names unknown stages \\['stage2'\\]"):
+        train_tiled_vlm(recipe, base=base, tile_tower=tower, steps={"stage2": 1})
+    with pytest.raises(ValueError, match="steps\\['reading_tower'\\] was given with a tile_tower"):
+        train_tiled_vlm(recipe, base=base, tile_tower=tower, steps={"reading_tower": 1})
+
+
+def test_the_shipped_file_is_refused_once_chapter_06s_model_is_rebuilt(tiled, tmp_path, monkeypatch):
+    import mllm_scratch.tiling as tiling
+    from mllm_scratch.checkpoints import CheckpointError
+
+    path = tmp_path / "tiled_vlm.pt"
+    save_tiled_vlm(path, tiled, "pixelshuffle", recipe=TiledRecipe().to_dict(), base_sha256="0" * 64)
+    monkeypatch.setattr(tiling, "TILED_CHECKPOINT", path)  # as if it were the shipped file
+    with pytest.raises(CheckpointError, match="trained from another chapter-06 model"):
+        load_tiled_vlm()
+    monkeypatch.setattr(tiling, "_shipped_vlm_sha256", lambda: "0" * 64)
+    assert isinstance(load_tiled_vlm(), tiling.TiledVLM)

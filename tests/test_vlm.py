@@ -328,7 +328,7 @@ def test_a_frozen_shipped_tower_is_stored_by_reference(tmp_path):
         load_vlm(path)
 
 
-@pytest.mark.parametrize("name", ["vlm", "xattn", "methods_unified", "methods_cross", "methods_hybrid"])
+@pytest.mark.parametrize("name", ["vlm", "xattn", "methods_unified", "methods_cross", "methods_hybrid", "tiled_vlm"])
 def test_shipped_vlms_refer_to_the_shipped_tower(name):
     """The shipped VLMs keep the book's tower frozen, so their files hold no copy of it."""
     from mllm_scratch.checkpoints import DEFAULT_DIR
