@@ -67,7 +67,8 @@ _OVERRIDES = ("encoder", "projector", "caption_pairs", "qa_pairs", "batch_size",
               "stage1_lr", "stage2_lr", "stage2_lm_lr", "seed", "train_encoder", "spatial_steps", "lm", "place_codes",
               "grounded", "text_questions", "colour_shape_prior")
 MODELS = {"vlm": "chapter 06's unified VLM (image tokens spliced into the LM's input; the default)",
-          "xattn": "chapter 07's cross-attention VLM (the frozen LM reads the image through gated blocks)"}
+          "xattn": "chapter 07's cross-attention VLM (the frozen LM reads the image through gated blocks)",
+          "tiled": "chapter 10's tiled VLM (64 px: a 32 px thumbnail and 2 x 2 tiles at full resolution; reads text)"}
 VIDEO_MODELS = {"xattn": "video", "unified": "unified"}  # --model of ask-video -> the chapter-09 model's name
 
 
@@ -220,11 +221,17 @@ def cmd_render(args: argparse.Namespace) -> int:
         seed = split_seed(args.split, args.index)
     except ValueError as err:
         raise CLIError(str(err)) from None
+    if args.video and args.scene_size != 32:
+        raise CLIError(f"--scene-size {args.scene_size} with --video: clips are drawn at 32 px only")
     outs = [Path(p) for p in (args.out or ["clip.gif" if args.video else "scene.png"])]
     if args.video:
         from mllm_scratch.video import VIDEO_SCENES, video_recipes
 
         config, num_frames = VIDEO_SCENES, video_recipes()["video"].source_frames
+    elif args.scene_size == 64:  # chapter 10's scenes: text at the font's own size, for the tiled model
+        from mllm_scratch.tiling import TiledRecipe
+
+        config = TiledRecipe().scene_config()
     else:
         config = VLMRecipe().scene_config()
     if args.size is not None and (args.size < config.image_size or args.size % config.image_size):
@@ -408,6 +415,10 @@ def _load_model(kind: str, checkpoint: str | None):
         from mllm_scratch.xattn import load_xattn
 
         return load_xattn(checkpoint)  # CheckpointError names the file and how to rebuild it
+    if kind == "tiled":
+        from mllm_scratch.tiling import load_tiled_vlm
+
+        return load_tiled_vlm(checkpoint)
     from mllm_scratch.vlm import load_vlm
 
     return load_vlm(checkpoint)
@@ -420,14 +431,33 @@ def _load(args: argparse.Namespace):
     if not Path(args.image).is_file():
         raise CLIError(f"image file {str(args.image)!r} does not exist (or is not a file)")
     model = _load_model(args.model, args.checkpoint)
-    size = model.config.vision.image_size
     try:
-        image = load_image(args.image, size)  # (3, size, size) in [0, 1]
+        if args.model == "tiled":  # any size and shape: fitted into the model's grid of tiles, aspect ratio kept
+            image = _fitted(args.image, model)
+        else:
+            image = load_image(args.image, model.config.vision.image_size)  # (3, size, size) in [0, 1]
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from None
     except OSError as err:  # unreadable: permissions, a truncated file
         raise CLIError(f"cannot read image {str(args.image)!r}: {err}") from None
     return model, image[None]
+
+
+def _fitted(path: str, model) -> "torch.Tensor":
+    """An image file of any size as the tiled model's canvas (LLaVA-NeXT's AnyRes for its one grid): scaled, aspect
+    ratio kept, to fit rows x cols tiles (a whole-number shrink is exact), centred on ShapeWorld's background."""
+    from PIL import Image
+
+    from mllm_scratch.images import load_image
+    from mllm_scratch.shapeworld import BACKGROUND
+    from mllm_scratch.tiling import fit_and_pad
+
+    (rows, cols), t = model.grid, model.tile_size
+    with Image.open(path) as img:
+        width, height = img.size
+    scale = min(cols * t / width, rows * t / height)
+    fitted = load_image(path, (max(1, min(rows * t, round(height * scale))), max(1, min(cols * t, round(width * scale)))))
+    return fit_and_pad(fitted, (rows, cols), t, fill=tuple(v / 255 for v in BACKGROUND))
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -512,7 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "a folder (no suffix) for frame_00.png, frame_01.png, ...; give --out twice for both")
     r.add_argument("--size", type=int, default=256,
                    help="enlarge to this many pixels, nearest neighbour, so you can see it (default 256; 32: as the "
-                   "models see it); a multiple of 32, which the commands shrink back to exactly the scene's pixels")
+                   "models see it); a multiple of the scene's size (32, or 64 with --scene-size 64), which the commands "
+                   "shrink back to exactly the scene's pixels")
+    r.add_argument("--scene-size", type=int, choices=(32, 64), default=32,
+                   help="32 (default): the scenes of chapters 06-09; 64: chapter 10's, whose text only the tiled "
+                   "model (ask --model tiled) can read")
     r.add_argument("--video", action="store_true",
                    help=f"a {video.source_frames}-frame clip of moving shapes instead of a scene")
     r.set_defaults(run=cmd_render)
@@ -526,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("caption", "describe an image in one sentence"), ("ask", "answer a question about an image")):
         p = sub.add_parser(name, help=helptext, description=f"{helptext[0].upper()}{helptext[1:]} with a trained VLM. "
-                           "Any image file Pillow opens; it is resized to the model's input size (32 px). "
+                           "Any image file Pillow opens; it is resized to the model's input size (32 px; "
+                           "--model tiled fits it, aspect ratio kept, into 64 px and cuts 2 x 2 tiles). "
                            "The models know only ShapeWorld: make a scene with `render`."
                            + (" Question forms the models were trained on: `python -m mllm_scratch questions`; "
                               "another question is still answered, with a warning." if name == "ask" else ""))

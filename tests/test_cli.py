@@ -105,6 +105,28 @@ def test_shipped_vlm_captions_and_answers_a_rendered_scene(png, capsys):
     assert len(words) == 7 and words[:2] + words[3:5] == truth[:2] + truth[3:5] and final_answer(reply) in ("yes", "no")
 
 
+def test_tiled_model_reads_a_64_px_scene_and_fits_any_shape(tmp_path, capsys):
+    from mllm_scratch.tiling import TiledRecipe
+
+    config = TiledRecipe().scene_config()
+    index = next(i for i in range(50) if generate_scene(split_seed("test", i), config, "test").text)
+    scene = generate_scene(split_seed("test", index), config, "test")
+    out = tmp_path / "scene64.png"
+    assert main(["render", str(index), "--scene-size", "64", "--out", str(out)]) == 0  # 256 px: shrunk back exactly
+    capsys.readouterr()
+    assert main(["ask", str(out), "what does the text say?", "--model", "tiled"]) == 0
+    assert capsys.readouterr().out.strip() == scene.text.lower()
+    assert main(["caption", str(out), "--model", "tiled"]) == 0
+    objects, _ = parse_caption(capsys.readouterr().out)
+    assert objects and all(c in COLOURS and s in SHAPES for _, c, s in objects)
+    wide = tmp_path / "wide.png"  # any aspect ratio: fitted into the 2 x 2 grid, the rest background
+    Image.new("RGB", (96, 32), (16, 16, 24)).save(wide)
+    assert main(["ask", str(wide), "how many objects are there?", "--model", "tiled"]) == 0
+    assert capsys.readouterr().out.strip() in NUMBER_WORDS
+    assert main(["render", "--video", "--scene-size", "64"]) == 2
+    assert "clips are drawn at 32 px only" in capsys.readouterr().err
+
+
 def test_cross_attention_model(png, capsys):
     assert main(["caption", str(png), "--model", "xattn"]) == 0
     objects, _ = parse_caption(capsys.readouterr().out)
