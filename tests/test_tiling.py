@@ -74,6 +74,10 @@ def test_fit_and_pad_centres_the_image_on_a_white_canvas():
     canvas = fit_and_pad(image, (2, 2), 32)  # 64 x 64: scaled to 32 x 64, centred vertically
     assert canvas.shape == (3, 64, 64)
     assert torch.all(canvas[:, 16:48] == 0) and torch.all(canvas[:, :16] == 1) and torch.all(canvas[:, 48:] == 1)
+    coloured = fit_and_pad(image, (2, 2), 32, fill=(0.25, 0.5, 0.75))  # one value per channel
+    assert torch.equal(coloured[:, 0, 0], torch.tensor([0.25, 0.5, 0.75])) and torch.all(coloured[:, 16:48] == 0)
+    with pytest.raises(ValueError, match="fill has 2 values for an image of 3 channels: expected 1 or 3"):
+        fit_and_pad(image, (2, 2), 32, fill=(0.1, 0.2))
 
 
 def test_dynamic_tiles_adds_the_thumbnail_last():
