@@ -12,15 +12,15 @@ Format 2 is one xz stream: the length of a JSON header (8 bytes, little-endian),
 (format, name, config, and per tensor its key, dtype, shape, and where its bytes lie: `offset`
 and `bytes`), then the tensors' bytes. Three things make it smaller than `torch.save` of the
 same tensors, with every weight bit-identical (`python benchmarks/checkpoint_size.py`: the
-shipped files take 29.8 MiB as `torch.save`):
+shipped files take 32.0 MiB as `torch.save`):
 
-- xz compression (25.2 MiB);
+- xz compression (27.0 MiB);
 - *shuffled* bytes: first byte 0 of every element of a tensor, then byte 1, and so on. The
   high byte of a float16 (sign, exponent, two mantissa bits) varies little from weight to
   weight and compresses well once it sits apart from the noisy low byte;
 - a tensor whose bytes equal an earlier one's (a tied embedding and output head) is stored
   once, as `same_as` that tensor (`torch.save` keeps a tie only while both names share
-  storage, which rounding to float16 undoes). Together with the shuffle: 23.9 MiB.
+  storage, which rounding to float16 undoes). Together with the shuffle: 25.6 MiB.
 
 There is no pickle in it, so reading a file runs no code, and a header that `write_payload`
 could not have written is refused with the tensor it names. Files in format 1 (`torch.save`
