@@ -61,3 +61,14 @@ def main(
         atomic_write(args.out, lambda f, text=text: f.write(text))
     print(table(list(results.values())))
     return 0
+
+
+def seeds_main(argv: list[str] | None, doc: str, seeds: Sequence[int], run: Callable[[int], dict], default_out: Path,
+               what: str, recipe: dict, table: Callable[[list[dict]], str], shipped: bool = False) -> int:
+    """`main` for a recipe trained on `seeds` and scored on 1,000 questions per skill (row 0 the shipped model if
+    `shipped`): the header names the recipe, and each row's summary is its test accuracy per skill."""
+    return main(
+        argv, doc, [f"seed {s}" + (" (the shipped model)" if shipped and s == 0 else "") for s in seeds], run,
+        default_out, header=lambda: {"what": what, "recipe": recipe, "questions_per_skill": 1000}, table=table,
+        summary=lambda r: " test " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"]["accuracy"].items()),
+    )

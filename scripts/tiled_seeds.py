@@ -56,14 +56,9 @@ def run(i: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return search_rows.main(
-        argv, __doc__, [f"seed {s}" + (" (the shipped model)" if s == 0 else "") for s in SEEDS], run, RESULTS,
-        header=lambda: {"what": "chapter 10's tiled recipe on three seeds (scripts/tiled_seeds.py)",
-                        "recipe": TiledRecipe().to_dict(), "questions_per_skill": 1000},
-        table=table,
-        summary=lambda r: " test " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"]["accuracy"].items()),
-    )
-
+    return search_rows.seeds_main(argv, __doc__, SEEDS, run, RESULTS,
+                                  "chapter 10's tiled recipe on three seeds (scripts/tiled_seeds.py)",
+                                  TiledRecipe().to_dict(), table, shipped=True)
 
 if __name__ == "__main__":
     sys.exit(main())

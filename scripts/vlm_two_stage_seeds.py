@@ -33,14 +33,9 @@ def run(i: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return search_rows.main(
-        argv, __doc__, [f"seed {s}" for s in SEEDS], run, RESULTS,
-        header=lambda: {"what": "chapter 06's two stages, VLMRecipe(), on three seeds (scripts/vlm_two_stage_seeds.py)",
-                        "recipe": VLMRecipe().to_dict(), "questions_per_skill": 1000},
-        table=table,
-        summary=lambda r: " test " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"]["accuracy"].items()),
-    )
-
+    return search_rows.seeds_main(argv, __doc__, SEEDS, run, RESULTS,
+                                  "chapter 06's two stages, VLMRecipe(), on three seeds (scripts/vlm_two_stage_seeds.py)",
+                                  VLMRecipe().to_dict(), table)
 
 if __name__ == "__main__":
     sys.exit(main())
