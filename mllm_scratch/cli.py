@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", choices=sorted(MODELS), default="vlm",
                        help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
         p.add_argument("--checkpoint", default=None, help="a checkpoint of that model, e.g. from train-vlm "
-                       "(default: the shipped data/checkpoints/vlm.pt or xattn.pt)")
+                       "(default: the shipped data/checkpoints/vlm.pt, xattn.pt or tiled_vlm.pt)")
         p.add_argument("--max-new-tokens", type=int, default=32 if name == "caption" else 10,
                        help="longest reply in tokens (a grounded spatial reply takes up to 8)")
         p.set_defaults(run=cmd_caption if name == "caption" else cmd_ask)

@@ -344,7 +344,7 @@ def test_help_on_every_command(argv, capsys):
         assert out.count("(the default: the book's recipe)") == 1
         assert out.index("(the default: the book's recipe)") > out.index(f"{default} stage 2")
     if argv == ["ask"]:
-        assert "question" in out and "--checkpoint" in out and "--model {vlm,xattn}" in out
+        assert "question" in out and "--checkpoint" in out and "--model {tiled,vlm,xattn}" in out
         assert "python -m mllm_scratch questions" in out
     if argv == ["ask-video"]:
         assert "8 evenly spaced" in out and "render --video" in out
