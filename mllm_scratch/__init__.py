@@ -118,10 +118,21 @@ from mllm_scratch.imagegen import (
     pretrained_drawing_model,
     train_drawing,
 )
+from mllm_scratch.ocr import ReadingTower, ReadingTowerRecipe, train_reading_tower
+from mllm_scratch.tiling import TiledRecipe, TiledVLM, load_tiled_vlm, tile, train_tiled_vlm, untile
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ReadingTower",
+    "ReadingTowerRecipe",
+    "TiledRecipe",
+    "TiledVLM",
+    "load_tiled_vlm",
+    "tile",
+    "train_reading_tower",
+    "train_tiled_vlm",
+    "untile",
     "DrawConfig",
     "DrawingLM",
     "DrawRecipe",
