@@ -117,11 +117,12 @@ class ReadingTowerRecipe:
 
 def _tiles(images: torch.Tensor, labels: torch.Tensor, tile: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, H, W) images and (N, H/p, W/p) labels -> (N * tiles, 3, t, t) and (N * tiles, (t/p)^2), row-major tiles."""
-    n, c, h, w = images.shape
+    from mllm_scratch.tiling import tile_batch  # (tiling imports this module)
+
+    n, _, h, w = images.shape
     rows, cols, g = h // tile, w // tile, tile // patch
-    tiles = images.reshape(n, c, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, tile, tile)
-    labs = labels.reshape(n, rows, g, cols, g).permute(0, 1, 3, 2, 4).reshape(-1, g * g)
-    return tiles, labs
+    labs = labels.reshape(n, rows, g, cols, g).permute(0, 1, 3, 2, 4).reshape(-1, g * g)  # each tile's patch labels
+    return tile_batch(images, tile), labs
 
 
 def ocr_dataset(split: str, size: int, recipe: ReadingTowerRecipe | None = None, patch_size: int = 4,

@@ -161,6 +161,20 @@ def tile(image: torch.Tensor, tile_size: int) -> tuple[torch.Tensor, Grid]:
     return tiles.reshape(rows * cols, c, tile_size, tile_size), (rows, cols)
 
 
+def tile_batch(images: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """`tile` for a batch: (B, C, rows * t, cols * t) -> (B * rows * cols, C, t, t), each image's tiles in row-major order."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (batch, channels, height, width) tensor, got {shape}")
+    b, c, h, w = images.shape
+    _check_size("tile_size", tile_size)
+    if h % tile_size or w % tile_size:
+        raise ValueError(f"images of {h} x {w} px do not cut into {tile_size}-px tiles: expected both sides to be "
+                         f"multiples of {tile_size}")
+    rows, cols, t = h // tile_size, w // tile_size, tile_size
+    return images.reshape(b, c, rows, t, cols, t).permute(0, 2, 4, 1, 3, 5).reshape(b * rows * cols, c, t, t)
+
+
 def untile(tiles: torch.Tensor, grid: Grid) -> torch.Tensor:
     """The inverse of `tile`: (rows * cols, C, t, t) tiles in row-major order -> (C, rows * t, cols * t)."""
     (rows, cols), = _check_grids([grid])
@@ -253,12 +267,12 @@ class TiledVLM(UnifiedVLM):
 
     def tiles(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, rows * t, cols * t) -> (B * rows * cols, 3, t, t), each image's tiles in row-major order (`tile`)."""
-        b, c, h, w = images.shape
+        h, w = images.shape[-2:]
         (rows, cols), t = self.grid, self.tile_size
         if (h, w) != (rows * t, cols * t):
             raise ValueError(f"images of {h} x {w} px do not fit the model's {rows} x {cols} grid of {t} px tiles: "
                              f"expected {rows * t} x {cols * t} (`fit_and_pad` or `resize` first)")
-        return images.reshape(b, c, rows, t, cols, t).permute(0, 2, 4, 1, 3, 5).reshape(b * rows * cols, c, t, t)
+        return tile_batch(images, t)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_image_tokens, lm_dim): the thumbnail's tokens, then each tile's."""
@@ -602,6 +616,7 @@ __all__ = [
     "save_tiled_vlm",
     "thumbnail_baseline",
     "tile",
+    "tile_batch",
     "tile_tags",
     "tiled_context",
     "tiled_data",

@@ -28,6 +28,18 @@ def test_tile_and_untile_round_trip(rows, cols):
     assert torch.equal(tiles[k], image[:, r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32])
 
 
+def test_tile_batch_is_tile_for_each_image():
+    from mllm_scratch.tiling import tile_batch
+
+    images = torch.rand(3, 3, 64, 96)
+    cut = tile_batch(images, 32).reshape(3, 6, 3, 32, 32)
+    assert all(torch.equal(cut[i], tile(images[i], 32)[0]) for i in range(3))
+    with pytest.raises(ValueError, match="images of 40 x 64 px do not cut into 32-px tiles"):
+        tile_batch(torch.rand(1, 3, 40, 64), 32)
+    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
+        tile_batch(torch.rand(3, 32, 32), 32)
+
+
 def test_tile_and_untile_refuse_bad_input():
     with pytest.raises(ValueError, match=r"40 x 64 px does not cut into 32-px tiles"):
         tile(torch.rand(3, 40, 64), 32)
