@@ -47,7 +47,7 @@ from mllm_scratch.shapeworld import SKILLS, CaptionDataset, ShapeWorldConfig, VQ
 from mllm_scratch.tokenizer import Tokenizer, load_tokenizer
 from mllm_scratch.train import History, TrainConfig, batches, train
 from mllm_scratch.vit import ViTConfig, VisionTransformer, config_dict
-from mllm_scratch.vlm import IGNORE_INDEX, PlaceCodes, UnifiedVLM, VLMCollator, VLMConfig, generate_grouped
+from mllm_scratch.vlm import PlaceCodes, UnifiedVLM, VLMCollator, VLMConfig, generate_grouped
 
 Grid = tuple[int, int]  # (rows, cols)
 
@@ -300,11 +300,8 @@ class PrefixCollator(VLMCollator):
         super().__init__(tokenizer, sum(1 for i in prefix if i == tokenizer.image_id))
         self.prefix_ids = list(prefix)
 
-    def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
-        tok = self.tokenizer
-        head = self.prefix_ids + tok.encode_ordinary(prompt)
-        tail = tok.encode_ordinary(target) + [tok.eot_id]
-        return head + tail, [IGNORE_INDEX] * len(head) + tail
+    def prefix(self) -> list[int]:
+        return self.prefix_ids
 
 
 def extend_positions(lm: GPT, context_length: int, copy_from: int) -> GPT:

@@ -424,10 +424,14 @@ class VLMCollator:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
 
+    def prefix(self) -> list[int]:
+        """The ids before the prompt: <|image|> x N (a subclass may lay the image out otherwise)."""
+        return [self.tokenizer.image_id] * self.num_image_tokens
+
     def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
         """(ids, labels) of one example: labels copy the target ids and <|endoftext|>, -100 elsewhere."""
         tok = self.tokenizer
-        head = [tok.image_id] * self.num_image_tokens + tok.encode_ordinary(prompt)
+        head = self.prefix() + tok.encode_ordinary(prompt)
         tail = tok.encode_ordinary(target) + [tok.eot_id]
         return head + tail, [IGNORE_INDEX] * len(head) + tail
 
