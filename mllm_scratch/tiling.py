@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, Subset
 
 from mllm_scratch.checkpoints import (DEFAULT_DIR, STORED_DTYPE, CheckpointError, load_state_dict_strict, load_verified,
                                      round_to_dtype, save_checkpoint)
@@ -335,11 +335,13 @@ class TiledRecipe:
     qa_pairs: int = 20_000  # "train" questions of the other five skills, spatial ones grounded as in chapter 06
     caption_pairs: int = 4_000  # captions, so that the model keeps captioning (and says what the text says)
     batch_size: int = 32
-    reading_steps: int = 3000  # stage 1: reading questions only
+    reading_steps: int = 6000  # stage 1: reading questions (and, with reading_share < 1, the other skills rehearsed)
+    reading_share: float = 0.5  # stage 1's share of reading questions; the rest are the mix's other five skills
     mix_steps: int = 1500  # stage 2: all six skills and captions
     lr: float = 2e-3  # the new tile connector
-    reading_lm_lr: float = 5e-4  # the LM (and chapter 06's projector) in stage 1
+    reading_lm_lr: float = 3e-4  # the LM (and chapter 06's projector) in stage 1
     lm_lr: float = 3e-4  # ... in stage 2
+    tile_tower_lr: float = 1e-4  # the reading tower in stage 1 (0: frozen throughout)
     warmup_steps: int = 50
     seed: int = 0
     reading_tower: ReadingTowerRecipe = field(default_factory=ReadingTowerRecipe)
@@ -352,6 +354,10 @@ class TiledRecipe:
         if self.image_size % self.reading_tower.tile_size:
             raise ValueError(f"image_size {self.image_size} is not a whole number of "
                              f"{self.reading_tower.tile_size} px tiles")
+        if isinstance(self.reading_share, bool) or not 0.0 < self.reading_share <= 1.0:
+            raise ValueError(f"reading_share must be in (0, 1], got {self.reading_share!r}")
+        if isinstance(self.tile_tower_lr, bool) or not self.tile_tower_lr >= 0.0:
+            raise ValueError(f"tile_tower_lr must be >= 0 (0 keeps the reading tower frozen), got {self.tile_tower_lr!r}")
         for name in ("reading_steps", "mix_steps", "reading_pairs", "qa_pairs", "caption_pairs", "batch_size"):
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -407,14 +413,23 @@ TILED_STAGES = ("reading", "mix")
 
 
 def tiled_data(recipe: TiledRecipe, stage: str, tokenizer: Tokenizer, prefix: Sequence[int]):
-    """The endless batch stream of a stage: "reading" (reading questions only) or "mix" (all six skills and captions)."""
+    """The endless batch stream of a stage: "reading" (reading questions; with `reading_share` < 1, the other
+    five skills rehearsed beside them, so that stage 1 does not overwrite them) or "mix" (all six skills and captions)."""
     if stage not in TILED_STAGES:
         raise ValueError(f"stage must be one of {TILED_STAGES}, got {stage!r}")
     config = recipe.scene_config()
     reading = VQADataset("train", recipe.reading_pairs, config, skills=("reading",), cache=True, offset=READING_OFFSET)
+    others = tuple(s for s in SKILLS if s != "reading")
     data: Any = reading
-    if stage == "mix":
-        others = tuple(s for s in SKILLS if s != "reading")
+    if stage == "reading" and recipe.reading_share < 1.0:
+        rehearsed = round(recipe.reading_pairs * (1.0 - recipe.reading_share) / recipe.reading_share)
+        if rehearsed > recipe.qa_pairs:
+            raise ValueError(f"reading_share {recipe.reading_share} asks for {rehearsed} rehearsed questions, more than "
+                             f"qa_pairs={recipe.qa_pairs}: raise reading_share or qa_pairs")
+        if rehearsed > 0:  # the first `rehearsed` of the mix's questions: drawn once, cached once
+            qa = VQADataset("train", recipe.qa_pairs, config, skills=others, cache=True, grounded=True)
+            data = ConcatDataset([reading, Subset(qa, range(rehearsed))])
+    elif stage == "mix":
         qa = VQADataset("train", recipe.qa_pairs, config, skills=others, cache=True, grounded=True)
         data = ConcatDataset([qa, reading, CaptionDataset("train", recipe.caption_pairs, config, cache=True)])
     seed = recipe.seed + TILED_STAGES.index(stage)
@@ -426,11 +441,12 @@ def train_tiled_vlm(recipe: TiledRecipe | None = None, tokenizer: Tokenizer | No
                     progress: bool = True) -> tuple[TiledVLM, dict[str, History]]:
     """Chapter 10's recipe: a reading tower (`ocr.train_reading_tower`, unless `tile_tower` is given), then
     `build_tiled_vlm` on chapter 06's shipped model (or `base`), then two stages with both towers frozen:
-    "reading" (reading questions) and "mix" (every skill and captions). The tile connector trains at `lr`,
-    chapter 06's projector and the LM at the stage's LM rate; the loss is `vlm_loss` with chapter 06's
+    "reading" (reading questions, the other skills rehearsed beside them at `1 - reading_share`) and "mix"
+    (every skill and captions). The tile connector trains at `lr`, chapter 06's projector and the LM at the
+    stage's LM rate, the reading tower at `tile_tower_lr` in stage 1 only (0: frozen); the loss is `vlm_loss` with chapter 06's
     `ColourShapePrior` in both stages (reading answers hold no shape word, so it adds nothing there).
     `steps` shortens stages (keys: the stage names, and "reading_tower"). The model shares `base`'s
-    tower and freezes `tile_tower` in place; the LM is a copy. Returns the model (eval mode) and each
+    tower and freezes (or, with `tile_tower_lr`, tunes) `tile_tower` in place; the LM is a copy. Returns the model (eval mode) and each
     stage's History."""
     from mllm_scratch.ocr import train_reading_tower
     from mllm_scratch.vlm import ColourShapePrior, load_vlm, vlm_loss
@@ -458,6 +474,10 @@ def train_tiled_vlm(recipe: TiledRecipe | None = None, tokenizer: Tokenizer | No
         n = steps.get(stage, recipe.reading_steps if stage == "reading" else recipe.mix_steps)
         groups = [{"params": list(model.tile_connector.parameters()), "lr": recipe.lr},
                   {"params": list(model.projector.parameters()) + list(model.lm.parameters()), "lr": lm_lr}]
+        tune_tower = stage == "reading" and recipe.tile_tower_lr > 0
+        model.tile_encoder.requires_grad_(tune_tower)
+        if tune_tower:
+            groups.append({"params": list(model.tile_encoder.parameters()), "lr": recipe.tile_tower_lr})
         optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=0.0)
         config = TrainConfig(steps=n, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, n), weight_decay=0.0,
                              min_lr_ratio=0.0, record_every=10, log_every=log_every, progress=progress)
@@ -466,6 +486,7 @@ def train_tiled_vlm(recipe: TiledRecipe | None = None, tokenizer: Tokenizer | No
                                  batch_size_of=lambda b: b.ids.shape[0])
     model.set_trainable(encoder=False, projector=False, lm=False)
     model.tile_connector.requires_grad_(False)
+    model.tile_encoder.requires_grad_(False)
     return model.eval(), histories
 
 

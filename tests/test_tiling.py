@@ -196,6 +196,10 @@ def test_recipe_errors_name_the_value():
         TiledRecipe(image_size=48)
     with pytest.raises(ValueError, match="mix_steps must be a positive int, got 0"):
         TiledRecipe(mix_steps=0)
+    with pytest.raises(ValueError, match="reading_share must be in \\(0, 1\\], got 0.0"):
+        TiledRecipe(reading_share=0.0)
+    with pytest.raises(ValueError, match="tile_tower_lr must be >= 0 .* got -0.001"):
+        TiledRecipe(tile_tower_lr=-1e-3)
     assert TiledRecipe(**{**TiledRecipe().to_dict()}) == TiledRecipe()  # the stored dict rebuilds the recipe
 
 
@@ -215,7 +219,25 @@ def test_the_baseline_sees_each_image_shrunk_as_the_thumbnail(tiled):
     assert torch.allclose(torch.stack([shrunk[0][0], shrunk[1][0]]), tiled.thumbnail(images), atol=1e-6)
 
 
-def test_a_short_run_trains_only_the_connector_projector_and_lm_and_freezes_all_after():
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.2])
+def test_stage_1_holds_the_reading_share_of_reading_questions(share):
+    from dataclasses import replace
+
+    from mllm_scratch.tiling import tiled_data
+
+    recipe = replace(TiledRecipe(), reading_pairs=20, qa_pairs=80, caption_pairs=10,
+                     batch_size=round(20 / share), reading_share=share)
+    batch = next(tiled_data(recipe, "reading", load_tokenizer(), [0]))  # the whole of stage 1's data in one batch
+    texts = [load_tokenizer().decode(ids.tolist()) for ids in batch.ids]
+    reading = sum("what does the text say?" in t for t in texts)
+    assert len(texts) == recipe.batch_size and reading == recipe.reading_pairs  # and the rest rehearse other skills
+    assert recipe.batch_size == round(recipe.reading_pairs / share)
+    with pytest.raises(ValueError, match="reading_share 0.1 asks for 180 rehearsed questions, more than qa_pairs=80"):
+        next(tiled_data(replace(recipe, reading_share=0.1), "reading", load_tokenizer(), [0]))
+
+
+@pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
+def test_a_short_run_trains_only_the_connector_projector_lm_and_tower_if_asked_and_freezes_all_after(tower_lr):
     from dataclasses import replace
 
     from mllm_scratch.tiling import train_tiled_vlm
@@ -223,13 +245,14 @@ def test_a_short_run_trains_only_the_connector_projector_and_lm_and_freezes_all_
     base, tower = load_vlm(), pretrained_image_tower()
     before = {name: copy.deepcopy(part.state_dict()) for name, part in
               (("encoder", base.encoder), ("projector", base.projector), ("lm", base.lm), ("tile_encoder", tower))}
-    recipe = replace(TiledRecipe(), reading_pairs=40, qa_pairs=40, caption_pairs=20, batch_size=4)
+    recipe = replace(TiledRecipe(), reading_pairs=40, qa_pairs=40, caption_pairs=20, batch_size=4, tile_tower_lr=tower_lr)
     model, histories = train_tiled_vlm(recipe, base=base, tile_tower=tower, steps={"reading": 2, "mix": 2},
                                        progress=False, log_every=0)
     assert set(histories) == {"reading", "mix"} and not model.training
     assert not any(p.requires_grad for p in model.parameters())
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
-    assert same(before["encoder"], model.encoder.state_dict()) and same(before["tile_encoder"], model.tile_encoder.state_dict())
+    assert same(before["encoder"], model.encoder.state_dict())
+    assert same(before["tile_encoder"], model.tile_encoder.state_dict()) == (tower_lr == 0)  # tuned in stage 1 if asked
     assert same(before["lm"], base.lm.state_dict())  # the tiled model trains a copy of chapter 06's LM
     assert not same(before["projector"], model.projector.state_dict())
     tuned = model.lm.state_dict()
