@@ -354,14 +354,24 @@ class TiledRecipe:
         if self.image_size % self.reading_tower.tile_size:
             raise ValueError(f"image_size {self.image_size} is not a whole number of "
                              f"{self.reading_tower.tile_size} px tiles")
-        if isinstance(self.reading_share, bool) or not 0.0 < self.reading_share <= 1.0:
-            raise ValueError(f"reading_share must be in (0, 1], got {self.reading_share!r}")
-        if isinstance(self.tile_tower_lr, bool) or not self.tile_tower_lr >= 0.0:
-            raise ValueError(f"tile_tower_lr must be >= 0 (0 keeps the reading tower frozen), got {self.tile_tower_lr!r}")
+        real = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+        if not real(self.reading_share) or not 0.0 < self.reading_share <= 1.0:
+            raise ValueError(f"reading_share must be a number in (0, 1], got {self.reading_share!r}")
+        if not real(self.tile_tower_lr) or self.tile_tower_lr < 0.0:
+            raise ValueError(f"tile_tower_lr must be a finite number >= 0 (0 keeps the reading tower frozen), "
+                             f"got {self.tile_tower_lr!r}")
+        if self.rehearsed_pairs > self.qa_pairs:
+            raise ValueError(f"reading_share {self.reading_share} asks for {self.rehearsed_pairs} rehearsed questions, "
+                             f"more than qa_pairs={self.qa_pairs}: raise reading_share or qa_pairs")
         for name in ("reading_steps", "mix_steps", "reading_pairs", "qa_pairs", "caption_pairs", "batch_size"):
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"{name} must be a positive int, got {n!r}")
+
+    @property
+    def rehearsed_pairs(self) -> int:
+        """How many of the other skills' questions stage 1 holds beside its `reading_pairs` reading questions."""
+        return round(self.reading_pairs * (1.0 - self.reading_share) / self.reading_share)
 
     @property
     def grid(self) -> Grid:
@@ -412,26 +422,27 @@ def make_tile_connector(kind: str, vision: ViTConfig, lm_dim: int) -> tuple[nn.M
 TILED_STAGES = ("reading", "mix")
 
 
-def tiled_data(recipe: TiledRecipe, stage: str, tokenizer: Tokenizer, prefix: Sequence[int]):
-    """The endless batch stream of a stage: "reading" (reading questions; with `reading_share` < 1, the other
-    five skills rehearsed beside them, so that stage 1 does not overwrite them) or "mix" (all six skills and captions)."""
+def tiled_dataset(recipe: TiledRecipe, stage: str) -> Any:
+    """A stage's examples: "reading" (the reading questions, and with `reading_share` < 1 the first
+    `recipe.rehearsed_pairs` of stage 2's other-skill questions, the same scenes, rehearsed beside them so
+    that stage 1 does not overwrite those skills) or "mix" (all six skills and captions)."""
     if stage not in TILED_STAGES:
         raise ValueError(f"stage must be one of {TILED_STAGES}, got {stage!r}")
     config = recipe.scene_config()
     reading = VQADataset("train", recipe.reading_pairs, config, skills=("reading",), cache=True, offset=READING_OFFSET)
     others = tuple(s for s in SKILLS if s != "reading")
-    data: Any = reading
-    if stage == "reading" and recipe.reading_share < 1.0:
-        rehearsed = round(recipe.reading_pairs * (1.0 - recipe.reading_share) / recipe.reading_share)
-        if rehearsed > recipe.qa_pairs:
-            raise ValueError(f"reading_share {recipe.reading_share} asks for {rehearsed} rehearsed questions, more than "
-                             f"qa_pairs={recipe.qa_pairs}: raise reading_share or qa_pairs")
-        if rehearsed > 0:  # the first `rehearsed` of the mix's questions: drawn once, cached once
-            qa = VQADataset("train", recipe.qa_pairs, config, skills=others, cache=True, grounded=True)
-            data = ConcatDataset([reading, Subset(qa, range(rehearsed))])
-    elif stage == "mix":
+    if stage == "reading":
+        if recipe.rehearsed_pairs == 0:
+            return reading
         qa = VQADataset("train", recipe.qa_pairs, config, skills=others, cache=True, grounded=True)
-        data = ConcatDataset([qa, reading, CaptionDataset("train", recipe.caption_pairs, config, cache=True)])
+        return ConcatDataset([reading, Subset(qa, range(recipe.rehearsed_pairs))])
+    qa = VQADataset("train", recipe.qa_pairs, config, skills=others, cache=True, grounded=True)
+    return ConcatDataset([qa, reading, CaptionDataset("train", recipe.caption_pairs, config, cache=True)])
+
+
+def tiled_data(recipe: TiledRecipe, stage: str, tokenizer: Tokenizer, prefix: Sequence[int]):
+    """The endless batch stream of a stage (`tiled_dataset`), each example after `prefix`."""
+    data = tiled_dataset(recipe, stage)
     seed = recipe.seed + TILED_STAGES.index(stage)
     return batches(data, recipe.batch_size, seed=seed, collate_fn=PrefixCollator(tokenizer, prefix))
 
@@ -440,14 +451,15 @@ def train_tiled_vlm(recipe: TiledRecipe | None = None, tokenizer: Tokenizer | No
                     tile_tower: nn.Module | None = None, steps: dict[str, int] | None = None, log_every: int = 500,
                     progress: bool = True) -> tuple[TiledVLM, dict[str, History]]:
     """Chapter 10's recipe: a reading tower (`ocr.train_reading_tower`, unless `tile_tower` is given), then
-    `build_tiled_vlm` on chapter 06's shipped model (or `base`), then two stages with both towers frozen:
-    "reading" (reading questions, the other skills rehearsed beside them at `1 - reading_share`) and "mix"
-    (every skill and captions). The tile connector trains at `lr`, chapter 06's projector and the LM at the
-    stage's LM rate, the reading tower at `tile_tower_lr` in stage 1 only (0: frozen); the loss is `vlm_loss` with chapter 06's
-    `ColourShapePrior` in both stages (reading answers hold no shape word, so it adds nothing there).
-    `steps` shortens stages (keys: the stage names, and "reading_tower"). The model shares `base`'s
-    tower and freezes (or, with `tile_tower_lr`, tunes) `tile_tower` in place; the LM is a copy. Returns the model (eval mode) and each
-    stage's History."""
+    `build_tiled_vlm` on chapter 06's shipped model (or `base`), then two stages with chapter 06's tower frozen:
+    "reading" (reading questions, the other five skills rehearsed beside them at `1 - reading_share`) and
+    "mix" (every skill and captions). The tile connector trains at `lr`, chapter 06's projector and the LM
+    at the stage's LM rate, the reading tower at `tile_tower_lr` in stage 1 only (0: frozen throughout).
+    The loss is `vlm_loss` with chapter 06's `ColourShapePrior` in both stages (reading answers hold no
+    shape word, so it adds nothing to them). `steps` shortens stages (keys: the stage names, and
+    "reading_tower"). The model shares `base`'s tower and tunes (or, with `tile_tower_lr=0`, only
+    freezes) `tile_tower` in place; the LM is a copy. Returns the model (eval mode, nothing trainable)
+    and each stage's History."""
     from mllm_scratch.ocr import train_reading_tower
     from mllm_scratch.vlm import ColourShapePrior, load_vlm, vlm_loss
 
@@ -638,6 +650,7 @@ __all__ = [
     "tile_tags",
     "tiled_context",
     "tiled_data",
+    "tiled_dataset",
     "train_tiled_vlm",
     "untile",
 ]

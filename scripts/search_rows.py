@@ -4,7 +4,8 @@
     timed_row(index, labels, compute)   # one row, set up and timed the same way in every script
 
 Rows already in the results file are kept, so `--rows 2 3` re-runs two rows and leaves the
-others. The file is rewritten after every row through `checkpoints.atomic_write`, so an
+others; a file whose header (what it measures, the recipe) differs from the script's is refused
+rather than merged. The file is rewritten after every row through `checkpoints.atomic_write`, so an
 interrupted run never leaves a half-written file.
 """
 
@@ -52,6 +53,10 @@ def main(
     if bad:
         parser.error(f"no row {bad}: expected indexes 0..{len(names) - 1}")
     saved = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    changed = sorted(k for k, v in header().items() if saved["rows"] and saved.get(k) != v)
+    if changed:  # rows of another recipe must never be merged with, and labelled as, this one's
+        parser.error(f"{args.out} holds rows made with another {', '.join(changed)}: run every row into a new "
+                     f"file (--out), or delete it first")
     results = {r["row"]: r for r in saved["rows"]}
     for i in rows:
         results[i] = run(i)

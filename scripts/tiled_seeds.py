@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Chapter 10's tiled model on three seeds: accuracy per skill on 64 px scenes, reading included.
 
-    python scripts/tiled_seeds.py              # every row (seed 0: the shipped model, 4 minutes; the others about 35 each)
+    python scripts/tiled_seeds.py              # every row (seed 0: the shipped model, 4 minutes; the others about an hour each)
     python scripts/tiled_seeds.py --rows 1 2   # some rows only (merged into the results file)
-    python scripts/tiled_seeds.py --reading-only   # the first recipe, stage 1 on reading alone (every row trains)
 
 Row s is `TiledRecipe()` with seed s, for the reading tower and for the rest (the tile connector's
 first values and the order of every batch). Seed 0 is the shipped checkpoint, which
@@ -12,9 +11,7 @@ as the shipped file is stored, and answers 1,000 test and 1,000 compositional qu
 64 px scenes, scored as `vlm_seeds.py` scores chapter 06 (`xattn_seeds.answers`). The results go to
 data/results/tiled_seeds.json, which chapter 10 prints and checks on every seed.
 
-`--reading-only` scores `READING_ONLY`, the recipe chapter 10 started with: stage 1 is 3,000 steps of
-reading questions alone, the LM at 5e-4 and the reading tower frozen, with no other skill rehearsed.
-Its rows go to data/results/tiled_reading_only_seeds.json, which chapter 10 sets beside the recipe's.
+`tiled_reading_only_seeds.py` scores the recipe chapter 10 started with the same way.
 """
 
 from __future__ import annotations
@@ -30,9 +27,7 @@ from xattn_seeds import answers, table  # noqa: E402  (the same scoring and tabl
 from mllm_scratch.tiling import TiledRecipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "tiled_seeds.json"
-READING_ONLY_RESULTS = RESULTS.with_name("tiled_reading_only_seeds.json")
 SEEDS = (0, 1, 2)
-READING_ONLY = replace(TiledRecipe(), reading_steps=3000, reading_share=1.0, reading_lm_lr=5e-4, tile_tower_lr=0.0)
 
 
 def seeded(seed: int, recipe: TiledRecipe | None = None) -> TiledRecipe:
@@ -40,7 +35,8 @@ def seeded(seed: int, recipe: TiledRecipe | None = None) -> TiledRecipe:
     return replace(recipe, seed=seed, reading_tower=replace(recipe.reading_tower, seed=seed))
 
 
-def run(i: int, reading_only: bool = False) -> dict:
+def run(i: int, recipe: TiledRecipe | None = None) -> dict:
+    """Row i: seed SEEDS[i] of `recipe` (default `TiledRecipe()`, whose seed 0 is the shipped model)."""
     seed = SEEDS[i]
 
     def compute() -> dict:
@@ -51,10 +47,10 @@ def run(i: int, reading_only: bool = False) -> dict:
         from mllm_scratch.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
-        if seed == 0 and not reading_only:
+        if seed == 0 and recipe is None:
             model = load_tiled_vlm()  # the shipped model: this very recipe on seed 0
         else:
-            model, _ = train_tiled_vlm(seeded(seed, READING_ONLY if reading_only else None), tokenizer, progress=False)
+            model, _ = train_tiled_vlm(seeded(seed, recipe), tokenizer, progress=False)
             round_to_dtype(model, torch.float16)
         config = TiledRecipe().scene_config()
         return {split: answers(model, tokenizer, split, config) for split in ("test", "compositional")}
@@ -63,12 +59,6 @@ def run(i: int, reading_only: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--reading-only" in argv:
-        argv.remove("--reading-only")
-        return search_rows.seeds_main(argv, __doc__, SEEDS, lambda i: run(i, reading_only=True), READING_ONLY_RESULTS,
-                                      "chapter 10's first recipe, stage 1 on reading alone, on three seeds "
-                                      "(scripts/tiled_seeds.py --reading-only)", READING_ONLY.to_dict(), table)
     return search_rows.seeds_main(argv, __doc__, SEEDS, run, RESULTS,
                                   "chapter 10's tiled recipe on three seeds (scripts/tiled_seeds.py)",
                                   TiledRecipe().to_dict(), table, shipped=True)

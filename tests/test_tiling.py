@@ -196,10 +196,12 @@ def test_recipe_errors_name_the_value():
         TiledRecipe(image_size=48)
     with pytest.raises(ValueError, match="mix_steps must be a positive int, got 0"):
         TiledRecipe(mix_steps=0)
-    with pytest.raises(ValueError, match="reading_share must be in \\(0, 1\\], got 0.0"):
-        TiledRecipe(reading_share=0.0)
-    with pytest.raises(ValueError, match="tile_tower_lr must be >= 0 .* got -0.001"):
-        TiledRecipe(tile_tower_lr=-1e-3)
+    for share in (0.0, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match=f"reading_share must be a number in \\(0, 1\\], got {share!r}"):
+            TiledRecipe(reading_share=share)
+    for rate in (-1e-3, float("inf")):
+        with pytest.raises(ValueError, match=f"tile_tower_lr must be a finite number >= 0 .* got {rate!r}"):
+            TiledRecipe(tile_tower_lr=rate)
     assert TiledRecipe(**{**TiledRecipe().to_dict()}) == TiledRecipe()  # the stored dict rebuilds the recipe
 
 
@@ -220,24 +222,40 @@ def test_the_baseline_sees_each_image_shrunk_as_the_thumbnail(tiled):
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5, 0.2])
-def test_stage_1_holds_the_reading_share_of_reading_questions(share):
+def test_stage_1_holds_the_reading_share_of_reading_questions_and_rehearses_the_other_five_skills(share):
+    from collections import Counter
     from dataclasses import replace
 
-    from mllm_scratch.tiling import tiled_data
+    from mllm_scratch.shapeworld import SKILLS
+    from mllm_scratch.tiling import tiled_data, tiled_dataset
 
-    recipe = replace(TiledRecipe(), reading_pairs=20, qa_pairs=80, caption_pairs=10,
-                     batch_size=round(20 / share), reading_share=share)
-    batch = next(tiled_data(recipe, "reading", load_tokenizer(), [0]))  # the whole of stage 1's data in one batch
+    recipe = replace(TiledRecipe(), reading_pairs=20, qa_pairs=80, caption_pairs=10, reading_share=share,
+                     batch_size=round(20 / share))
+    data = tiled_dataset(recipe, "reading")
+    skills = Counter(data[i][3] for i in range(len(data)))
+    rehearsed = round(20 * (1 - share) / share)
+    assert recipe.rehearsed_pairs == rehearsed and len(data) == 20 + rehearsed
+    assert skills["reading"] == 20
+    assert sorted(k for k in skills if k != "reading") == ([] if share == 1 else sorted(set(SKILLS) - {"reading"}))
+    assert all(skills[k] == rehearsed // 5 for k in skills if k != "reading")  # the five skills in turn
+    mix = tiled_dataset(recipe, "mix")  # the rehearsed questions are stage 2's first ones: the same scenes
+    assert all(mix[i][1:] == data[20 + i][1:] for i in range(rehearsed))
+    batch = next(tiled_data(recipe, "reading", load_tokenizer(), [0]))  # one epoch of stage 1 is one batch here
     texts = [load_tokenizer().decode(ids.tolist()) for ids in batch.ids]
-    reading = sum("what does the text say?" in t for t in texts)
-    assert len(texts) == recipe.batch_size and reading == recipe.reading_pairs  # and the rest rehearse other skills
-    assert recipe.batch_size == round(recipe.reading_pairs / share)
-    with pytest.raises(ValueError, match="reading_share 0.1 asks for 180 rehearsed questions, more than qa_pairs=80"):
-        next(tiled_data(replace(recipe, reading_share=0.1), "reading", load_tokenizer(), [0]))
+    assert sum("what does the text say?" in t for t in texts) == 20
+
+
+def test_stage_1_cannot_ask_for_more_rehearsal_than_stage_2_holds():
+    with pytest.raises(ValueError, match="reading_share 0.3 asks for 23333 rehearsed questions, more than qa_pairs=20000"):
+        TiledRecipe(reading_share=0.3)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        from mllm_scratch.tiling import tiled_dataset
+
+        tiled_dataset(TiledRecipe(), "warmup")
 
 
 @pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
-def test_a_short_run_trains_only_the_connector_projector_lm_and_tower_if_asked_and_freezes_all_after(tower_lr):
+def test_a_short_run_trains_only_the_connector_projector_lm_and_tower_if_asked_and_freezes_all_after(tower_lr, monkeypatch):
     from dataclasses import replace
 
     from mllm_scratch.tiling import train_tiled_vlm
@@ -246,8 +264,21 @@ def test_a_short_run_trains_only_the_connector_projector_lm_and_tower_if_asked_a
     before = {name: copy.deepcopy(part.state_dict()) for name, part in
               (("encoder", base.encoder), ("projector", base.projector), ("lm", base.lm), ("tile_encoder", tower))}
     recipe = replace(TiledRecipe(), reading_pairs=40, qa_pairs=40, caption_pairs=20, batch_size=4, tile_tower_lr=tower_lr)
+    import mllm_scratch.tiling as tiling
+
+    tuned_in = []  # per stage: is the reading tower in the optimizer, at tile_tower_lr, and trainable?
+    real_train = tiling.train
+
+    def recording_train(model, data, loss_fn, config, optimizer, **kwargs):
+        tower = set(map(id, model.tile_encoder.parameters()))
+        rates = [g["lr"] for g in optimizer.param_groups if any(id(p) in tower for p in g["params"])]
+        tuned_in.append((rates, all(p.requires_grad for p in model.tile_encoder.parameters())))
+        return real_train(model, data, loss_fn, config, optimizer=optimizer, **kwargs)
+
+    monkeypatch.setattr(tiling, "train", recording_train)
     model, histories = train_tiled_vlm(recipe, base=base, tile_tower=tower, steps={"reading": 2, "mix": 2},
                                        progress=False, log_every=0)
+    assert tuned_in == ([([tower_lr], True), ([], False)] if tower_lr else [([], False), ([], False)])  # stage 1 only
     assert set(histories) == {"reading", "mix"} and not model.training
     assert not any(p.requires_grad for p in model.parameters())
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
@@ -274,3 +305,22 @@ def test_the_shipped_file_is_refused_once_chapter_06s_model_is_rebuilt(tiled, tm
         load_tiled_vlm()
     monkeypatch.setattr(tiling, "_shipped_vlm_sha256", lambda: "0" * 64)
     assert isinstance(load_tiled_vlm(), tiling.TiledVLM)
+
+
+def test_the_first_recipes_results_were_made_with_it_and_a_results_file_is_never_merged_across_recipes(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    import search_rows
+    from tiled_reading_only_seeds import READING_ONLY, RESULTS
+
+    saved = json.loads(RESULTS.read_text())
+    assert saved["recipe"] == READING_ONLY.to_dict() and [r["seed"] for r in saved["rows"]] == [0, 1, 2]
+    out = tmp_path / "rows.json"
+    run = lambda i: {"row": i, "seconds": 0.0}  # noqa: E731
+    header = {"what": "x", "recipe": {"steps": 1}}
+    assert search_rows.main(["--out", str(out)], "doc", ["a"], run, out, lambda: header, lambda rows: "") == 0
+    with pytest.raises(SystemExit):  # another recipe: refused, and the file is left as it was
+        search_rows.main(["--out", str(out)], "doc", ["a"], run, out, lambda: {**header, "recipe": {"steps": 2}}, lambda rows: "")
+    assert json.loads(out.read_text())["recipe"] == {"steps": 1}
