@@ -60,7 +60,7 @@ def run(i: int, recipe: TiledRecipe | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     return search_rows.seeds_main(argv, __doc__, SEEDS, run, RESULTS,
-                                  "chapter 10's tiled recipe on three seeds (scripts/tiled_seeds.py)",
+                                  "chapter 10's tiled recipe, one row per seed (scripts/tiled_seeds.py)",
                                   TiledRecipe().to_dict(), table, shipped=True)
 
 
