@@ -360,13 +360,13 @@ class TiledRecipe:
         if not real(self.tile_tower_lr) or self.tile_tower_lr < 0.0:
             raise ValueError(f"tile_tower_lr must be a finite number >= 0 (0 keeps the reading tower frozen), "
                              f"got {self.tile_tower_lr!r}")
-        if self.rehearsed_pairs > self.qa_pairs:
-            raise ValueError(f"reading_share {self.reading_share} asks for {self.rehearsed_pairs} rehearsed questions, "
-                             f"more than qa_pairs={self.qa_pairs}: raise reading_share or qa_pairs")
         for name in ("reading_steps", "mix_steps", "reading_pairs", "qa_pairs", "caption_pairs", "batch_size"):
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"{name} must be a positive int, got {n!r}")
+        if self.rehearsed_pairs > self.qa_pairs:
+            raise ValueError(f"reading_share {self.reading_share} asks for {self.rehearsed_pairs} rehearsed questions, "
+                             f"more than qa_pairs={self.qa_pairs}: raise reading_share or qa_pairs")
 
     @property
     def rehearsed_pairs(self) -> int:
