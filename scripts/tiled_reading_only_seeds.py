@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The recipe chapter 10 started with, on three seeds: stage 1 on reading questions alone.
 
-    python scripts/tiled_reading_only_seeds.py              # every row (about 35 minutes each on one CPU thread)
+    python scripts/tiled_reading_only_seeds.py              # every row (about 40 minutes each on one CPU thread)
     python scripts/tiled_reading_only_seeds.py --rows 1 2   # some rows only (merged into the results file)
 
 `READING_ONLY` is `TiledRecipe()` with stage 1 as it first was: 3,000 steps of reading questions

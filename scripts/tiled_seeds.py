@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chapter 10's tiled model on three seeds: accuracy per skill on 64 px scenes, reading included.
 
-    python scripts/tiled_seeds.py              # every row (seed 0: the shipped model, 4 minutes; the others about an hour each)
+    python scripts/tiled_seeds.py              # every row (seed 0: the shipped model, 2 minutes; the others about 100 each)
     python scripts/tiled_seeds.py --rows 1 2   # some rows only (merged into the results file)
 
 Row s is `TiledRecipe()` with seed s, for the reading tower and for the rest (the tile connector's
