@@ -431,12 +431,9 @@ def tiled_dataset(recipe: TiledRecipe, stage: str) -> Any:
     config = recipe.scene_config()
     reading = VQADataset("train", recipe.reading_pairs, config, skills=("reading",), cache=True, offset=READING_OFFSET)
     others = tuple(s for s in SKILLS if s != "reading")
+    qa = VQADataset("train", recipe.qa_pairs, config, skills=others, cache=True, grounded=True)  # drawn when read
     if stage == "reading":
-        if recipe.rehearsed_pairs == 0:
-            return reading
-        qa = VQADataset("train", recipe.qa_pairs, config, skills=others, cache=True, grounded=True)
-        return ConcatDataset([reading, Subset(qa, range(recipe.rehearsed_pairs))])
-    qa = VQADataset("train", recipe.qa_pairs, config, skills=others, cache=True, grounded=True)
+        return ConcatDataset([reading, Subset(qa, range(recipe.rehearsed_pairs))]) if recipe.rehearsed_pairs else reading
     return ConcatDataset([qa, reading, CaptionDataset("train", recipe.caption_pairs, config, cache=True)])
 
 

@@ -37,5 +37,6 @@ def main(argv: list[str] | None = None) -> int:
                                   "chapter 06's two stages, VLMRecipe(), on three seeds (scripts/vlm_two_stage_seeds.py)",
                                   VLMRecipe().to_dict(), table)
 
+
 if __name__ == "__main__":
     sys.exit(main())
