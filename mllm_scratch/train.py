@@ -372,6 +372,10 @@ def train(
     accum = config.grad_accum_steps
     device = choose_device(device) if not isinstance(device, torch.device) else device
     model.to(device)
+    # Start from clean gradients: a parameter trained by an earlier call and frozen now keeps its last
+    # .grad (this call's optimizer does not hold it, so its zero_grad never clears it), and the clipping
+    # norm below, taken over all the model's parameters, would count that stale gradient at every step.
+    model.zero_grad(set_to_none=True)
     optimizer = optimizer or make_optimizer(model, config.lr, config.weight_decay, device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # groups may have their own rates (e.g. pretrained parts)
     history = History()

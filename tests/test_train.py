@@ -339,3 +339,23 @@ def test_micro_batches_are_the_global_batch_in_order_and_resume_counts_them(tmp_
 
     with pytest.raises(CheckpointError, match=r"train_config\.grad_accum_steps"):
         train(model, data, _loss, RESUME_CONFIG, device="cpu", checkpoint=path, resume=True)
+
+
+def test_a_frozen_parameters_stale_gradient_does_not_enter_the_clipping_norm():
+    """A part trained by an earlier call, then frozen, keeps its last .grad; train() clears it first,
+    so the clipping norm (over every parameter) is the trained part's own."""
+    def run(stale: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"frozen": nn.Linear(4, 4), "trained": nn.Linear(4, 1)})
+        model["frozen"].requires_grad_(False)
+        if stale:  # what an earlier stage that trained it leaves behind
+            model["frozen"].weight.grad = torch.full((4, 4), 100.0)
+        x, y = torch.randn(8, 4), torch.randn(8)
+        optimizer = torch.optim.SGD(model["trained"].parameters(), lr=0.1)  # plain SGD: clipping shows in the step
+        cfg = TrainConfig(steps=1, lr=0.1, warmup_steps=0, grad_clip=1.0, log_every=0, progress=False)
+        train(model, [(x, y)], lambda m, b: nn.functional.mse_loss(m["trained"](b[0]).squeeze(-1), b[1]),
+              cfg, optimizer=optimizer, device="cpu")
+        assert model["frozen"].weight.grad is None
+        return model["trained"].weight.detach().clone()
+
+    torch.testing.assert_close(run(stale=True), run(stale=False), rtol=0, atol=0)
