@@ -9,6 +9,10 @@ alone (no other skill rehearsed), the LM at 5e-4 and the reading tower frozen. R
 seed s and scores it as `tiled_seeds.py` scores the recipe (1,000 test and 1,000 compositional
 questions per skill of 64 px scenes). The results go to data/results/tiled_reading_only_seeds.json,
 which chapter 10 sets beside tiled_seeds.json.
+
+Its rows were trained before `train()` cleared stale gradients (commit f8489fe): the clipping norm of
+both stages counted the reading tower's last gradient from its own training, which a run today does
+not. Re-run all three rows (delete the results file first) rather than adding rows to them.
 """
 
 from __future__ import annotations
