@@ -17,7 +17,8 @@ Rust and gives identical ids, much faster. The book ships the trained ranks in
 `data/tokenizer/` (built by `python scripts/build_tokenizer.py`), so nothing is
 downloaded, ever.
 
-Special tokens (<|endoftext|>, <|pad|>, <|image|>, <|video|> and eight reserved slots)
+Special tokens (<|endoftext|>, <|pad|>, <|image|>, <|video|>, the chat turns' <|user|>,
+<|assistant|> and <|end|>, and five reserved slots)
 get the ids right after the mergeable tokens. Like tiktoken, `Tokenizer.encode` raises
 ValueError on text that contains one of their strings unless it is in `allowed_special`;
 `encode_ordinary` encodes such strings as plain bytes instead.
@@ -50,8 +51,12 @@ ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 IMAGE = "<|image|>"
 VIDEO = "<|video|>"
-NUM_RESERVED = 8  # room for more (e.g. <|audio|>, chat roles) without renumbering
-SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, PAD, IMAGE, VIDEO) + tuple(
+# A chat's turns: <|user|> or <|assistant|> opens one, <|end|> closes it (three of the first eight spare slots)
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END = "<|end|>"
+NUM_RESERVED = 5  # room for more (e.g. <|audio|>) without renumbering
+SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, PAD, IMAGE, VIDEO, USER, ASSISTANT, END) + tuple(
     f"<|reserved_{i}|>" for i in range(NUM_RESERVED)
 )
 

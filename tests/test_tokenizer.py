@@ -38,7 +38,7 @@ SAMPLES = [
     "  leading and trailing spaces  \n\nnew lines\ttabs ",
     "it's the cat's, they've, we'll, I'd, you're, 123456 and 3.14",
     "héllo wörld ✓ 日本語のテキスト 🙂👍🏽 Ελληνικά русский",
-    "<|image|> <|endoftext|> literal specials <|reserved_7|>",
+    "<|image|> <|endoftext|> literal specials <|reserved_4|> <|user|>",
 ]
 
 
@@ -155,7 +155,7 @@ def test_special_token_ids_follow_the_mergeable_ranks(tok: Tokenizer) -> None:
     assert tok.vocab_size == len(tok) == n + len(SPECIAL_TOKENS) == 512
     assert (tok.eot_id, tok.pad_id, tok.image_id, tok.video_id) == (n, n + 1, n + 2, n + 3)
     assert tok.special_tokens == {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
-    assert tok.special_tokens["<|reserved_7|>"] == tok.vocab_size - 1
+    assert tok.special_tokens["<|reserved_4|>"] == tok.vocab_size - 1
     for token_id in tok.special_tokens.values():
         assert tok.decode([token_id]) == tok.token_str(token_id)
 

@@ -1,0 +1,369 @@
+"""From a VQA model to an assistant: the chat template, dialogues about scenes, a hallucination check, DPO.
+
+The pieces an instruction-tuned VLM adds to the one-question models of chapters 06-10:
+
+- **The chat template.** A conversation is a list of `Turn`s, user and assistant in turn,
+  starting with the user. Each turn is written as its role token (<|user|> or
+  <|assistant|>), its text, then <|end|>; an <|image|> marker in a user turn becomes
+  `num_image_tokens` image slots, where the images are spliced in, in order. The loss is
+  taken on the assistant's words and the <|end|> that closes them, and nowhere else: the
+  model learns to answer, not to predict the user. `ChatTemplate.decode` reads the ids
+  back into the same turns.
+- **Dialogues from a scene graph** (`dialogue`): "describe, then ask", follow-up
+  questions, and a question that points back at an earlier answer ("is it left of the
+  blue square?", where "it" is the object the previous turn named).
+- **Questions about two images** (`two_image_question`): which image has more objects or
+  more of a shape; a one-image model can only guess them.
+- **A hallucination check** in the style of POPE (`pope_questions`, `pope_scores`): yes/no
+  questions about objects that are present and, as often, objects that are absent,
+  scored as accuracy, precision, recall and the share of "yes" answers.
+- **Preference tuning** (`dpo_loss`): Direct Preference Optimization on pairs whose
+  rejected answer perturbs the right one (`rejected_answer`: a wrong colour, a "yes"
+  about an absent object).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mllm_scratch.shapeworld import (
+    NUMBER_WORDS,
+    QA,
+    Rng,
+    Scene,
+    ShapeWorldConfig,
+    _a,
+    _as_rng,
+    caption,
+    questions,
+    relations,
+)
+from mllm_scratch.tokenizer import ASSISTANT, END, IMAGE, USER, Tokenizer
+
+IGNORE_INDEX = -100  # labels the loss skips (as `vlm.VLMCollator` writes them)
+ROLES: dict[str, str] = {"user": USER, "assistant": ASSISTANT}
+_ARTICLE = {"user": "a", "assistant": "an"}
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+# ----------------------------------------------------------------------------------
+# The chat template
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation: who speaks ("user" or "assistant") and what they say.
+
+    A user turn may hold <|image|> markers, one per image, where the image goes."""
+
+    role: str
+    text: str
+
+
+def check_conversation(turns: Sequence[Turn | tuple[str, str]], num_images: int | None = None) -> tuple[Turn, ...]:
+    """The turns as a tuple of `Turn`s, or ValueError naming the first thing wrong.
+
+    The rules: at least one turn; roles alternate user, assistant, user, ... starting with the user;
+    each text is a string; an assistant turn is not empty and holds no <|image|>; no turn holds a
+    role or end token (they are the template's, not the speaker's). With `num_images`, the user
+    turns hold exactly that many <|image|> markers."""
+    if isinstance(turns, (str, bytes)) or not isinstance(turns, Sequence):
+        raise ValueError(f"turns {turns!r} is invalid: expected a list of Turn(role, text)")
+    if len(turns) == 0:
+        raise ValueError("the conversation is empty: expected at least one user turn")
+    out = []
+    for i, turn in enumerate(turns):
+        if isinstance(turn, tuple) and not isinstance(turn, Turn) and len(turn) == 2:
+            turn = Turn(*turn)
+        if not isinstance(turn, Turn):
+            raise ValueError(f"turn {i} is {turn!r}: expected Turn(role, text) or a (role, text) pair")
+        if turn.role not in ROLES:
+            raise ValueError(f"turn {i} has role {turn.role!r}: expected 'user' or 'assistant'")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn.role != expected:
+            where = "it is the first turn" if i == 0 else f"it follows {_ARTICLE[out[-1].role]} {out[-1].role} turn"
+            raise ValueError(f"turn {i} is {_ARTICLE[turn.role]} {turn.role} turn, but {where}: expected turns to alternate "
+                             "user, assistant, user, ... starting with the user")
+        if not isinstance(turn.text, str):
+            raise ValueError(f"turn {i} ({turn.role}) has text {turn.text!r}: expected a string")
+        for token in (USER, ASSISTANT, END):
+            if token in turn.text:
+                raise ValueError(f"turn {i} ({turn.role}) contains {token!r}: the template writes the role and "
+                                 "end tokens itself, expected plain text")
+        if turn.role == "assistant":
+            if IMAGE in turn.text:
+                raise ValueError(f"turn {i} (assistant) contains {IMAGE!r}: images belong in user turns")
+            if not turn.text.strip():
+                raise ValueError(f"turn {i} (assistant) is empty: expected the reply's text")
+        out.append(turn)
+    if num_images is not None:
+        markers = sum(t.text.count(IMAGE) for t in out)
+        if markers != num_images:
+            raise ValueError(f"the conversation has {markers} {IMAGE} marker{'s' * (markers != 1)} but {num_images} "
+                             f"image{'s' * (num_images != 1)} {'was' if num_images == 1 else 'were'} given: expected "
+                             "one marker per image")
+    return tuple(out)
+
+
+class ChatTemplate:
+    """Turns <-> ids: <|user|> text <|end|> <|assistant|> text <|end|> ...; each <|image|> -> N image slots."""
+
+    def __init__(self, tokenizer: Tokenizer, num_image_tokens: int):
+        if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens {num_image_tokens!r} is invalid: expected an int >= 1")
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        special = tokenizer.special_tokens
+        missing = [t for t in (USER, ASSISTANT, END) if t not in special]
+        if missing:
+            raise ValueError(f"the tokenizer has no {missing[0]!r}: expected the book's tokenizer (load_tokenizer())")
+        self.role_ids = {role: special[token] for role, token in ROLES.items()}
+        self.end_id = special[END]
+
+    def _body(self, text: str) -> list[int]:
+        """A turn's text as ids, each <|image|> marker expanded to num_image_tokens image ids."""
+        ids: list[int] = []
+        for k, piece in enumerate(text.split(IMAGE)):
+            if k:
+                ids += [self.tokenizer.image_id] * self.num_image_tokens
+            ids += self.tokenizer.encode_ordinary(piece)
+        return ids
+
+    def encode(self, turns: Sequence[Turn | tuple[str, str]], num_images: int | None = None) -> tuple[list[int], list[int]]:
+        """(ids, labels) of a conversation: labels copy the assistant turns' text and <|end|>, -100 elsewhere."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for turn in check_conversation(turns, num_images):
+            body = self._body(turn.text) + [self.end_id]
+            ids += [self.role_ids[turn.role]] + body
+            labels += [IGNORE_INDEX] + (body if turn.role == "assistant" else [IGNORE_INDEX] * len(body))
+        return ids, labels
+
+    def prompt(self, turns: Sequence[Turn | tuple[str, str]], num_images: int | None = None) -> list[int]:
+        """The ids a model continues to reply: the conversation, which must end with a user turn, then <|assistant|>."""
+        turns = check_conversation(turns, num_images)
+        if turns[-1].role != "user":
+            raise ValueError(f"the conversation ends with an {turns[-1].role} turn: expected a user turn to reply to")
+        return self.encode(turns)[0] + [self.role_ids["assistant"]]
+
+    def decode(self, ids: Sequence[int]) -> tuple[Turn, ...]:
+        """The turns that `encode` wrote as `ids` (a run of num_image_tokens image ids reads as one <|image|>)."""
+        ids = [int(i) for i in ids]
+        roles = {v: k for k, v in self.role_ids.items()}
+        image = self.tokenizer.image_id
+        turns: list[Turn] = []
+        i = 0
+        while i < len(ids):
+            if ids[i] not in roles:
+                raise ValueError(f"id {ids[i]} at position {i} is not a role token: expected {sorted(roles)} "
+                                 "to open each turn")
+            role = roles[ids[i]]
+            try:
+                end = ids.index(self.end_id, i + 1)
+            except ValueError:
+                raise ValueError(f"the {role} turn at position {i} has no {END!r} ({self.end_id}) to close it") from None
+            text, j, piece = [], i + 1, []
+            while j < end:
+                if ids[j] == image:
+                    run = 0
+                    while j < end and ids[j] == image:
+                        run, j = run + 1, j + 1
+                    if run % self.num_image_tokens:
+                        raise ValueError(f"a run of {run} image ids at position {j - run}: expected a multiple of "
+                                         f"num_image_tokens ({self.num_image_tokens})")
+                    text.append(self.tokenizer.decode(piece) + IMAGE * (run // self.num_image_tokens))
+                    piece = []
+                else:
+                    piece.append(ids[j])
+                    j += 1
+            text.append(self.tokenizer.decode(piece))
+            turns.append(Turn(role, "".join(text)))
+            i = end + 1
+        return check_conversation(turns) if turns else ()
+
+
+# ----------------------------------------------------------------------------------
+# Dialogues about one scene, and questions about two
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """A conversation about one image, and the skill each assistant turn tests (in order)."""
+
+    turns: tuple[Turn, ...]
+    skills: tuple[str, ...]
+
+
+DESCRIBE = "describe the image."
+
+
+def _pointing_question(qa: QA, scene: Scene, rng: Rng) -> QA | None:
+    """After a colour or shape question, a spatial question about the same object called "it"."""
+    words = qa.question.rstrip("?").split()
+    if qa.skill == "colour":  # "what colour is the circle?" -> the circle
+        obj = next(o for o in scene.objects if o.shape == words[-1])
+    elif qa.skill == "shape":  # "what shape is the red object?" -> the red one
+        obj = next(o for o in scene.objects if o.colour == words[-2])
+    else:
+        return None
+    others = [o for o in scene.objects if o is not obj]
+    if not others:
+        return None
+    other = rng.choice(others)
+    holds = relations(obj, other)
+    if rng.random() < 0.5:
+        rel, answer = rng.choice(holds), "yes"
+    else:
+        rel, answer = _OPPOSITE[rng.choice(holds)], "no"
+    return QA(f"is it {rel} the {other.name}?", answer, "pointing")
+
+
+def dialogue(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None,
+             max_questions: int = 3, describe: float = 0.5) -> Dialogue:
+    """A conversation about `scene`: with probability `describe`, "describe the image." and its caption first;
+    then up to `max_questions` of the scene's questions (`shapeworld.questions`) in a random order. After a
+    colour or shape question, the next question may point back at the object it named ("is it left of
+    the blue square?": skill "pointing"). The image's marker opens the first user turn."""
+    if not isinstance(max_questions, int) or isinstance(max_questions, bool) or max_questions < 1:
+        raise ValueError(f"max_questions {max_questions!r} is invalid: expected an int >= 1")
+    if not isinstance(describe, (int, float)) or isinstance(describe, bool) or not 0 <= describe <= 1:
+        raise ValueError(f"describe {describe!r} is invalid: expected a probability from 0 to 1")
+    rng = _as_rng(rng)
+    qas = questions(scene, rng, config=config)
+    rng.shuffle(qas)
+    asked: list[QA] = []
+    for qa in qas:
+        if len(asked) == max_questions:
+            break
+        asked.append(qa)
+        follow = _pointing_question(qa, scene, rng) if len(asked) < max_questions and rng.random() < 0.5 else None
+        if follow is not None:
+            asked.append(follow)
+    pairs = ([(DESCRIBE, caption(scene), "caption")] if rng.random() < describe else []) + \
+        [(qa.question, qa.answer, qa.skill) for qa in asked]
+    turns: list[Turn] = []
+    for k, (question, answer, _) in enumerate(pairs):
+        turns += [Turn("user", (IMAGE if k == 0 else "") + question), Turn("assistant", answer)]
+    return Dialogue(tuple(turns), tuple(skill for _, _, skill in pairs))
+
+
+def two_image_question(first: Scene, second: Scene, rng: Rng | random.Random | int) -> QA | None:
+    """A question only both images answer: which has more objects, or more of one shape.
+
+    The answer is "the first" or "the second"; None when the two scenes tie on everything asked."""
+    rng = _as_rng(rng)
+    options = []
+    if len(first.objects) != len(second.objects):
+        options.append(("which image has more objects?", len(first.objects) > len(second.objects)))
+    for shape in sorted({o.shape for o in first.objects + second.objects}):
+        a = sum(o.shape == shape for o in first.objects)
+        b = sum(o.shape == shape for o in second.objects)
+        if a != b:
+            options.append((f"which image has more {shape}s?", a > b))
+    if not options:
+        return None
+    question, first_more = rng.choice(options)
+    return QA(question, "the first" if first_more else "the second", "two images")
+
+
+# ----------------------------------------------------------------------------------
+# A hallucination check (POPE)
+
+
+def pope_questions(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None) -> list[QA]:
+    """Two yes/no questions about `scene`: one object it holds ("yes") and one it does not ("no").
+
+    The absent object is drawn from the training pairs, preferring a near miss (the colour or the
+    shape of an object present), which is the kind a model that guesses from parts says "yes" to
+    (POPE's adversarial setting)."""
+    rng = _as_rng(rng)
+    config = config or ShapeWorldConfig()
+    present = {(o.colour, o.shape) for o in scene.objects}
+    absent = [p for p in config.train_pairs() if p not in present]
+    if not absent:
+        raise ValueError(f"scene holds every training pair {sorted(present)}: no absent object to ask about")
+    near = [p for p in absent if any(p[0] == c or p[1] == s for c, s in present)]
+    colour, shape = rng.choice(sorted(present))
+    out = [QA(f"is there {_a(colour)} {colour} {shape}?", "yes", "pope")]
+    colour, shape = rng.choice(near or absent)
+    out.append(QA(f"is there {_a(colour)} {colour} {shape}?", "no", "pope"))
+    rng.shuffle(out)
+    return out
+
+
+def pope_scores(predicted: Sequence[str], truth: Sequence[str]) -> dict[str, float]:
+    """POPE's numbers for yes/no replies: accuracy, precision and recall of "yes", F1, and the yes-ratio.
+
+    A reply that is neither "yes" nor "no" counts as wrong (and as neither answer)."""
+    if len(predicted) != len(truth) or not truth:
+        raise ValueError(f"got {len(predicted)} predictions for {len(truth)} answers: expected as many, at least one")
+    bad = sorted({t for t in truth if t not in ("yes", "no")})
+    if bad:
+        raise ValueError(f"true answers {bad} are not yes/no: expected 'yes' or 'no'")
+    said_yes = [p.strip() == "yes" for p in predicted]
+    is_yes = [t == "yes" for t in truth]
+    tp = sum(p and t for p, t in zip(said_yes, is_yes))
+    correct = sum(p.strip() == t for p, t in zip(predicted, truth))
+    precision = tp / sum(said_yes) if any(said_yes) else 0.0
+    recall = tp / sum(is_yes) if any(is_yes) else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": correct / len(truth), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": sum(said_yes) / len(truth)}
+
+
+# ----------------------------------------------------------------------------------
+# Preference tuning (DPO)
+
+
+def rejected_answer(qa: QA, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None) -> str:
+    """A wrong answer close to the right one: another colour, shape or count, or the yes/no flipped."""
+    rng = _as_rng(rng)
+    config = config or ShapeWorldConfig()
+    answer = qa.answer
+    if answer in ("yes", "no"):
+        return "no" if answer == "yes" else "yes"
+    for pool in (config.colours, config.shapes):
+        if answer in pool:
+            return rng.choice([w for w in pool if w != answer])
+    if answer in NUMBER_WORDS:
+        n = NUMBER_WORDS.index(answer)
+        near = [k for k in (n - 1, n + 1) if config.min_objects <= k <= config.max_objects and k > 0]
+        return NUMBER_WORDS[rng.choice(near or [k for k in range(1, len(NUMBER_WORDS)) if k != n])]
+    raise ValueError(f"answer {answer!r} ({qa.skill}) has no perturbation: expected yes/no, a colour, a shape "
+                     "or a number word")
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Sum of log p(label) over each row's scored tokens: logits (B, T, V) predict labels (B, T) at the same t."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ: expected (B, T, V) "
+                         "and (B, T)")
+    scored = labels != ignore_index
+    picked = torch.gather(F.log_softmax(logits.float(), dim=-1), -1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked * scored).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO (Rafailov et al., 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged.
+
+    The arguments are sequence log-probabilities (B,) of the chosen and rejected answers under the
+    policy being tuned and under the frozen reference. Returns the loss and, as floats, the mean
+    implicit rewards beta * (pi - ref) of each and how often the chosen one's is higher."""
+    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta {beta!r} is invalid: expected a positive number")
+    shapes = {tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"log-probabilities of shapes {sorted(shapes)}: expected four tensors of one shape (B,)")
+    chosen = beta * (policy_chosen - ref_chosen.detach())
+    rejected = beta * (policy_rejected - ref_rejected.detach())
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss, {"chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
+                  "reward_accuracy": (chosen > rejected).float().mean().item()}
+

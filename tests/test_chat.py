@@ -1,0 +1,215 @@
+import math
+import re
+
+import pytest
+import torch
+
+from mllm_scratch.chat import (
+    DESCRIBE,
+    IGNORE_INDEX,
+    ChatTemplate,
+    Turn,
+    check_conversation,
+    dialogue,
+    dpo_loss,
+    pope_questions,
+    pope_scores,
+    rejected_answer,
+    sequence_logprobs,
+    two_image_question,
+)
+from mllm_scratch.shapeworld import QA, ShapeWorldConfig, caption, generate_scene, questions, relations
+from mllm_scratch.tokenizer import ASSISTANT, END, IMAGE, USER, load_tokenizer
+
+N = 4  # image slots per image in these tests
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def template(tok):
+    return ChatTemplate(tok, N)
+
+
+def test_encode_writes_roles_images_and_ends_and_scores_only_the_assistant(tok, template):
+    turns = [Turn("user", f"{IMAGE}what colour is the circle?"), Turn("assistant", "red"),
+             Turn("user", "and the square?"), Turn("assistant", "blue")]
+    ids, labels = template.encode(turns, num_images=1)
+    sp = tok.special_tokens
+    q1, a1, q2, a2 = (tok.encode_ordinary(t) for t in ("what colour is the circle?", "red", "and the square?", "blue"))
+    expected = ([sp[USER]] + [tok.image_id] * N + q1 + [sp[END]] + [sp[ASSISTANT]] + a1 + [sp[END]]
+                + [sp[USER]] + q2 + [sp[END]] + [sp[ASSISTANT]] + a2 + [sp[END]])
+    assert ids == expected
+    scored = [i for i, y in zip(ids, labels) if y != IGNORE_INDEX]
+    assert scored == a1 + [sp[END]] + a2 + [sp[END]]  # the replies and the <|end|> that closes each, nothing else
+    assert all(y in (IGNORE_INDEX, i) for i, y in zip(ids, labels))
+    assert template.prompt(turns[:3], num_images=1) == expected[: expected.index(sp[ASSISTANT], len(q1) + N + 3)] + [sp[ASSISTANT]]
+
+
+@pytest.mark.parametrize("turns", [
+    [Turn("user", "hello")],
+    [Turn("user", f"{IMAGE}{IMAGE}which image has more circles?"), Turn("assistant", "the second")],
+    [Turn("user", f"look: {IMAGE} and {IMAGE}  "), Turn("assistant", " two\nlines "), Turn("user", "héllo ✓ 日本")],
+    [("user", f"{IMAGE}"), ("assistant", "a small red circle.")],
+])
+def test_decode_reads_back_the_turns_encode_wrote(template, turns):
+    ids, _ = template.encode(turns)
+    assert template.decode(ids) == check_conversation(turns)
+
+
+def test_generated_dialogues_round_trip(template):
+    config = ShapeWorldConfig()
+    for seed in range(50):
+        d = dialogue(generate_scene(seed, config), seed, config)
+        assert template.decode(template.encode(d.turns, num_images=1)[0]) == d.turns
+
+
+@pytest.mark.parametrize("turns, images, message", [
+    ([], None, "empty"),
+    ("hello", None, "expected a list"),
+    ([Turn("assistant", "hi")], None, "assistant turn, but it is the first turn"),
+    ([Turn("user", "a"), Turn("user", "b")], None, "turn 1 is a user turn, but it follows a user turn"),
+    ([Turn("user", "a"), Turn("bot", "b")], None, "role 'bot'"),
+    ([Turn("user", "a"), Turn("assistant", f"{IMAGE} b")], None, "images belong in user turns"),
+    ([Turn("user", "a"), Turn("assistant", "  ")], None, "is empty"),
+    ([Turn("user", f"a {END} b")], None, "contains '<|end|>'"),
+    ([Turn("user", 3)], None, "expected a string"),
+    ([Turn("user", f"{IMAGE}a")], 2, "1 <|image|> marker but 2 images were given"),
+    ([Turn("user", "a")], 1, "0 <|image|> markers but 1 image was given"),
+    (["oops"], None, "expected Turn(role, text)"),
+])
+def test_malformed_conversations_are_refused_by_name(template, turns, images, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        template.encode(turns, num_images=images)
+
+
+def test_prompt_and_decode_errors(tok, template):
+    with pytest.raises(ValueError, match="ends with an assistant turn"):
+        template.prompt([Turn("user", "a"), Turn("assistant", "b")])
+    sp = tok.special_tokens
+    with pytest.raises(ValueError, match="not a role token"):
+        template.decode(tok.encode_ordinary("hi"))
+    with pytest.raises(ValueError, match="no '<\\|end\\|>'"):
+        template.decode([sp[USER]] + tok.encode_ordinary("hi"))
+    with pytest.raises(ValueError, match="run of 3 image ids"):
+        template.decode([sp[USER]] + [tok.image_id] * 3 + [sp[END]])
+    with pytest.raises(ValueError, match="num_image_tokens 0"):
+        ChatTemplate(tok, 0)
+
+
+def test_dialogues_answer_what_the_scene_shows_and_point_back_correctly():
+    config = ShapeWorldConfig()
+    seen = set()
+    for seed in range(300):
+        scene = generate_scene(seed, config)
+        d = dialogue(scene, seed, config, max_questions=3)
+        assistant = [t for t in d.turns[1::2]]
+        users = [t for t in d.turns[0::2]]
+        assert len(assistant) == len(d.skills) and users[0].text.startswith(IMAGE)
+        assert sum(t.text.count(IMAGE) for t in users) == 1
+        assert d == dialogue(scene, seed, config, max_questions=3)  # a seed gives one dialogue
+        for k, (user, reply, skill) in enumerate(zip(users, assistant, d.skills)):
+            seen.add(skill)
+            question = user.text.replace(IMAGE, "")
+            if skill == "caption":
+                assert (question, reply.text, k) == (DESCRIBE, caption(scene), 0)
+            elif skill == "pointing":  # "it" is the object the previous question named
+                prev = users[k - 1].text.replace(IMAGE, "").rstrip("?").split()
+                it = next(o for o in scene.objects if (o.shape == prev[-1] if d.skills[k - 1] == "colour"
+                                                        else o.colour == prev[-2]))
+                rel, name = question[len("is it "):-1].split(" the ")
+                other = next(o for o in scene.objects if o.name == name)
+                assert reply.text == ("yes" if rel in relations(it, other) else "no")
+            else:
+                assert skill in ("colour", "shape", "count", "spatial", "existence", "reading")
+        assert len(d.skills) - (d.skills[0] == "caption") <= 3
+    assert seen >= {"caption", "pointing", "colour", "shape", "count", "spatial", "existence", "reading"}
+
+
+def test_two_image_questions_are_answered_by_the_counts():
+    config = ShapeWorldConfig()
+    asked = 0
+    for seed in range(100):
+        a, b = generate_scene(2 * seed, config), generate_scene(2 * seed + 1, config)
+        qa = two_image_question(a, b, seed)
+        if qa is None:
+            continue
+        asked += 1
+        if qa.question == "which image has more objects?":
+            na, nb = len(a.objects), len(b.objects)
+        else:
+            shape = qa.question[len("which image has more "):-2]
+            na, nb = (sum(o.shape == shape for o in s.objects) for s in (a, b))
+        assert na != nb and qa.answer == ("the first" if na > nb else "the second")
+    assert asked > 80
+    scene = generate_scene(0, config)
+    assert two_image_question(scene, scene, 0) is None
+
+
+def test_pope_questions_are_balanced_and_true():
+    config = ShapeWorldConfig()
+    for seed in range(100):
+        scene = generate_scene(seed, config)
+        qas = pope_questions(scene, seed, config)
+        assert sorted(q.answer for q in qas) == ["no", "yes"]
+        present = {o.name for o in scene.objects}
+        for q in qas:
+            name = " ".join(q.question.rstrip("?").split()[-2:])
+            assert (name in present) == (q.answer == "yes")
+
+
+def test_pope_scores_by_hand():
+    truth = ["yes", "no", "yes", "no"]
+    always_yes = pope_scores(["yes"] * 4, truth)
+    assert always_yes == {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "yes_ratio": 1.0}
+    s = pope_scores(["yes", "yes", "no", "maybe"], truth)
+    assert s["accuracy"] == 0.25 and s["precision"] == 0.5 and s["recall"] == 0.5 and s["yes_ratio"] == 0.5
+    with pytest.raises(ValueError, match="3 predictions for 4 answers"):
+        pope_scores(["yes"] * 3, truth)
+    with pytest.raises(ValueError, match="not yes/no"):
+        pope_scores(["yes"], ["red"])
+
+
+def test_rejected_answers_are_wrong_but_of_the_same_kind():
+    config = ShapeWorldConfig()
+    for seed in range(200):
+        for qa in questions(generate_scene(seed, config), seed, ["colour", "shape", "count", "existence"], config):
+            wrong = rejected_answer(qa, seed, config)
+            assert wrong != qa.answer
+            for pool in (("yes", "no"), config.colours, config.shapes, ("one", "two", "three")):
+                assert (qa.answer in pool) == (wrong in pool)
+    with pytest.raises(ValueError, match="no perturbation"):
+        rejected_answer(QA("what does the text say?", "a7", "reading"), 0)
+
+
+def test_sequence_logprobs_sum_the_scored_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE_INDEX, 3, 1, IGNORE_INDEX, IGNORE_INDEX], [2, 2, 2, 2, 6]])
+    by_hand = [sum(math.log(torch.softmax(logits[b, t], -1)[labels[b, t]].item())
+                   for t in range(5) if labels[b, t] != IGNORE_INDEX) for b in range(2)]
+    torch.testing.assert_close(sequence_logprobs(logits, labels), torch.tensor(by_hand))
+    with pytest.raises(ValueError, match="differ"):
+        sequence_logprobs(logits, labels[:, :4])
+
+
+def test_dpo_loss_equals_the_formula_by_hand_and_pushes_the_chosen_answer_up():
+    pc, pr = torch.tensor([-1.0, -3.0, -2.0], requires_grad=True), torch.tensor([-2.0, -1.0, -2.5], requires_grad=True)
+    rc, rr = torch.tensor([-1.5, -2.0, -2.0]), torch.tensor([-1.5, -2.0, -2.0])
+    beta = 0.5
+    by_hand = sum(-math.log(1 / (1 + math.exp(-beta * ((a - c) - (b - d)))))
+                  for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 3
+    loss, stats = dpo_loss(pc, pr, rc, rr, beta)
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    assert stats["reward_accuracy"] == pytest.approx(2 / 3)
+    loss.backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises the chosen, lowers the rejected
+    same, _ = dpo_loss(rc, rr, rc, rr)
+    assert same.item() == pytest.approx(math.log(2))  # policy = reference: no preference yet
+    with pytest.raises(ValueError, match="beta 0"):
+        dpo_loss(pc, pr, rc, rr, 0)
+    with pytest.raises(ValueError, match="one shape"):
+        dpo_loss(pc, pr[:2], rc, rr)
