@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,11 @@ from mllm_scratch.shapeworld import (
     questions,
     relations,
 )
+from mllm_scratch.gpt import next_token_loss
+from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.tokenizer import ASSISTANT, END, IMAGE, USER, Tokenizer
+from mllm_scratch.train import autocast
+from mllm_scratch.vlm import UnifiedVLM, greedy_decode
 
 IGNORE_INDEX = -100  # labels the loss skips (as `vlm.VLMCollator` writes them)
 ROLES: dict[str, str] = {"user": USER, "assistant": ASSISTANT}
@@ -186,6 +190,98 @@ class ChatTemplate:
             turns.append(Turn(role, "".join(text)))
             i = end + 1
         return check_conversation(turns) if turns else ()
+
+
+# ----------------------------------------------------------------------------------
+# A chat model: chapter 06's unified decoder with any number of images in a sequence
+
+
+class ChatBatch(NamedTuple):
+    """A collated batch of conversations: every row's images in order (K, 3, H, W), or None; ids and labels (B, T)."""
+
+    images: torch.Tensor | None
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+
+class ChatCollator:
+    """Collate (images (k, 3, H, W) or None, turns) items into a `ChatBatch`, right-padded with <|pad|>."""
+
+    def __init__(self, template: ChatTemplate):
+        self.template = template
+
+    def __call__(self, items: Sequence[tuple[torch.Tensor | None, Sequence[Turn]]]) -> ChatBatch:
+        encoded, images = [], []
+        for images_k, turns in items:
+            k = 0 if images_k is None else len(images_k)
+            encoded.append(self.template.encode(turns, num_images=k))
+            if k:
+                images.append(images_k)
+        longest = max(len(ids) for ids, _ in encoded)
+        ids = torch.full((len(encoded), longest), self.template.tokenizer.pad_id, dtype=torch.long)
+        labels = torch.full((len(encoded), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, (x, y) in enumerate(encoded):
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+        return ChatBatch(torch.cat(images) if images else None, ids, labels)
+
+
+def splice_images(model: UnifiedVLM, ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+    """`UnifiedVLM.splice` for any number of images per row: token embeddings (B, T, lm_dim) with the
+    image tokens written over the <|image|> slots. `images` (K, 3, H, W) holds the rows' images in
+    order (row 0's first, each row's in the order of its markers), K in all; each image fills
+    `num_image_tokens` consecutive slots."""
+    embeds = model.lm.embed(ids)
+    slots = ids == model.image_id
+    k = 0 if images is None else images.shape[0]
+    n = model.num_image_tokens
+    if checked_on_host(ids):
+        per_row = slots.sum(dim=1)
+        if bool((per_row % n).any()) or int(per_row.sum()) != k * n:
+            raise ValueError(f"the rows hold {per_row.tolist()} <|image|> slots for {k} images: expected "
+                             f"{n} slots per image, {k * n} in all")
+    if k == 0:
+        return embeds
+    tokens = model.image_tokens(images).to(embeds.dtype)  # (K, n, lm_dim)
+    return embeds.masked_scatter(slots[..., None], tokens)  # slots fill in order: row by row, image by image
+
+
+def chat_loss(model: UnifiedVLM, batch: ChatBatch) -> torch.Tensor:
+    """The `loss_fn` for `train`: next-token loss on the assistant turns (the labels `ChatTemplate` scores)."""
+    logits = model.lm(inputs_embeds=splice_images(model, batch.ids, batch.images))[:, :-1]
+    return next_token_loss(logits, batch.labels[:, 1:], ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def reply(model: UnifiedVLM, template: ChatTemplate, images: torch.Tensor | None, turns: Sequence[Turn | tuple[str, str]],
+          max_new_tokens: int = 32) -> str:
+    """The assistant's greedy reply to a conversation that ends with a user turn, up to its <|end|>.
+
+    `images` (k, 3, H, W) are the conversation's images in the order of their markers. The prompt
+    runs once; each new token then runs alone against the GPT's KV caches."""
+    k = 0 if images is None else len(images)
+    ids = template.prompt(turns, num_images=k)
+    context = model.config.lm.context_length
+    if len(ids) + max_new_tokens > context:
+        raise ValueError(f"a prompt of {len(ids)} tokens and max_new_tokens {max_new_tokens} exceed the LM's "
+                         f"context_length {context}: expected a shorter conversation or fewer new tokens")
+    device = next(model.lm.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids_t = torch.tensor([ids], device=device)
+    images = None if images is None or k == 0 else images.to(device)
+    caches = model.lm.new_caches()
+    with autocast(ids_t.device):
+        logits = model.lm(inputs_embeds=splice_images(model, ids_t, images), caches=caches)
+
+    def step(new: torch.Tensor) -> torch.Tensor:
+        with autocast(ids_t.device):
+            return model.lm(new, caches=caches)
+
+    new = greedy_decode(logits, step, max_new_tokens, template.end_id)[0].tolist()
+    model.train(was_training)
+    new = new[: new.index(template.end_id)] if template.end_id in new else new
+    return template.tokenizer.decode(new)
 
 
 # ----------------------------------------------------------------------------------

@@ -6,16 +6,20 @@ import torch
 
 from mllm_scratch.chat import (
     DESCRIBE,
+    ChatCollator,
     IGNORE_INDEX,
     ChatTemplate,
     Turn,
+    chat_loss,
     check_conversation,
     dialogue,
     dpo_loss,
     pope_questions,
     pope_scores,
     rejected_answer,
+    reply,
     sequence_logprobs,
+    splice_images,
     two_image_question,
 )
 from mllm_scratch.shapeworld import QA, ShapeWorldConfig, caption, generate_scene, questions, relations
@@ -213,3 +217,65 @@ def test_dpo_loss_equals_the_formula_by_hand_and_pushes_the_chosen_answer_up():
         dpo_loss(pc, pr, rc, rr, 0)
     with pytest.raises(ValueError, match="one shape"):
         dpo_loss(pc, pr[:2], rc, rr)
+
+
+def tiny_chat_model(tok):
+    from mllm_scratch.gpt import GPTConfig
+    from mllm_scratch.vit import ViTConfig
+    from mllm_scratch.vlm import UnifiedVLM, VLMConfig
+
+    torch.manual_seed(0)
+    vision = ViTConfig(image_size=32, patch_size=16, dim=16, depth=1, num_heads=2)  # 4 image tokens: N
+    lm = GPTConfig(vocab_size=tok.vocab_size, context_length=96, dim=32, depth=1, num_heads=2)
+    return UnifiedVLM(VLMConfig(vision=vision, lm=lm, image_id=tok.image_id)).eval()
+
+
+def test_splice_images_places_each_image_in_its_own_slots(tok, template):
+    model = tiny_chat_model(tok)
+    images = torch.rand(3, 3, 32, 32)
+    one = ChatCollator(template)([(images[:1], [Turn("user", f"{IMAGE}hi")]), (images[1:2], [Turn("user", f"{IMAGE}hi")])])
+    torch.testing.assert_close(splice_images(model, one.ids, one.images), model.splice(one.ids, one.images))
+    # Two images in row 0 (before and after words), none in row 1, one in row 2: spliced by hand.
+    batch = ChatCollator(template)([(images[:2], [Turn("user", f"{IMAGE}and{IMAGE}which?")]),
+                                    (None, [Turn("user", "no image")]),
+                                    (images[2:], [Turn("user", f"x {IMAGE}")])])
+    by_hand = model.lm.embed(batch.ids).clone()
+    tokens = iter(model.image_tokens(images))
+    for row in range(3):
+        where = (batch.ids[row] == tok.image_id).nonzero().flatten().tolist()
+        for start in where[::N]:
+            by_hand[row, start:start + N] = next(tokens)
+    torch.testing.assert_close(splice_images(model, batch.ids, batch.images), by_hand)
+    with pytest.raises(ValueError, match="for 2 images"):
+        splice_images(model, batch.ids, images[:2])
+
+
+def test_the_collator_pads_and_scores_only_replies(tok, template):
+    batch = ChatCollator(template)([(None, [Turn("user", "a"), Turn("assistant", "red")]),
+                                    (torch.rand(1, 3, 32, 32), [Turn("user", f"{IMAGE}what colour is the big circle?")])])
+    assert batch.images.shape == (1, 3, 32, 32) and batch.ids.shape == batch.labels.shape
+    assert (batch.labels[1] == IGNORE_INDEX).all()  # no reply in row 1: nothing to learn
+    assert (batch.ids[0, batch.labels[0] != IGNORE_INDEX] == batch.labels[0, batch.labels[0] != IGNORE_INDEX]).all()
+    pad = batch.ids[0] == tok.pad_id
+    assert pad.any() and (batch.labels[0, pad] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match=re.escape("0 <|image|> markers but 1 image")):
+        ChatCollator(template)([(torch.rand(1, 3, 32, 32), [Turn("user", "a")])])
+    assert torch.isfinite(chat_loss(tiny_chat_model(tok), batch))
+
+
+def test_reply_is_the_greedy_argmax_of_the_whole_sequence_recomputed(tok, template):
+    """The KV-cached reply equals the naive loop that reruns the full sequence for every new token."""
+    model = tiny_chat_model(tok)
+    images = torch.rand(2, 3, 32, 32)
+    turns = [Turn("user", f"{IMAGE}{IMAGE}which image has more circles?")]
+    ids = template.prompt(turns, num_images=2)
+    new = []
+    for _ in range(6):
+        x = torch.tensor([ids + new])
+        nxt = int(model.lm(inputs_embeds=splice_images(model, x, images))[0, -1].argmax())
+        if nxt == template.end_id:
+            break
+        new.append(nxt)
+    assert len(new) == 6 and reply(model, template, images, turns, max_new_tokens=6) == tok.decode(new)
+    with pytest.raises(ValueError, match="exceed the LM's context_length 96"):
+        reply(model, template, images, turns, max_new_tokens=90)
