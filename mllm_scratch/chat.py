@@ -11,9 +11,9 @@ The pieces an instruction-tuned VLM adds to the one-question models of chapters 
   back into the same turns.
 - **Dialogues from a scene graph** (`dialogue`): "describe, then ask", follow-up
   questions, and a question that points back at an earlier answer ("is it left of the
-  blue square?", where "it" is the object the previous turn named).
+  blue square?", where "it" is the object the previous question named).
 - **Questions about two images** (`two_image_question`): which image has more objects or
-  more of a shape; a one-image model can only guess them.
+  more of a shape; a model that sees one image can only guess them.
 - **A hallucination check** in the style of POPE (`pope_questions`, `pope_scores`): yes/no
   questions about objects that are present and, as often, objects that are absent,
   scored as accuracy, precision, recall and the share of "yes" answers.
@@ -40,6 +40,7 @@ from mllm_scratch.shapeworld import (
     ShapeWorldConfig,
     _a,
     _as_rng,
+    asked_pair,
     caption,
     questions,
     relations,
@@ -87,7 +88,7 @@ def check_conversation(turns: Sequence[Turn | tuple[str, str]], num_images: int 
             turn = Turn(*turn)
         if not isinstance(turn, Turn):
             raise ValueError(f"turn {i} is {turn!r}: expected Turn(role, text) or a (role, text) pair")
-        if turn.role not in ROLES:
+        if not isinstance(turn.role, str) or turn.role not in ROLES:
             raise ValueError(f"turn {i} has role {turn.role!r}: expected 'user' or 'assistant'")
         expected = "user" if i % 2 == 0 else "assistant"
         if turn.role != expected:
@@ -157,7 +158,10 @@ class ChatTemplate:
         return self.encode(turns)[0] + [self.role_ids["assistant"]]
 
     def decode(self, ids: Sequence[int]) -> tuple[Turn, ...]:
-        """The turns that `encode` wrote as `ids` (a run of num_image_tokens image ids reads as one <|image|>)."""
+        """The turns that `encode` wrote as `ids`: a run of k x num_image_tokens image ids reads as k <|image|>.
+
+        Every turn must be closed by its <|end|>, so `prompt`'s ids (which end with an open
+        <|assistant|>) and padded rows do not decode: strip them first."""
         ids = [int(i) for i in ids]
         roles = {v: k for k, v in self.role_ids.items()}
         image = self.tokenizer.image_id
@@ -165,8 +169,8 @@ class ChatTemplate:
         i = 0
         while i < len(ids):
             if ids[i] not in roles:
-                raise ValueError(f"id {ids[i]} at position {i} is not a role token: expected {sorted(roles)} "
-                                 "to open each turn")
+                raise ValueError(f"id {ids[i]} at position {i} is not a role token: expected {USER} "
+                                 f"({self.role_ids['user']}) or {ASSISTANT} ({self.role_ids['assistant']}) to open each turn")
             role = roles[ids[i]]
             try:
                 end = ids.index(self.end_id, i + 1)
@@ -211,10 +215,19 @@ class ChatCollator:
         self.template = template
 
     def __call__(self, items: Sequence[tuple[torch.Tensor | None, Sequence[Turn]]]) -> ChatBatch:
+        if len(items) == 0:
+            raise ValueError("got an empty list of items: expected at least one (images, turns) pair")
         encoded, images = [], []
-        for images_k, turns in items:
+        for i, (images_k, turns) in enumerate(items):
+            if images_k is not None and (not isinstance(images_k, torch.Tensor) or images_k.dim() != 4):
+                shape = tuple(images_k.shape) if isinstance(images_k, torch.Tensor) else type(images_k).__name__
+                raise ValueError(f"item {i}: images of shape {shape}: expected a tensor (k, 3, H, W), "
+                                 "k >= 0 (one image: images[None])")
             k = 0 if images_k is None else len(images_k)
-            encoded.append(self.template.encode(turns, num_images=k))
+            try:
+                encoded.append(self.template.encode(turns, num_images=k))
+            except ValueError as e:
+                raise ValueError(f"item {i}: {e}") from None
             if k:
                 images.append(images_k)
         longest = max(len(ids) for ids, _ in encoded)
@@ -230,7 +243,8 @@ def splice_images(model: UnifiedVLM, ids: torch.Tensor, images: torch.Tensor | N
     """`UnifiedVLM.splice` for any number of images per row: token embeddings (B, T, lm_dim) with the
     image tokens written over the <|image|> slots. `images` (K, 3, H, W) holds the rows' images in
     order (row 0's first, each row's in the order of its markers), K in all; each image fills
-    `num_image_tokens` consecutive slots."""
+    `num_image_tokens` consecutive slots. This is the layout of `UnifiedVLM` (and of `ChatTemplate`);
+    a model that lays out its own prefix, such as `tiling.TiledVLM`, needs its own splice."""
     embeds = model.lm.embed(ids)
     slots = ids == model.image_id
     k = 0 if images is None else images.shape[0]
@@ -248,6 +262,8 @@ def splice_images(model: UnifiedVLM, ids: torch.Tensor, images: torch.Tensor | N
 
 def chat_loss(model: UnifiedVLM, batch: ChatBatch) -> torch.Tensor:
     """The `loss_fn` for `train`: next-token loss on the assistant turns (the labels `ChatTemplate` scores)."""
+    if checked_on_host(batch.labels) and not bool((batch.labels != IGNORE_INDEX).any()):
+        raise ValueError("the batch holds no assistant turn: nothing to score (expected a reply in at least one row)")
     logits = model.lm(inputs_embeds=splice_images(model, batch.ids, batch.images))[:, :-1]
     return next_token_loss(logits, batch.labels[:, 1:], ignore_index=IGNORE_INDEX)
 
@@ -259,6 +275,9 @@ def reply(model: UnifiedVLM, template: ChatTemplate, images: torch.Tensor | None
 
     `images` (k, 3, H, W) are the conversation's images in the order of their markers. The prompt
     runs once; each new token then runs alone against the GPT's KV caches."""
+    if images is not None and (not isinstance(images, torch.Tensor) or images.dim() != 4):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images of shape {shape}: expected a tensor (k, 3, H, W) (one image: images[None])")
     k = 0 if images is None else len(images)
     ids = template.prompt(turns, num_images=k)
     context = model.config.lm.context_length
@@ -268,18 +287,20 @@ def reply(model: UnifiedVLM, template: ChatTemplate, images: torch.Tensor | None
     device = next(model.lm.parameters()).device
     was_training = model.training
     model.eval()
-    ids_t = torch.tensor([ids], device=device)
-    images = None if images is None or k == 0 else images.to(device)
-    caches = model.lm.new_caches()
-    with autocast(ids_t.device):
-        logits = model.lm(inputs_embeds=splice_images(model, ids_t, images), caches=caches)
-
-    def step(new: torch.Tensor) -> torch.Tensor:
+    try:
+        ids_t = torch.tensor([ids], device=device)
+        images = None if images is None or k == 0 else images.to(device)
+        caches = model.lm.new_caches()
         with autocast(ids_t.device):
-            return model.lm(new, caches=caches)
+            logits = model.lm(inputs_embeds=splice_images(model, ids_t, images), caches=caches)
 
-    new = greedy_decode(logits, step, max_new_tokens, template.end_id)[0].tolist()
-    model.train(was_training)
+        def step(new: torch.Tensor) -> torch.Tensor:
+            with autocast(ids_t.device):
+                return model.lm(new, caches=caches)
+
+        new = greedy_decode(logits, step, max_new_tokens, template.end_id)[0].tolist()
+    finally:
+        model.train(was_training)
     new = new[: new.index(template.end_id)] if template.end_id in new else new
     return template.tokenizer.decode(new)
 
@@ -300,14 +321,14 @@ DESCRIBE = "describe the image."
 
 
 def _pointing_question(qa: QA, scene: Scene, rng: Rng) -> QA | None:
-    """After a colour or shape question, a spatial question about the same object called "it"."""
-    words = qa.question.rstrip("?").split()
-    if qa.skill == "colour":  # "what colour is the circle?" -> the circle
-        obj = next(o for o in scene.objects if o.shape == words[-1])
-    elif qa.skill == "shape":  # "what shape is the red object?" -> the red one
-        obj = next(o for o in scene.objects if o.colour == words[-2])
-    else:
+    """After a colour or shape question, a spatial question about the same object, called "it".
+
+    `questions` asks a colour question only about a shape the scene holds once, and a shape question
+    only about a colour it holds once, and no scene holds two objects of one colour and shape: "it"
+    and "the blue square" each name one object."""
+    if qa.skill not in ("colour", "shape"):
         return None
+    obj = next(o for o in scene.objects if (o.colour, o.shape) == asked_pair(qa.question, qa.answer))
     others = [o for o in scene.objects if o is not obj]
     if not others:
         return None
@@ -323,9 +344,13 @@ def _pointing_question(qa: QA, scene: Scene, rng: Rng) -> QA | None:
 def dialogue(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None,
              max_questions: int = 3, describe: float = 0.5) -> Dialogue:
     """A conversation about `scene`: with probability `describe`, "describe the image." and its caption first;
-    then up to `max_questions` of the scene's questions (`shapeworld.questions`) in a random order. After a
-    colour or shape question, the next question may point back at the object it named ("is it left of
-    the blue square?": skill "pointing"). The image's marker opens the first user turn."""
+    then `max_questions` questions at most: the scene's questions (`shapeworld.questions`) in a random
+    order, and after a colour or shape question, half the time, one that points back at the object it
+    named ("is it left of the blue square?": skill "pointing"; it counts toward `max_questions`). The
+    image's marker opens the first user turn.
+
+    After a caption, most questions can be answered by copying from it rather than by looking:
+    measure what a model sees on dialogues without one (`describe=0`)."""
     if not isinstance(max_questions, int) or isinstance(max_questions, bool) or max_questions < 1:
         raise ValueError(f"max_questions {max_questions!r} is invalid: expected an int >= 1")
     if not isinstance(describe, (int, float)) or isinstance(describe, bool) or not 0 <= describe <= 1:
@@ -349,8 +374,13 @@ def dialogue(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldCon
     return Dialogue(tuple(turns), tuple(skill for _, _, skill in pairs))
 
 
+def plural(shape: str) -> str:
+    """ "circle" -> "circles", "cross" -> "crosses"."""
+    return shape + ("es" if shape.endswith(("s", "x", "sh", "ch")) else "s")
+
+
 def two_image_question(first: Scene, second: Scene, rng: Rng | random.Random | int) -> QA | None:
-    """A question only both images answer: which has more objects, or more of one shape.
+    """A question that needs both images: which has more objects, or more of one shape.
 
     The answer is "the first" or "the second"; None when the two scenes tie on everything asked."""
     rng = _as_rng(rng)
@@ -361,7 +391,7 @@ def two_image_question(first: Scene, second: Scene, rng: Rng | random.Random | i
         a = sum(o.shape == shape for o in first.objects)
         b = sum(o.shape == shape for o in second.objects)
         if a != b:
-            options.append((f"which image has more {shape}s?", a > b))
+            options.append((f"which image has more {plural(shape)}?", a > b))
     if not options:
         return None
     question, first_more = rng.choice(options)
@@ -376,8 +406,9 @@ def pope_questions(scene: Scene, rng: Rng | random.Random | int, config: ShapeWo
     """Two yes/no questions about `scene`: one object it holds ("yes") and one it does not ("no").
 
     The absent object is drawn from the training pairs, preferring a near miss (the colour or the
-    shape of an object present), which is the kind a model that guesses from parts says "yes" to
-    (POPE's adversarial setting)."""
+    shape of an object present), which is the kind a model that guesses from parts says "yes" to.
+    POPE's adversarial setting asks about objects that often appear together with those present;
+    a near miss is this world's analogue of it."""
     rng = _as_rng(rng)
     config = config or ShapeWorldConfig()
     present = {(o.colour, o.shape) for o in scene.objects}
@@ -396,7 +427,9 @@ def pope_questions(scene: Scene, rng: Rng | random.Random | int, config: ShapeWo
 def pope_scores(predicted: Sequence[str], truth: Sequence[str]) -> dict[str, float]:
     """POPE's numbers for yes/no replies: accuracy, precision and recall of "yes", F1, and the yes-ratio.
 
-    A reply that is neither "yes" nor "no" counts as wrong (and as neither answer)."""
+    Replies match exactly (after stripping spaces): "Yes" or "yes." is neither answer. Such a reply is
+    wrong, is not a "yes" (so it lowers recall as a "no" would), and counts in the yes-ratio's
+    denominator. A model that never says "yes" has precision 0."""
     if len(predicted) != len(truth) or not truth:
         raise ValueError(f"got {len(predicted)} predictions for {len(truth)} answers: expected as many, at least one")
     bad = sorted({t for t in truth if t not in ("yes", "no")})
@@ -418,12 +451,14 @@ def pope_scores(predicted: Sequence[str], truth: Sequence[str]) -> dict[str, flo
 
 
 def rejected_answer(qa: QA, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None) -> str:
-    """A wrong answer close to the right one: another colour, shape or count, or the yes/no flipped."""
+    """A wrong answer close to the right one: another colour, shape or count (one more or one fewer), or
+    the answer flipped (yes/no, the first/the second image)."""
     rng = _as_rng(rng)
     config = config or ShapeWorldConfig()
     answer = qa.answer
-    if answer in ("yes", "no"):
-        return "no" if answer == "yes" else "yes"
+    flips = {"yes": "no", "no": "yes", "the first": "the second", "the second": "the first"}
+    if answer in flips:
+        return flips[answer]
     for pool in (config.colours, config.shapes):
         if answer in pool:
             return rng.choice([w for w in pool if w != answer])
@@ -431,12 +466,15 @@ def rejected_answer(qa: QA, rng: Rng | random.Random | int, config: ShapeWorldCo
         n = NUMBER_WORDS.index(answer)
         near = [k for k in (n - 1, n + 1) if config.min_objects <= k <= config.max_objects and k > 0]
         return NUMBER_WORDS[rng.choice(near or [k for k in range(1, len(NUMBER_WORDS)) if k != n])]
-    raise ValueError(f"answer {answer!r} ({qa.skill}) has no perturbation: expected yes/no, a colour, a shape "
-                     "or a number word")
+    raise ValueError(f"answer {answer!r} ({qa.skill}) has no perturbation: expected yes/no, the first/the second, "
+                     "a colour, a shape or a number word")
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Sum of log p(label) over each row's scored tokens: logits (B, T, V) predict labels (B, T) at the same t."""
+    """Sum of log p(label) over each row's scored tokens: logits (B, T, V) predict labels (B, T) at the same t.
+
+    A model's logits at t predict the token at t + 1, so shift first:
+    `sequence_logprobs(logits[:, :-1], labels[:, 1:])`."""
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ: expected (B, T, V) "
                          "and (B, T)")
@@ -454,9 +492,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     implicit rewards beta * (pi - ref) of each and how often the chosen one's is higher."""
     if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta {beta!r} is invalid: expected a positive number")
-    shapes = {tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        raise ValueError(f"log-probabilities of shapes {sorted(shapes)}: expected four tensors of one shape (B,)")
+    named = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected, "ref_chosen": ref_chosen,
+             "ref_rejected": ref_rejected}
+    shapes = {name: tuple(t.shape) for name, t in named.items()}
+    b = shapes["policy_chosen"]
+    if len(b) != 1 or b[0] < 1 or any(v != b for v in shapes.values()):
+        raise ValueError(f"log-probabilities of shapes {shapes}: expected four tensors of one shape (B,), B >= 1")
     chosen = beta * (policy_chosen - ref_chosen.detach())
     rejected = beta * (policy_rejected - ref_rejected.detach())
     loss = -F.logsigmoid(chosen - rejected).mean()

@@ -51,7 +51,8 @@ ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 IMAGE = "<|image|>"
 VIDEO = "<|video|>"
-# A chat's turns: <|user|> or <|assistant|> opens one, <|end|> closes it (three of the first eight spare slots)
+# A chat's turns: <|user|> or <|assistant|> opens one, <|end|> closes it. They fill the first three of what
+# were eight reserved slots (no id moved); the five left are <|reserved_0|> to <|reserved_4|>.
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 END = "<|end|>"

@@ -16,6 +16,7 @@ from mllm_scratch.chat import (
     dpo_loss,
     pope_questions,
     pope_scores,
+    plural,
     rejected_answer,
     reply,
     sequence_logprobs,
@@ -120,15 +121,18 @@ def test_dialogues_answer_what_the_scene_shows_and_point_back_correctly():
             question = user.text.replace(IMAGE, "")
             if skill == "caption":
                 assert (question, reply.text, k) == (DESCRIBE, caption(scene), 0)
-            elif skill == "pointing":  # "it" is the object the previous question named
+            elif skill == "pointing":  # "it" is the one object the previous question named
+                assert d.skills[k - 1] in ("colour", "shape")
                 prev = users[k - 1].text.replace(IMAGE, "").rstrip("?").split()
-                it = next(o for o in scene.objects if (o.shape == prev[-1] if d.skills[k - 1] == "colour"
-                                                        else o.colour == prev[-2]))
+                it = [o for o in scene.objects if (o.shape == prev[-1] if d.skills[k - 1] == "colour"
+                                                   else o.colour == prev[-2])]
                 rel, name = question[len("is it "):-1].split(" the ")
-                other = next(o for o in scene.objects if o.name == name)
-                assert reply.text == ("yes" if rel in relations(it, other) else "no")
-            else:
-                assert skill in ("colour", "shape", "count", "spatial", "existence", "reading")
+                other = [o for o in scene.objects if o.name == name]
+                assert len(it) == 1 and len(other) == 1 and it != other
+                assert reply.text == ("yes" if rel in relations(it[0], other[0]) else "no")
+                assert reply.text == "yes" or relations(other[0], it[0])  # a "no" is the opposite of what holds
+            else:  # one of the scene's own questions, with its answer
+                assert QA(question, reply.text, skill) in questions(scene, seed, config=config)
         assert len(d.skills) - (d.skills[0] == "caption") <= 3
     assert seen >= {"caption", "pointing", "colour", "shape", "count", "spatial", "existence", "reading"}
 
@@ -145,7 +149,7 @@ def test_two_image_questions_are_answered_by_the_counts():
         if qa.question == "which image has more objects?":
             na, nb = len(a.objects), len(b.objects)
         else:
-            shape = qa.question[len("which image has more "):-2]
+            shape = next(t for t in ShapeWorldConfig().shapes if qa.question == f"which image has more {plural(t)}?")
             na, nb = (sum(o.shape == shape for o in s.objects) for s in (a, b))
         assert na != nb and qa.answer == ("the first" if na > nb else "the second")
     assert asked > 80
@@ -171,6 +175,10 @@ def test_pope_scores_by_hand():
     assert always_yes == {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "yes_ratio": 1.0}
     s = pope_scores(["yes", "yes", "no", "maybe"], truth)
     assert s["accuracy"] == 0.25 and s["precision"] == 0.5 and s["recall"] == 0.5 and s["yes_ratio"] == 0.5
+    assert s["f1"] == pytest.approx(0.5)
+    never = pope_scores(["no", "no"], ["yes", "no"])
+    assert never == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+    assert pope_scores([" yes ", "Yes"], ["yes", "yes"])["accuracy"] == 0.5  # exact match after stripping spaces
     with pytest.raises(ValueError, match="3 predictions for 4 answers"):
         pope_scores(["yes"] * 3, truth)
     with pytest.raises(ValueError, match="not yes/no"):
@@ -185,6 +193,7 @@ def test_rejected_answers_are_wrong_but_of_the_same_kind():
             assert wrong != qa.answer
             for pool in (("yes", "no"), config.colours, config.shapes, ("one", "two", "three")):
                 assert (qa.answer in pool) == (wrong in pool)
+    assert rejected_answer(QA("which image has more circles?", "the first", "two images"), 0) == "the second"
     with pytest.raises(ValueError, match="no perturbation"):
         rejected_answer(QA("what does the text say?", "a7", "reading"), 0)
 
@@ -202,7 +211,8 @@ def test_sequence_logprobs_sum_the_scored_tokens():
 
 def test_dpo_loss_equals_the_formula_by_hand_and_pushes_the_chosen_answer_up():
     pc, pr = torch.tensor([-1.0, -3.0, -2.0], requires_grad=True), torch.tensor([-2.0, -1.0, -2.5], requires_grad=True)
-    rc, rr = torch.tensor([-1.5, -2.0, -2.0]), torch.tensor([-1.5, -2.0, -2.0])
+    rc = torch.tensor([-1.5, -2.0, -2.0], requires_grad=True)
+    rr = torch.tensor([-1.5, -2.0, -2.0], requires_grad=True)
     beta = 0.5
     by_hand = sum(-math.log(1 / (1 + math.exp(-beta * ((a - c) - (b - d)))))
                   for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 3
@@ -211,12 +221,15 @@ def test_dpo_loss_equals_the_formula_by_hand_and_pushes_the_chosen_answer_up():
     assert stats["reward_accuracy"] == pytest.approx(2 / 3)
     loss.backward()
     assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises the chosen, lowers the rejected
+    assert rc.grad is None and rr.grad is None  # the reference is frozen: no gradient reaches it
     same, _ = dpo_loss(rc, rr, rc, rr)
     assert same.item() == pytest.approx(math.log(2))  # policy = reference: no preference yet
     with pytest.raises(ValueError, match="beta 0"):
         dpo_loss(pc, pr, rc, rr, 0)
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match=re.escape("'policy_rejected': (2,)")):
         dpo_loss(pc, pr[:2], rc, rr)
+    with pytest.raises(ValueError, match="B >= 1"):
+        dpo_loss(*(torch.zeros(0),) * 4)
 
 
 def tiny_chat_model(tok):
@@ -261,6 +274,14 @@ def test_the_collator_pads_and_scores_only_replies(tok, template):
     with pytest.raises(ValueError, match=re.escape("0 <|image|> markers but 1 image")):
         ChatCollator(template)([(torch.rand(1, 3, 32, 32), [Turn("user", "a")])])
     assert torch.isfinite(chat_loss(tiny_chat_model(tok), batch))
+    with pytest.raises(ValueError, match=re.escape("item 0: images of shape (3, 32, 32)")):
+        ChatCollator(template)([(torch.rand(3, 32, 32), [Turn("user", f"{IMAGE}a")])])
+    with pytest.raises(ValueError, match="item 1: turn 0 has role 'bot'"):
+        ChatCollator(template)([(None, [Turn("user", "a")]), (None, [Turn("bot", "a")])])
+    with pytest.raises(ValueError, match="empty list"):
+        ChatCollator(template)([])
+    with pytest.raises(ValueError, match="nothing to score"):
+        chat_loss(tiny_chat_model(tok), ChatCollator(template)([(None, [Turn("user", "a")])]))
 
 
 def test_reply_is_the_greedy_argmax_of_the_whole_sequence_recomputed(tok, template):
@@ -277,5 +298,34 @@ def test_reply_is_the_greedy_argmax_of_the_whole_sequence_recomputed(tok, templa
             break
         new.append(nxt)
     assert len(new) == 6 and reply(model, template, images, turns, max_new_tokens=6) == tok.decode(new)
+    assert model.training is False
     with pytest.raises(ValueError, match="exceed the LM's context_length 96"):
         reply(model, template, images, turns, max_new_tokens=90)
+
+
+def test_reply_stops_at_its_end_token(tok, template):
+    """A model made to say <|end|> from its third new token on replies with the two tokens before it."""
+    model = tiny_chat_model(tok)
+    calls = []
+
+    def force_end(module, inputs, output):
+        calls.append(1)
+        if len(calls) >= 3:  # call 1: the prompt; calls 2, 3, ...: one new token each
+            output = output.clone()
+            output[..., template.end_id] = 1e4
+        return output
+
+    turns = [Turn("user", "hello")]
+    ids = template.prompt(turns)
+    first = []
+    for _ in range(2):
+        first.append(int(model.lm(torch.tensor([ids + first]))[0, -1].argmax()))
+    assert template.end_id not in first
+    handle = model.lm.register_forward_hook(force_end)
+    try:
+        assert reply(model, template, None, turns, max_new_tokens=10) == tok.decode(first)
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # it stopped at <|end|> rather than running all 10 steps
+    with pytest.raises(ValueError, match=re.escape("images of shape (3, 32, 32)")):
+        reply(model, template, torch.rand(3, 32, 32), [Turn("user", f"{IMAGE}a")])
