@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mllm_scratch.shapeworld import (
+    _MAX_ATTEMPTS,
     NUMBER_WORDS,
     QA,
     Rng,
@@ -40,10 +41,14 @@ from mllm_scratch.shapeworld import (
     ShapeWorldConfig,
     _a,
     _as_rng,
+    _sample_scene,
+    _SplitDataset,
     asked_pair,
     caption,
     questions,
     relations,
+    render,
+    to_tensor,
 )
 from mllm_scratch.gpt import next_token_loss
 from mllm_scratch.runtime import checked_on_host
@@ -341,6 +346,13 @@ def _pointing_question(qa: QA, scene: Scene, rng: Rng) -> QA | None:
     return QA(f"is it {rel} the {other.name}?", answer, "pointing")
 
 
+def _check_dialogue(max_questions: int, describe: float) -> None:
+    if not isinstance(max_questions, int) or isinstance(max_questions, bool) or max_questions < 1:
+        raise ValueError(f"max_questions {max_questions!r} is invalid: expected an int >= 1")
+    if not isinstance(describe, (int, float)) or isinstance(describe, bool) or not 0 <= describe <= 1:
+        raise ValueError(f"describe {describe!r} is invalid: expected a probability from 0 to 1")
+
+
 def dialogue(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None,
              max_questions: int = 3, describe: float = 0.5) -> Dialogue:
     """A conversation about `scene`: with probability `describe`, "describe the image." and its caption first;
@@ -351,10 +363,7 @@ def dialogue(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldCon
 
     After a caption, most questions can be answered by copying from it rather than by looking:
     measure what a model sees on dialogues without one (`describe=0`)."""
-    if not isinstance(max_questions, int) or isinstance(max_questions, bool) or max_questions < 1:
-        raise ValueError(f"max_questions {max_questions!r} is invalid: expected an int >= 1")
-    if not isinstance(describe, (int, float)) or isinstance(describe, bool) or not 0 <= describe <= 1:
-        raise ValueError(f"describe {describe!r} is invalid: expected a probability from 0 to 1")
+    _check_dialogue(max_questions, describe)
     rng = _as_rng(rng)
     qas = questions(scene, rng, config=config)
     rng.shuffle(qas)
@@ -396,6 +405,71 @@ def two_image_question(first: Scene, second: Scene, rng: Rng | random.Random | i
         return None
     question, first_more = rng.choice(options)
     return QA(question, "the first" if first_more else "the second", "two images")
+
+
+class DialogueDataset(_SplitDataset):
+    """(images (1, 3, H, W), turns, skills): a `dialogue` about each scene of a split.
+
+    `describe` and `max_questions` are `dialogue`'s. Item i comes from the split's seed i (plus
+    `offset`), as in every ShapeWorld dataset."""
+
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, describe: float = 0.5,
+                 max_questions: int = 3, cache: bool = False, offset: int = 0) -> None:
+        super().__init__(split, size, config, cache, offset)
+        _check_dialogue(max_questions, describe)
+        self.describe, self.max_questions = describe, max_questions
+
+    def _make(self, rng: Rng, i: int) -> tuple:
+        scene = _sample_scene(rng, self.config, self.split)
+        d = dialogue(scene, rng, self.config, self.max_questions, self.describe)
+        return to_tensor(render(scene))[None], d.turns, d.skills
+
+
+class TwoImageDataset(_SplitDataset):
+    """(images (2, 3, H, W), turns, skills): two scenes and one `two_image_question` about them.
+
+    The user turn is "<|image|><|image|>which image has more circles?"; the reply, "the first" or
+    "the second", is right about half the time for a guess (a split's two answers are near balance)."""
+
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
+                 offset: int = 0) -> None:
+        super().__init__(split, size, config, cache, offset)
+
+    def _make(self, rng: Rng, i: int) -> tuple:
+        for _ in range(_MAX_ATTEMPTS):  # re-sample from the same seed's stream until the two scenes differ
+            first, second = (_sample_scene(rng, self.config, self.split) for _ in range(2))
+            qa = two_image_question(first, second, rng)
+            if qa is not None:
+                images = torch.stack([to_tensor(render(first)), to_tensor(render(second))])
+                return images, (Turn("user", IMAGE * 2 + qa.question), Turn("assistant", qa.answer)), (qa.skill,)
+        raise RuntimeError(f"no two-image question found for item {i}")
+
+
+@torch.no_grad()
+def dialogue_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset, max_new_tokens: int = 40) -> dict:
+    """Exact-match accuracy of each assistant turn, given the true conversation before it.
+
+    For turn k the model sees every earlier turn with its true reply (teacher forcing of the
+    history), so a turn is scored on its own, not on the model's earlier mistakes. Returns
+    {"turns": accuracy over every non-caption turn, "by_skill": {skill: accuracy},
+    "by_turn": {k: accuracy of the k-th question}, "count": number of turns scored}."""
+    by_skill: dict[str, list[bool]] = {}
+    by_turn: dict[int, list[bool]] = {}
+    for images, turns, skills in dataset:
+        k_question = 0
+        for k, skill in enumerate(skills):
+            said = reply(model, template, images, turns[: 2 * k + 1], max_new_tokens)
+            right = said.strip() == turns[2 * k + 1].text.strip()
+            by_skill.setdefault(skill, []).append(right)
+            if skill != "caption":
+                by_turn.setdefault(k_question, []).append(right)
+                k_question += 1
+    scored = [r for skill, rs in by_skill.items() if skill != "caption" for r in rs]
+    if not scored:
+        raise ValueError("the dataset holds no question turns to score (only captions): expected some questions")
+    mean = lambda rs: sum(rs) / len(rs)  # noqa: E731
+    return {"turns": mean(scored), "by_skill": {s: mean(rs) for s, rs in sorted(by_skill.items())},
+            "by_turn": {k: mean(rs) for k, rs in sorted(by_turn.items())}, "count": len(scored)}
 
 
 # ----------------------------------------------------------------------------------
@@ -444,6 +518,26 @@ def pope_scores(predicted: Sequence[str], truth: Sequence[str]) -> dict[str, flo
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"accuracy": correct / len(truth), "precision": precision, "recall": recall, "f1": f1,
             "yes_ratio": sum(said_yes) / len(truth)}
+
+
+class PopeDataset(_SplitDataset):
+    """(images (1, 3, H, W), turns, skills): one `pope_questions` question per scene, "yes" for even i, "no" for odd."""
+
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
+                 offset: int = 0) -> None:
+        super().__init__(split, size, config, cache, offset)
+
+    def _make(self, rng: Rng, i: int) -> tuple:
+        scene = _sample_scene(rng, self.config, self.split)
+        qa = next(q for q in pope_questions(scene, rng, self.config) if q.answer == ("yes" if i % 2 == 0 else "no"))
+        return to_tensor(render(scene))[None], (Turn("user", IMAGE + qa.question), Turn("assistant", qa.answer)), ("pope",)
+
+
+@torch.no_grad()
+def pope_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset: PopeDataset) -> dict[str, float]:
+    """`pope_scores` of the model's replies to a `PopeDataset`'s questions."""
+    said = [reply(model, template, images, turns[:1], max_new_tokens=4) for images, turns, _ in dataset]
+    return pope_scores(said, [turns[1].text for _, turns, _ in dataset])
 
 
 # ----------------------------------------------------------------------------------

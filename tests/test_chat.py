@@ -329,3 +329,41 @@ def test_reply_stops_at_its_end_token(tok, template):
     assert len(calls) == 3  # it stopped at <|end|> rather than running all 10 steps
     with pytest.raises(ValueError, match=re.escape("images of shape (3, 32, 32)")):
         reply(model, template, torch.rand(3, 32, 32), [Turn("user", f"{IMAGE}a")])
+
+
+def test_datasets_hold_valid_conversations_of_their_split():
+    from mllm_scratch.chat import DialogueDataset, PopeDataset, TwoImageDataset
+
+    d = DialogueDataset("test", 50, describe=0.0)
+    for images, turns, skills in d:
+        assert images.shape == (1, 3, 32, 32) and check_conversation(turns, num_images=1) == turns
+        assert len(skills) == len(turns) // 2 and "caption" not in skills
+    assert d[3][1] == DialogueDataset("test", 50, describe=0.0)[3][1] != DialogueDataset("train", 50, describe=0.0)[3][1]
+    with pytest.raises(ValueError, match="describe 2"):
+        DialogueDataset("test", 5, describe=2)
+    two = TwoImageDataset("test", 200)
+    answers = [turns[1].text for _, turns, _ in two]
+    assert two[0][0].shape == (2, 3, 32, 32) and check_conversation(two[0][1], num_images=2) == two[0][1]
+    assert set(answers) == {"the first", "the second"} and 0.35 < answers.count("the first") / 200 < 0.65
+    pope = PopeDataset("test", 20)
+    assert [turns[1].text for _, turns, _ in pope] == ["yes", "no"] * 10
+
+
+def test_dialogue_accuracy_scores_each_turn_given_the_true_history(tok, template, monkeypatch):
+    import mllm_scratch.chat as chat
+
+    dataset = chat.DialogueDataset("test", 30, cache=True)  # cached: each item's images are one tensor
+    truth = {}  # what each (image, history) should get, from the dataset itself
+    for images, turns, _ in dataset:
+        for k in range(len(turns) // 2):
+            truth[id(images), turns[: 2 * k + 1]] = turns[2 * k + 1].text
+    monkeypatch.setattr(chat, "reply", lambda model, template, images, turns, *_, **__: truth[id(images), tuple(turns)])
+    perfect = chat.dialogue_accuracy(None, template, dataset)
+    assert perfect["turns"] == 1.0 and set(perfect["by_skill"].values()) == {1.0}
+    assert perfect["count"] == sum(s != "caption" for _, _, skills in dataset for s in skills)
+    monkeypatch.setattr(chat, "reply", lambda model, template, images, turns, *_, **__: "yes")
+    yes = chat.dialogue_accuracy(None, template, dataset)
+    assert yes["by_skill"]["colour"] == 0.0 and 0.0 < yes["by_skill"]["existence"] < 1.0
+    monkeypatch.setattr(chat, "reply", lambda model, template, images, turns, *_, **__: "yes")
+    assert chat.pope_accuracy(None, template, chat.PopeDataset("test", 20)) == {
+        "accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "yes_ratio": 1.0}
