@@ -214,7 +214,7 @@ class ChatBatch(NamedTuple):
 
 
 class ChatCollator:
-    """Collate (images (k, 3, H, W) or None, turns) items into a `ChatBatch`, right-padded with <|pad|>."""
+    """Collate (images (k, 3, H, W) or None, turns[, skills]) items into a `ChatBatch`, right-padded with <|pad|>."""
 
     def __init__(self, template: ChatTemplate):
         self.template = template
@@ -223,7 +223,7 @@ class ChatCollator:
         if len(items) == 0:
             raise ValueError("got an empty list of items: expected at least one (images, turns) pair")
         encoded, images = [], []
-        for i, (images_k, turns) in enumerate(items):
+        for i, (images_k, turns, *_) in enumerate(items):
             if images_k is not None and (not isinstance(images_k, torch.Tensor) or images_k.dim() != 4):
                 shape = tuple(images_k.shape) if isinstance(images_k, torch.Tensor) else type(images_k).__name__
                 raise ValueError(f"item {i}: images of shape {shape}: expected a tensor (k, 3, H, W), "
@@ -598,3 +598,112 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss, {"chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
                   "reward_accuracy": (chosen > rejected).float().mean().item()}
 
+
+# ----------------------------------------------------------------------------------
+# Instruction tuning: chapter 06's model taught the chat format
+
+
+CHAT_OFFSET = 6_000_000  # where the dialogues' scenes start among the train seeds: scenes of their own
+TWO_IMAGE_OFFSET = 7_000_000  # and the two-image questions' (two scenes each)
+
+
+@dataclass(frozen=True)
+class ChatRecipe:
+    """Instruction tuning of chapter 06's shipped model: dialogues about one image and questions about two.
+
+    The LM's learned position table grows to `context_length` (`tiling.extend_positions`, new rows
+    copied from the rows the base model read its questions at): a dialogue with a caption, or two
+    images of 64 tokens each, does not fit in the 128 positions chapter 06's LM has. The tower
+    stays frozen; the projector trains at `lr` and the LM at `lm_lr`."""
+
+    dialogues: int = 20_000
+    two_image: int = 5_000
+    describe: float = 0.5
+    max_questions: int = 3
+    context_length: int = 192
+    steps: int = 3_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    lm_lr: float = 3e-4
+    warmup_steps: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("dialogues", "two_image", "max_questions", "context_length", "steps", "batch_size", "warmup_steps",
+                     "seed"):
+            value = getattr(self, name)
+            low = 0 if name in ("two_image", "warmup_steps", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} {value!r} is invalid: expected an int >= {low}")
+        for name in ("lr", "lm_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} {value!r} is invalid: expected a positive number")
+        _check_dialogue(self.max_questions, self.describe)
+
+    def to_dict(self) -> dict:
+        from mllm_scratch.vit import config_dict
+
+        return config_dict(self)
+
+
+def chat_dataset(recipe: ChatRecipe, config: ShapeWorldConfig | None = None):
+    """The training conversations: `recipe.dialogues` dialogues and `recipe.two_image` two-image questions."""
+    from torch.utils.data import ConcatDataset
+
+    parts = [DialogueDataset("train", recipe.dialogues, config, describe=recipe.describe,
+                             max_questions=recipe.max_questions, cache=True, offset=CHAT_OFFSET)]
+    if recipe.two_image:
+        parts.append(TwoImageDataset("train", recipe.two_image, config, cache=True, offset=TWO_IMAGE_OFFSET))
+    return ConcatDataset(parts)
+
+
+def build_chat_vlm(base: UnifiedVLM, recipe: ChatRecipe) -> UnifiedVLM:
+    """A copy of `base` whose LM's position table is grown to `recipe.context_length` (the tower is shared)."""
+    from dataclasses import replace
+
+    from mllm_scratch.tiling import extend_positions
+
+    n = base.config.num_image_tokens
+    lm = extend_positions(base.lm, recipe.context_length, n) if recipe.context_length > base.config.lm.context_length \
+        else extend_positions(base.lm, base.config.lm.context_length, 0)  # a copy, positions as they are
+    model = UnifiedVLM(replace(base.config, lm=lm.config), encoder=base.encoder, lm=lm)
+    model.projector.load_state_dict(base.projector.state_dict())
+    return model
+
+
+def train_chat_vlm(recipe: ChatRecipe | None = None, tokenizer: Tokenizer | None = None, *,
+                   base: UnifiedVLM | None = None, steps: int | None = None, log_every: int = 500,
+                   progress: bool = True, device=None):
+    """Instruction-tune chapter 06's shipped model (or `base`) on `chat_dataset`: returns (model, History).
+
+    Every conversation is encoded by `ChatTemplate` (the loss on the replies only), batched by
+    `ChatCollator` and trained with `chat_loss`; `steps` shortens the run."""
+    from mllm_scratch.train import TrainConfig, batches, train
+    from mllm_scratch.tokenizer import load_tokenizer
+    from mllm_scratch.vlm import load_vlm
+
+    recipe = recipe or ChatRecipe()
+    tokenizer = tokenizer or load_tokenizer()
+    base = base if base is not None else load_vlm()
+    torch.manual_seed(recipe.seed)
+    model = build_chat_vlm(base, recipe)
+    model.set_trainable(encoder=False, projector=True, lm=True)
+    template = ChatTemplate(tokenizer, model.num_image_tokens)
+    n = recipe.steps if steps is None else steps
+    optimizer = torch.optim.AdamW([{"params": list(model.projector.parameters()), "lr": recipe.lr},
+                                   {"params": list(model.lm.parameters()), "lr": recipe.lm_lr}],
+                                  lr=recipe.lr, weight_decay=0.0)
+    config = TrainConfig(steps=n, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, n), weight_decay=0.0,
+                         min_lr_ratio=0.0, record_every=10, log_every=log_every, progress=progress)
+    data = batches(chat_dataset(recipe, base_scene_config(base)), recipe.batch_size, seed=recipe.seed,
+                   collate_fn=ChatCollator(template))
+    history = train(model, data, chat_loss, config, optimizer=optimizer, device=device,
+                    batch_size_of=lambda b: b.ids.shape[0])
+    model.set_trainable(encoder=False, projector=False, lm=False)
+    return model.eval(), history
+
+
+def base_scene_config(model: UnifiedVLM) -> ShapeWorldConfig:
+    """The scenes a model's tower reads: ShapeWorld at its image size."""
+    return ShapeWorldConfig(image_size=model.config.vision.image_size)

@@ -367,3 +367,42 @@ def test_dialogue_accuracy_scores_each_turn_given_the_true_history(tok, template
     monkeypatch.setattr(chat, "reply", lambda model, template, images, turns, *_, **__: "yes")
     assert chat.pope_accuracy(None, template, chat.PopeDataset("test", 20)) == {
         "accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "yes_ratio": 1.0}
+
+
+def test_build_chat_vlm_grows_the_positions_and_leaves_the_base_alone(tok):
+    from mllm_scratch.chat import ChatRecipe, build_chat_vlm
+
+    base = tiny_chat_model(tok)
+    model = build_chat_vlm(base, ChatRecipe(context_length=128))
+    table, old = model.lm.pos_emb.weight, base.lm.pos_emb.weight
+    assert table.shape[0] == 128 and old.shape[0] == 96
+    torch.testing.assert_close(table[:96], old)
+    torch.testing.assert_close(table[96:], old[N:N + 32])  # new rows copy those after the image tokens
+    assert model.encoder is base.encoder and model.lm is not base.lm
+    torch.testing.assert_close(model.projector[0].weight, base.projector[0].weight)
+
+
+def test_train_chat_vlm_runs_and_trains_only_the_projector_and_lm(tok):
+    from mllm_scratch.chat import ChatRecipe, train_chat_vlm
+
+    base = tiny_chat_model(tok)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    recipe = ChatRecipe(dialogues=16, two_image=8, context_length=128, batch_size=4, warmup_steps=1)
+    model, history = train_chat_vlm(recipe, tok, base=base, steps=3, log_every=0, progress=False)
+    assert len(history.loss) == 1 and math.isfinite(history.loss[0])
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("encoder."))  # the tower is frozen
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("lm."))
+    assert all(torch.equal(base.state_dict()[k], before[k]) for k in before if k.startswith("lm."))  # the base LM is not
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "steps 0 is invalid"), ("lm_lr", float("nan"), "lm_lr nan"), ("describe", -1, "describe -1"),
+    ("batch_size", 2.5, "batch_size 2.5"),
+])
+def test_chat_recipe_errors_name_the_value(field, value, message):
+    from mllm_scratch.chat import ChatRecipe
+
+    with pytest.raises(ValueError, match=message):
+        ChatRecipe(**{field: value})
