@@ -707,3 +707,128 @@ def train_chat_vlm(recipe: ChatRecipe | None = None, tokenizer: Tokenizer | None
 def base_scene_config(model: UnifiedVLM) -> ShapeWorldConfig:
     """The scenes a model's tower reads: ShapeWorld at its image size."""
     return ShapeWorldConfig(image_size=model.config.vision.image_size)
+
+
+# ----------------------------------------------------------------------------------
+# Preference tuning: DPO on pairs of a right and a perturbed answer
+
+
+PREFERENCE_OFFSET = 8_000_000  # where the preference pairs' scenes start among the train seeds
+PREFERENCE_SKILLS = ("colour", "shape", "count", "spatial", "existence")
+
+
+class PreferenceDataset(_SplitDataset):
+    """(images (1, 3, H, W), prompt turns, chosen, rejected, skill): a question, its answer and a wrong one.
+
+    Even items ask about an absent object, a near miss (`pope_questions`): chosen "no", rejected
+    "yes", the hallucination preference tuning is meant to remove. Odd items cycle through the
+    skills in `PREFERENCE_SKILLS`, the rejected answer from `rejected_answer`, so that the model
+    is not simply taught to say "no"."""
+
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
+                 offset: int = 0) -> None:
+        super().__init__(split, size, config, cache, offset)
+
+    def _make(self, rng: Rng, i: int) -> tuple:
+        for _ in range(_MAX_ATTEMPTS):  # re-sample from the same seed's stream until the skill applies
+            scene = _sample_scene(rng, self.config, self.split)
+            if i % 2 == 0:
+                qa = next(q for q in pope_questions(scene, rng, self.config) if q.answer == "no")
+            else:
+                skill = PREFERENCE_SKILLS[(i // 2) % len(PREFERENCE_SKILLS)]
+                qas = questions(scene, rng, [skill], self.config)
+                if not qas:
+                    continue
+                qa = qas[0]
+            prompt = (Turn("user", IMAGE + qa.question),)
+            return to_tensor(render(scene))[None], prompt, qa.answer, rejected_answer(qa, rng, self.config), qa.skill
+        raise RuntimeError(f"no question found for item {i}")
+
+
+class PreferenceCollator:
+    """Collate `PreferenceDataset` items into one `ChatBatch` of 2B rows: the B chosen replies, then the B rejected."""
+
+    def __init__(self, template: ChatTemplate):
+        self.chat = ChatCollator(template)
+
+    def __call__(self, items: Sequence[tuple]) -> ChatBatch:
+        rows = [(im, prompt + (Turn("assistant", chosen),)) for im, prompt, chosen, _, _ in items]
+        rows += [(im, prompt + (Turn("assistant", rejected),)) for im, prompt, _, rejected, _ in items]
+        return self.chat(rows)
+
+
+def preference_logprobs(model: UnifiedVLM, batch: ChatBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probabilities (B,) of the chosen and the rejected replies of a `PreferenceCollator` batch."""
+    logits = model.lm(inputs_embeds=splice_images(model, batch.ids, batch.images))
+    logps = sequence_logprobs(logits[:, :-1], batch.labels[:, 1:])  # logits at t predict the token at t + 1
+    half = batch.ids.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+@dataclass(frozen=True)
+class DPORecipe:
+    """Direct Preference Optimization of a chat model's LM on `PreferenceDataset` pairs (the tower and projector frozen)."""
+
+    pairs: int = 10_000
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 1e-5
+    beta: float = 0.1
+    warmup_steps: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("pairs", "steps", "batch_size", "warmup_steps", "seed"):
+            value = getattr(self, name)
+            low = 0 if name in ("warmup_steps", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} {value!r} is invalid: expected an int >= {low}")
+        for name in ("lr", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} {value!r} is invalid: expected a positive number")
+
+    def to_dict(self) -> dict:
+        from mllm_scratch.vit import config_dict
+
+        return config_dict(self)
+
+
+def dpo_objective(reference: UnifiedVLM, beta: float):
+    """The `loss_fn` for `train`: `dpo_loss` of the policy being trained against the frozen `reference`."""
+
+    def loss_fn(policy: UnifiedVLM, batch: ChatBatch) -> torch.Tensor:
+        chosen, rejected = preference_logprobs(policy, batch)
+        with torch.no_grad():
+            ref_chosen, ref_rejected = preference_logprobs(reference, batch)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0]
+
+    return loss_fn
+
+
+def train_dpo(model: UnifiedVLM, recipe: DPORecipe | None = None, tokenizer: Tokenizer | None = None, *,
+              steps: int | None = None, log_every: int = 100, progress: bool = True, device=None):
+    """DPO on a copy of `model` (its LM trains; tower and projector stay frozen), with `model` itself as the
+    frozen reference. Returns (policy, History); `model` is left as it was."""
+    import copy
+
+    from mllm_scratch.tokenizer import load_tokenizer
+    from mllm_scratch.train import TrainConfig, batches, train
+
+    recipe = recipe or DPORecipe()
+    tokenizer = tokenizer or load_tokenizer()
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    policy = copy.deepcopy(model).requires_grad_(False)
+    policy.lm.requires_grad_(True)
+    template = ChatTemplate(tokenizer, model.num_image_tokens)
+    n = recipe.steps if steps is None else steps
+    config = TrainConfig(steps=n, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, n), weight_decay=0.0,
+                         min_lr_ratio=0.0, record_every=1 if n < 10 else 10, log_every=log_every, progress=progress)
+    data = batches(PreferenceDataset("train", recipe.pairs, base_scene_config(model), cache=True,
+                                     offset=PREFERENCE_OFFSET),
+                   recipe.batch_size, seed=recipe.seed, collate_fn=PreferenceCollator(template))
+    if device is not None:
+        reference.to(device)
+    history = train(policy, data, dpo_objective(reference, recipe.beta), config, device=device,
+                    batch_size_of=lambda b: b.ids.shape[0] // 2)
+    return policy.requires_grad_(False).eval(), history

@@ -406,3 +406,45 @@ def test_chat_recipe_errors_name_the_value(field, value, message):
 
     with pytest.raises(ValueError, match=message):
         ChatRecipe(**{field: value})
+
+
+def test_preference_pairs_hold_a_right_and_a_wrong_answer():
+    from mllm_scratch.chat import PreferenceDataset
+
+    data = PreferenceDataset("test", 40)
+    for i, (images, prompt, chosen, rejected, skill) in enumerate(data):
+        assert images.shape == (1, 3, 32, 32) and check_conversation(prompt, num_images=1) == prompt
+        assert chosen != rejected
+        if i % 2 == 0:
+            assert (skill, chosen, rejected) == ("pope", "no", "yes")
+    assert {s for *_, s in data} == {"pope", "colour", "shape", "count", "spatial", "existence"}
+
+
+def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(tok, template):
+    from mllm_scratch.chat import (
+        DPORecipe,
+        PreferenceCollator,
+        PreferenceDataset,
+        dpo_objective,
+        preference_logprobs,
+        train_dpo,
+    )
+
+    model = tiny_chat_model(tok)
+    batch = PreferenceCollator(template)([PreferenceDataset("train", 8, offset=8_000_000)[i] for i in range(8)])
+    assert batch.ids.shape[0] == 16
+    start = dpo_objective(model, beta=0.5)(model, batch)
+    assert start.item() == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference: no preference yet
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    policy, history = train_dpo(model, DPORecipe(pairs=8, batch_size=8, lr=3e-3, beta=0.5, warmup_steps=0), tok,
+                                steps=8, log_every=0, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the reference is untouched
+    assert history.loss[-1] < history.loss[0] and dpo_objective(model, 0.5)(policy, batch).item() < math.log(2)
+    with torch.no_grad():
+        chosen, rejected = preference_logprobs(policy, batch)
+        ref_chosen, ref_rejected = preference_logprobs(model, batch)
+    assert ((chosen - ref_chosen) - (rejected - ref_rejected)).mean() > 0
+    changed = {k.split(".")[0] for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"lm"}  # only the LM trains
+    with pytest.raises(ValueError, match="beta 0 is invalid"):
+        DPORecipe(beta=0)
