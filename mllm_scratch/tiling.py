@@ -419,6 +419,40 @@ def make_tile_connector(kind: str, vision: ViTConfig, lm_dim: int) -> tuple[nn.M
     return nn.Sequential(*parts), tokens
 
 
+# ----------------------------------------------------------------------------------
+# The token budget at 32 px: chapter 06's model with a connector in place of its projector
+
+
+class BudgetVLM(UnifiedVLM):
+    """Chapter 06's unified decoder whose projector is a token-reducing connector (`make_tile_connector`).
+
+    The tower still gives one vector per patch (64 at 32 px); the connector turns them into fewer
+    image tokens (pixel shuffle or 4 x 4 average pooling: 16, a quarter), so the LM's sequence and
+    its FLOPs shrink. Everything else is `UnifiedVLM`: the <|image|> slots, `generate`, the stages."""
+
+    def __init__(self, config: VLMConfig, *, connector: str = "pixelshuffle", encoder: nn.Module | None = None,
+                 lm: GPT | None = None):
+        super().__init__(config, encoder=encoder, lm=lm)
+        if connector not in KINDS:
+            raise ValueError(f"connector {connector!r} is invalid: expected one of {KINDS}")
+        self.connector_kind = connector
+        self.projector, self._tokens = make_tile_connector(connector, config.vision, config.lm.dim)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image: the connector's, not the tower's patches."""
+        return self._tokens
+
+
+def build_budget_vlm(base: UnifiedVLM, connector: str = "pixelshuffle", seed: int = 0) -> BudgetVLM:
+    """A `BudgetVLM` from chapter 06's model `base`: its tower (shared, frozen in training), a copy of its LM,
+    and a new connector (initialised from `seed`) in place of its projector."""
+    torch.manual_seed(seed)
+    lm = GPT(base.lm.config)
+    lm.load_state_dict(base.lm.state_dict())
+    return BudgetVLM(base.config, connector=connector, encoder=base.encoder, lm=lm)
+
+
 TILED_STAGES = ("reading", "mix")
 
 

@@ -324,3 +324,26 @@ def test_the_first_recipes_results_were_made_with_it_and_a_results_file_is_never
     with pytest.raises(SystemExit):  # another recipe: refused, and the file is left as it was
         search_rows.main(["--out", str(out)], "doc", ["a"], run, out, lambda: {**header, "recipe": {"steps": 2}}, lambda rows: "")
     assert json.loads(out.read_text())["recipe"] == {"steps": 1}
+
+
+def test_budget_vlm_spends_a_quarter_of_the_image_tokens_and_trains_as_chapter_06s_model():
+    from mllm_scratch.tiling import BudgetVLM, build_budget_vlm
+    from mllm_scratch.vlm import VLMCollator, VLMRecipe, train_stage
+
+    from mllm_scratch.vlm import load_vlm
+
+    tok, base = load_tokenizer(), load_vlm()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for kind, tokens in (("pixelshuffle", base.num_image_tokens // 4), ("avgpool", 16)):
+        model = build_budget_vlm(base, kind)
+        assert isinstance(model, BudgetVLM) and model.num_image_tokens == tokens and model.encoder is base.encoder
+        batch = VLMCollator(tok, tokens)([(torch.rand(3, 32, 32), "what colour is the circle?", "red", "colour")])
+        assert (batch.ids == tok.image_id).sum() == tokens
+        assert model(batch.ids, batch.images).shape == (*batch.ids.shape, tok.vocab_size)
+    recipe = VLMRecipe(caption_pairs=8, qa_pairs=8, batch_size=4)
+    for stage in (1, 2):
+        train_stage(model, recipe, stage, tok, steps=2, log_every=0, progress=False)
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())  # the base model is untouched
+    assert model.generate(tok, torch.rand(2, 3, 32, 32), ["what colour is the circle?"] * 2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="connector 'bogus' is invalid"):
+        build_budget_vlm(base, "bogus")
