@@ -262,6 +262,8 @@ def splice_images(model: UnifiedVLM, ids: torch.Tensor, images: torch.Tensor | N
     if k == 0:
         return embeds
     tokens = model.image_tokens(images).to(embeds.dtype)  # (K, n, lm_dim)
+    if tokens.shape[1] != n:  # masked_scatter would take other images' tokens without a word
+        raise ValueError(f"the image path gave {tokens.shape[1]} tokens per image, but {n} <|image|> slots hold one")
     return embeds.masked_scatter(slots[..., None], tokens)  # slots fill in order: row by row, image by image
 
 
@@ -582,8 +584,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     """DPO (Rafailov et al., 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged.
 
     The arguments are sequence log-probabilities (B,) of the chosen and rejected answers under the
-    policy being tuned and under the frozen reference. Returns the loss and, as floats, the mean
-    implicit rewards beta * (pi - ref) of each and how often the chosen one's is higher."""
+    policy being tuned and under the frozen reference. Returns the loss and, as detached tensors (no
+    host-device sync in a training step), the mean implicit rewards beta * (pi - ref) of each and how
+    often the chosen one's is higher."""
     if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta {beta!r} is invalid: expected a positive number")
     named = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected, "ref_chosen": ref_chosen,
@@ -595,8 +598,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     chosen = beta * (policy_chosen - ref_chosen.detach())
     rejected = beta * (policy_rejected - ref_rejected.detach())
     loss = -F.logsigmoid(chosen - rejected).mean()
-    return loss, {"chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
-                  "reward_accuracy": (chosen > rejected).float().mean().item()}
+    return loss, {"chosen_reward": chosen.detach().mean(), "rejected_reward": rejected.detach().mean(),
+                  "reward_accuracy": (chosen > rejected).float().mean()}
 
 
 # ----------------------------------------------------------------------------------
@@ -720,10 +723,11 @@ PREFERENCE_SKILLS = ("colour", "shape", "count", "spatial", "existence")
 class PreferenceDataset(_SplitDataset):
     """(images (1, 3, H, W), prompt turns, chosen, rejected, skill): a question, its answer and a wrong one.
 
-    Even items ask about an absent object, a near miss (`pope_questions`): chosen "no", rejected
-    "yes", the hallucination preference tuning is meant to remove. Odd items cycle through the
-    skills in `PREFERENCE_SKILLS`, the rejected answer from `rejected_answer`, so that the model
-    is not simply taught to say "no"."""
+    Even items are `pope_questions`: items 0, 4, 8, ... ask about an absent near miss (chosen "no",
+    rejected "yes": the hallucination preference tuning is meant to remove), items 2, 6, 10, ...
+    about an object that is there (chosen "yes", rejected "no"), so that the model is not simply
+    taught to say "no". Odd items cycle through the skills in `PREFERENCE_SKILLS`, the rejected
+    answer from `rejected_answer`."""
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
                  offset: int = 0) -> None:
@@ -733,7 +737,7 @@ class PreferenceDataset(_SplitDataset):
         for _ in range(_MAX_ATTEMPTS):  # re-sample from the same seed's stream until the skill applies
             scene = _sample_scene(rng, self.config, self.split)
             if i % 2 == 0:
-                qa = next(q for q in pope_questions(scene, rng, self.config) if q.answer == "no")
+                qa = next(q for q in pope_questions(scene, rng, self.config) if q.answer == ("no" if i % 4 == 0 else "yes"))
             else:
                 skill = PREFERENCE_SKILLS[(i // 2) % len(PREFERENCE_SKILLS)]
                 qas = questions(scene, rng, [skill], self.config)
@@ -759,9 +763,12 @@ class PreferenceCollator:
 
 def preference_logprobs(model: UnifiedVLM, batch: ChatBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probabilities (B,) of the chosen and the rejected replies of a `PreferenceCollator` batch."""
+    rows = batch.ids.shape[0]
+    if rows % 2:
+        raise ValueError(f"a preference batch of {rows} rows: expected an even number, the chosen rows then the rejected")
     logits = model.lm(inputs_embeds=splice_images(model, batch.ids, batch.images))
     logps = sequence_logprobs(logits[:, :-1], batch.labels[:, 1:])  # logits at t predict the token at t + 1
-    half = batch.ids.shape[0] // 2
+    half = rows // 2
     return logps[:half], logps[half:]
 
 
@@ -808,14 +815,19 @@ def dpo_objective(reference: UnifiedVLM, beta: float):
 
 def train_dpo(model: UnifiedVLM, recipe: DPORecipe | None = None, tokenizer: Tokenizer | None = None, *,
               steps: int | None = None, log_every: int = 100, progress: bool = True, device=None):
-    """DPO on a copy of `model` (its LM trains; tower and projector stay frozen), with `model` itself as the
-    frozen reference. Returns (policy, History); `model` is left as it was."""
+    """DPO on a copy of `model` (its LM trains; tower and projector stay frozen) against another copy, frozen,
+    as the reference (three models in memory). Returns (policy, History); `model` is left as it was.
+
+    The policy trains in train mode and the reference runs in eval mode: the same function only while
+    the model has no dropout (the book's models have none), as the first step's loss of log 2 assumes."""
     import copy
 
+    from mllm_scratch.runtime import choose_device
     from mllm_scratch.tokenizer import load_tokenizer
     from mllm_scratch.train import TrainConfig, batches, train
 
     recipe = recipe or DPORecipe()
+    device = choose_device(device) if not isinstance(device, torch.device) else device  # as train() chooses it
     tokenizer = tokenizer or load_tokenizer()
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     policy = copy.deepcopy(model).requires_grad_(False)
@@ -827,8 +839,7 @@ def train_dpo(model: UnifiedVLM, recipe: DPORecipe | None = None, tokenizer: Tok
     data = batches(PreferenceDataset("train", recipe.pairs, base_scene_config(model), cache=True,
                                      offset=PREFERENCE_OFFSET),
                    recipe.batch_size, seed=recipe.seed, collate_fn=PreferenceCollator(template))
-    if device is not None:
-        reference.to(device)
+    reference.to(device)  # beside the policy, which train() moves there
     history = train(policy, data, dpo_objective(reference, recipe.beta), config, device=device,
                     batch_size_of=lambda b: b.ids.shape[0] // 2)
     return policy.requires_grad_(False).eval(), history

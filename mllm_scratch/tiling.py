@@ -427,14 +427,18 @@ class BudgetVLM(UnifiedVLM):
     """Chapter 06's unified decoder whose projector is a token-reducing connector (`make_tile_connector`).
 
     The tower still gives one vector per patch (64 at 32 px); the connector turns them into fewer
-    image tokens (pixel shuffle or 4 x 4 average pooling: 16, a quarter), so the LM's sequence and
-    its FLOPs shrink. Everything else is `UnifiedVLM`: the <|image|> slots, `generate`, the stages."""
+    image tokens (pixel shuffle, or 2 x 2 average pooling into a 4 x 4 grid: 16, a quarter), so the
+    LM's sequence and its FLOPs shrink. Everything else is `UnifiedVLM`: the <|image|> slots,
+    `generate`, the stages. `save_vlm` refuses it: VLMConfig does not record the connector."""
 
     def __init__(self, config: VLMConfig, *, connector: str = "pixelshuffle", encoder: nn.Module | None = None,
                  lm: GPT | None = None):
         super().__init__(config, encoder=encoder, lm=lm)
-        if connector not in KINDS:
-            raise ValueError(f"connector {connector!r} is invalid: expected one of {KINDS}")
+        reducing = tuple(k for k in KINDS if k not in ("linear", "mlp"))  # those two keep one token per patch
+        if connector not in reducing:
+            raise ValueError(f"connector {connector!r} is invalid: expected one that reduces the tokens, {reducing}")
+        if config.encoder != "vit":
+            raise ValueError(f"BudgetVLM needs a ViT tower (a grid of patch vectors), got encoder {config.encoder!r}")
         self.connector_kind = connector
         self.projector, self._tokens = make_tile_connector(connector, config.vision, config.lm.dim)
 
@@ -445,12 +449,12 @@ class BudgetVLM(UnifiedVLM):
 
 
 def build_budget_vlm(base: UnifiedVLM, connector: str = "pixelshuffle", seed: int = 0) -> BudgetVLM:
-    """A `BudgetVLM` from chapter 06's model `base`: its tower (shared, frozen in training), a copy of its LM,
-    and a new connector (initialised from `seed`) in place of its projector."""
+    """A `BudgetVLM` from chapter 06's model `base`: copies of its tower and LM (training leaves `base` as it
+    was), and a new connector (initialised from `seed`) in place of its projector."""
+    import copy
+
     torch.manual_seed(seed)
-    lm = GPT(base.lm.config)
-    lm.load_state_dict(base.lm.state_dict())
-    return BudgetVLM(base.config, connector=connector, encoder=base.encoder, lm=lm)
+    return BudgetVLM(base.config, connector=connector, encoder=copy.deepcopy(base.encoder), lm=copy.deepcopy(base.lm))
 
 
 TILED_STAGES = ("reading", "mix")

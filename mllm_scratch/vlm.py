@@ -237,10 +237,12 @@ class UnifiedVLM(nn.Module):
         n = self.num_image_tokens
         if checked_on_host(ids) and bool((per_row != n).any()):  # no host-device sync on a GPU
             raise ValueError(
-                f"each sequence must hold exactly {n} <|image|> tokens (one per image patch), "
+                f"each sequence must hold exactly {n} <|image|> tokens (one per image token), "
                 f"got {per_row.tolist()} per sequence"
             )
         tokens = self.image_tokens(images).to(embeds.dtype)  # (batch, n, lm_dim)
+        if tokens.shape[1] != n:  # masked_scatter would take other images' tokens without a word
+            raise ValueError(f"the image path gave {tokens.shape[1]} tokens per image, but {n} <|image|> slots hold one")
         # Row by row, slot k takes image token k: masked_scatter fills the True positions in order.
         return embeds.masked_scatter(slots[..., None], tokens)  # (batch, T, lm_dim)
 
@@ -880,6 +882,9 @@ def save_vlm(path: str | Path, model: UnifiedVLM, *, recipe: dict | None = None,
     """
     from mllm_scratch.clip import tower_reference
 
+    if type(model) is not UnifiedVLM:  # a subclass has parts or a layout VLMConfig does not record
+        raise ValueError(f"save_vlm saves a UnifiedVLM, got a {type(model).__name__}: load_vlm could not rebuild it "
+                         "from its VLMConfig")
     reference = tower_reference(model.encoder, dtype)  # the shipped tower, frozen: its checksum, not its weights
     stored = nn.ModuleDict({"projector": model.projector, "lm": model.lm}) if reference else model
     return save_checkpoint(path, stored, model.config.to_dict(), name=name, recipe=recipe, metrics=metrics, dtype=dtype,

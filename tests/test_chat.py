@@ -218,7 +218,9 @@ def test_dpo_loss_equals_the_formula_by_hand_and_pushes_the_chosen_answer_up():
                   for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 3
     loss, stats = dpo_loss(pc, pr, rc, rr, beta)
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
-    assert stats["reward_accuracy"] == pytest.approx(2 / 3)
+    assert stats["reward_accuracy"].item() == pytest.approx(2 / 3)
+    raised, _ = dpo_loss(rc + torch.tensor([1.0, 0, 0]), rr, rc, rr, beta)  # only one chosen answer made likelier
+    assert raised.item() < math.log(2)
     loss.backward()
     assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises the chosen, lowers the rejected
     assert rc.grad is None and rr.grad is None  # the reference is frozen: no gradient reaches it
@@ -411,13 +413,15 @@ def test_chat_recipe_errors_name_the_value(field, value, message):
 def test_preference_pairs_hold_a_right_and_a_wrong_answer():
     from mllm_scratch.chat import PreferenceDataset
 
-    data = PreferenceDataset("test", 40)
+    data = PreferenceDataset("test", 200)
     for i, (images, prompt, chosen, rejected, skill) in enumerate(data):
         assert images.shape == (1, 3, 32, 32) and check_conversation(prompt, num_images=1) == prompt
         assert chosen != rejected
         if i % 2 == 0:
-            assert (skill, chosen, rejected) == ("pope", "no", "yes")
+            assert (skill, chosen, rejected) == ("pope", "no", "yes") if i % 4 == 0 else ("pope", "yes", "no")
     assert {s for *_, s in data} == {"pope", "colour", "shape", "count", "spatial", "existence"}
+    yes_no = [chosen for _, _, chosen, rejected, _ in data if {chosen, rejected} == {"yes", "no"}]
+    assert 0.4 < yes_no.count("yes") / len(yes_no) < 0.6  # DPO is not taught to prefer one word
 
 
 def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(tok, template):
@@ -431,8 +435,15 @@ def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(to
     )
 
     model = tiny_chat_model(tok)
-    batch = PreferenceCollator(template)([PreferenceDataset("train", 8, offset=8_000_000)[i] for i in range(8)])
+    items = [PreferenceDataset("train", 8, offset=8_000_000)[i] for i in range(8)]
+    batch = PreferenceCollator(template)(items)
     assert batch.ids.shape[0] == 16
+    for row, item in ((0, items[0]), (3, items[3])):  # row r holds item r's chosen reply, row 8 + r its rejected one
+        for offset, reply_text in ((0, item[2]), (8, item[3])):
+            ids = [i for i in batch.ids[row + offset].tolist() if i != tok.pad_id]
+            assert template.decode(ids)[-1] == Turn("assistant", reply_text)
+    with pytest.raises(ValueError, match="batch of 3 rows"):
+        preference_logprobs(model, PreferenceCollator(template)(items[:2])._replace(ids=batch.ids[:3]))
     start = dpo_objective(model, beta=0.5)(model, batch)
     assert start.item() == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference: no preference yet
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -326,24 +326,31 @@ def test_the_first_recipes_results_were_made_with_it_and_a_results_file_is_never
     assert json.loads(out.read_text())["recipe"] == {"steps": 1}
 
 
-def test_budget_vlm_spends_a_quarter_of_the_image_tokens_and_trains_as_chapter_06s_model():
+def test_budget_vlm_spends_a_quarter_of_the_image_tokens_and_trains_as_chapter_06s_model(tmp_path):
     from mllm_scratch.tiling import BudgetVLM, build_budget_vlm
-    from mllm_scratch.vlm import VLMCollator, VLMRecipe, train_stage
+    from mllm_scratch.vlm import VLMCollator, VLMRecipe, save_vlm, train_stage
 
     from mllm_scratch.vlm import load_vlm
 
     tok, base = load_tokenizer(), load_vlm()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    for kind, tokens in (("pixelshuffle", base.num_image_tokens // 4), ("avgpool", 16)):
+    for kind in ("avgpool", "cabstractor", "queries", "pixelshuffle"):  # every connector of 16 tokens; pixel shuffle last
         model = build_budget_vlm(base, kind)
-        assert isinstance(model, BudgetVLM) and model.num_image_tokens == tokens and model.encoder is base.encoder
-        batch = VLMCollator(tok, tokens)([(torch.rand(3, 32, 32), "what colour is the circle?", "red", "colour")])
-        assert (batch.ids == tok.image_id).sum() == tokens
+        assert isinstance(model, BudgetVLM) and model.num_image_tokens == 16 == base.num_image_tokens // 4
+        assert model.encoder is not base.encoder and model.lm is not base.lm
+        batch = VLMCollator(tok, 16)([(torch.rand(3, 32, 32), "what colour is the circle?", "red", "colour")])
         assert model(batch.ids, batch.images).shape == (*batch.ids.shape, tok.vocab_size)
     recipe = VLMRecipe(caption_pairs=8, qa_pairs=8, batch_size=4)
+    trained = {1: {"projector"}, 2: {"projector", "lm"}}  # chapter 06's stages: the connector, then it and the LM
     for stage in (1, 2):
+        start = {k: v.clone() for k, v in model.state_dict().items()}
         train_stage(model, recipe, stage, tok, steps=2, log_every=0, progress=False)
+        assert {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, start[k])} == trained[stage]
     assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())  # the base model is untouched
-    assert model.generate(tok, torch.rand(2, 3, 32, 32), ["what colour is the circle?"] * 2, max_new_tokens=2)
-    with pytest.raises(ValueError, match="connector 'bogus' is invalid"):
-        build_budget_vlm(base, "bogus")
+    said = model.generate(tok, torch.rand(2, 3, 32, 32), ["what colour is the circle?"] * 2, max_new_tokens=2)
+    assert len(said) == 2 and all(isinstance(s, str) for s in said)
+    for bad in ("bogus", "mlp"):
+        with pytest.raises(ValueError, match=f"connector '{bad}' is invalid: expected one that reduces"):
+            build_budget_vlm(base, bad)
+    with pytest.raises(ValueError, match="save_vlm saves a UnifiedVLM, got a BudgetVLM"):
+        save_vlm(tmp_path / "budget.pt", model)
