@@ -606,6 +606,20 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 # Instruction tuning: chapter 06's model taught the chat format
 
 
+def _check_fields(recipe: object, counts: Sequence[str], zero_or_more: Sequence[str], rates: Sequence[str]) -> None:
+    """A recipe's fields, or ValueError naming the first bad one: `counts` ints >= 1, `zero_or_more` ints >= 0,
+    `rates` positive finite numbers."""
+    for names, low in ((counts, 1), (zero_or_more, 0)):
+        for name in names:
+            value = getattr(recipe, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} {value!r} is invalid: expected an int >= {low}")
+    for name in rates:
+        value = getattr(recipe, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} {value!r} is invalid: expected a positive number")
+
+
 CHAT_OFFSET = 6_000_000  # where the dialogues' scenes start among the train seeds: scenes of their own
 TWO_IMAGE_OFFSET = 7_000_000  # and the two-image questions' (two scenes each)
 
@@ -632,16 +646,8 @@ class ChatRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("dialogues", "two_image", "max_questions", "context_length", "steps", "batch_size", "warmup_steps",
-                     "seed"):
-            value = getattr(self, name)
-            low = 0 if name in ("two_image", "warmup_steps", "seed") else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} {value!r} is invalid: expected an int >= {low}")
-        for name in ("lr", "lm_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} {value!r} is invalid: expected a positive number")
+        _check_fields(self, ("dialogues", "max_questions", "context_length", "steps", "batch_size"),
+                      ("two_image", "warmup_steps", "seed"), ("lr", "lm_lr"))
         _check_dialogue(self.max_questions, self.describe)
 
     def to_dict(self) -> dict:
@@ -785,15 +791,7 @@ class DPORecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("pairs", "steps", "batch_size", "warmup_steps", "seed"):
-            value = getattr(self, name)
-            low = 0 if name in ("warmup_steps", "seed") else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} {value!r} is invalid: expected an int >= {low}")
-        for name in ("lr", "beta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} {value!r} is invalid: expected a positive number")
+        _check_fields(self, ("pairs", "steps", "batch_size"), ("warmup_steps", "seed"), ("lr", "beta"))
 
     def to_dict(self) -> dict:
         from mllm_scratch.vit import config_dict
