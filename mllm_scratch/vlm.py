@@ -237,7 +237,7 @@ class UnifiedVLM(nn.Module):
         n = self.num_image_tokens
         if checked_on_host(ids) and bool((per_row != n).any()):  # no host-device sync on a GPU
             raise ValueError(
-                f"each sequence must hold exactly {n} <|image|> tokens (one per image token), "
+                f"each sequence must hold exactly {n} <|image|> tokens (one per image patch), "
                 f"got {per_row.tolist()} per sequence"
             )
         tokens = self.image_tokens(images).to(embeds.dtype)  # (batch, n, lm_dim)
