@@ -673,9 +673,8 @@ def build_chat_vlm(base: UnifiedVLM, recipe: ChatRecipe) -> UnifiedVLM:
 
     from mllm_scratch.tiling import extend_positions
 
-    n = base.config.num_image_tokens
-    lm = extend_positions(base.lm, recipe.context_length, n) if recipe.context_length > base.config.lm.context_length \
-        else extend_positions(base.lm, base.config.lm.context_length, 0)  # a copy, positions as they are
+    # A copy of the LM, its new rows copied from those after the image tokens (a shorter context: a clear error)
+    lm = extend_positions(base.lm, recipe.context_length, base.config.num_image_tokens)
     model = UnifiedVLM(replace(base.config, lm=lm.config), encoder=base.encoder, lm=lm)
     model.projector.load_state_dict(base.projector.state_dict())
     return model
