@@ -408,12 +408,20 @@ def build_tiled_vlm(recipe: TiledRecipe, base: UnifiedVLM, tile_tower: nn.Module
     return model
 
 
-def make_tile_connector(kind: str, vision: ViTConfig, lm_dim: int) -> tuple[nn.Module, int]:
+def make_tile_connector(kind: str, vision: ViTConfig, lm_dim: int, factor: int = 2) -> tuple[nn.Module, int]:
     """(connector, tokens per tile): `connectors.make_connector`, a LayerNorm, and learned place codes for the
-    connectors whose tokens are a grid of places in the tile (all but "queries": a learned query has no place)."""
+    connectors whose tokens are a grid of places in the tile (all but "queries": a learned query has no place).
+
+    `factor` sets the budget of the reducing connectors: (side / factor)^2 tokens for a side x side grid
+    of patches (pixel shuffle and pooling merge factor x factor blocks, the C-Abstractor pools to that
+    grid, and there are that many learned queries)."""
     side = vision.image_size // vision.patch_size
-    tokens = connector_tokens(kind, side)
-    parts: list[nn.Module] = [make_connector(kind, vision.dim, lm_dim), nn.LayerNorm(lm_dim)]
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or side % factor:
+        raise ValueError(f"factor {factor!r} is invalid: expected a positive int that divides the {side} x {side} "
+                         "grid of patches")
+    budget = dict(factor=factor, out_grid=side // factor, num_queries=(side // factor) ** 2)
+    tokens = connector_tokens(kind, side, **budget)
+    parts: list[nn.Module] = [make_connector(kind, vision.dim, lm_dim, **budget), nn.LayerNorm(lm_dim)]
     if kind != "queries":  # a grid of tokens: each also says where in its tile it is
         parts.append(PlaceCodes(math.isqrt(tokens), lm_dim))
     return nn.Sequential(*parts), tokens
@@ -431,16 +439,16 @@ class BudgetVLM(UnifiedVLM):
     LM's sequence and its FLOPs shrink. Everything else is `UnifiedVLM`: the <|image|> slots,
     `generate`, the stages. `save_vlm` refuses it: VLMConfig does not record the connector."""
 
-    def __init__(self, config: VLMConfig, *, connector: str = "pixelshuffle", encoder: nn.Module | None = None,
-                 lm: GPT | None = None):
+    def __init__(self, config: VLMConfig, *, connector: str = "pixelshuffle", factor: int = 2,
+                 encoder: nn.Module | None = None, lm: GPT | None = None):
         super().__init__(config, encoder=encoder, lm=lm)
         reducing = tuple(k for k in KINDS if k not in ("linear", "mlp"))  # those two keep one token per patch
         if connector not in reducing:
             raise ValueError(f"connector {connector!r} is invalid: expected one that reduces the tokens, {reducing}")
         if config.encoder != "vit":
             raise ValueError(f"BudgetVLM needs a ViT tower (a grid of patch vectors), got encoder {config.encoder!r}")
-        self.connector_kind = connector
-        self.projector, self._tokens = make_tile_connector(connector, config.vision, config.lm.dim)
+        self.connector_kind, self.factor = connector, factor
+        self.projector, self._tokens = make_tile_connector(connector, config.vision, config.lm.dim, factor)
 
     @property
     def num_image_tokens(self) -> int:
@@ -448,13 +456,41 @@ class BudgetVLM(UnifiedVLM):
         return self._tokens
 
 
-def build_budget_vlm(base: UnifiedVLM, connector: str = "pixelshuffle", seed: int = 0) -> BudgetVLM:
+def build_budget_vlm(base: UnifiedVLM, connector: str = "pixelshuffle", seed: int = 0, factor: int = 2) -> BudgetVLM:
     """A `BudgetVLM` from chapter 06's model `base`: copies of its tower and LM (training leaves `base` as it
-    was), and a new connector (initialised from `seed`) in place of its projector."""
+    was), and a new connector (initialised from `seed`) in place of its projector, giving 1 / factor^2
+    of the tower's patches as image tokens."""
     import copy
 
     torch.manual_seed(seed)
-    return BudgetVLM(base.config, connector=connector, encoder=copy.deepcopy(base.encoder), lm=copy.deepcopy(base.lm))
+    return BudgetVLM(base.config, connector=connector, factor=factor, encoder=copy.deepcopy(base.encoder),
+                     lm=copy.deepcopy(base.lm))
+
+
+def train_budget_vlm(recipe: Any = None, connector: str = "pixelshuffle", tokenizer: Tokenizer | None = None, *,
+                     factor: int = 2, log_every: int = 500, progress: bool = True,
+                     device=None) -> tuple[BudgetVLM, dict[str, History]]:
+    """Chapter 06's recipe (default: its shipped one) with `connector` in place of its projector.
+
+    The same start as `vlm.train_vlm`: `build_vlm(recipe)` (the recipe's tower and pretrained GPT),
+    then `build_budget_vlm` swaps the projector for the connector (1 / factor^2 of the patches as
+    tokens: 16 of 64 at the default 2), seeded with `recipe.seed`, and
+    every stage of the recipe trains it with chapter 06's `train_stage`. Only the image-token
+    budget differs from the model `train_vlm` would train. Returns the model (eval mode) and
+    each stage's History."""
+    from mllm_scratch.vlm import SHIPPED_RECIPE, VLMRecipe, build_vlm, train_stage
+
+    recipe = SHIPPED_RECIPE if recipe is None else recipe
+    if not isinstance(recipe, VLMRecipe):
+        raise TypeError(f"recipe must be a VLMRecipe (chapter 06's), got {type(recipe).__name__}")
+    tokenizer = tokenizer or load_tokenizer()
+    model = build_budget_vlm(build_vlm(recipe, tokenizer), connector, seed=recipe.seed, factor=factor)
+    histories = {}
+    for stage in recipe.stages:
+        name = f"stage{stage}" if isinstance(stage, int) else stage
+        histories[name] = train_stage(model, recipe, stage, tokenizer, log_every=log_every, progress=progress,
+                                      device=device)
+    return model.eval(), histories
 
 
 TILED_STAGES = ("reading", "mix")
