@@ -4,7 +4,7 @@ The pieces an instruction-tuned VLM adds to the one-question models of chapters 
 
 - **The chat template.** A conversation is a list of `Turn`s, user and assistant in turn,
   starting with the user. Each turn is written as its role token (<|user|> or
-  <|assistant|>), its text, then <|end|>; an <|image|> marker in a user turn becomes
+  <|assistant|>), its text (each piece after a space, as words stand in a sentence), then <|end|>; an <|image|> marker in a user turn becomes
   `num_image_tokens` image slots, where the images are spliced in, in order. The loss is
   taken on the assistant's words and the <|end|> that closes them, and nowhere else: the
   model learns to answer, not to predict the user. `ChatTemplate.decode` reads the ids
@@ -12,8 +12,9 @@ The pieces an instruction-tuned VLM adds to the one-question models of chapters 
 - **Dialogues from a scene graph** (`dialogue`): "describe, then ask", follow-up
   questions, and a question that points back at an earlier answer ("is it left of the
   blue square?", where "it" is the object the previous question named).
-- **Questions about two images** (`two_image_question`): which image has more objects or
-  more of a shape; a model that sees one image can only guess them.
+- **Questions about two images** (`two_image_question`): do the two hold the same number of
+  objects? Asked so that neither image alone decides the answer, a model that sees one image
+  can only guess.
 - **A hallucination check** in the style of POPE (`pope_questions`, `pope_scores`): yes/no
   questions about objects that are present and, as often, objects that are absent,
   scored as accuracy, precision, recall and the share of "yes" answers.
@@ -36,6 +37,7 @@ from mllm_scratch.shapeworld import (
     _MAX_ATTEMPTS,
     NUMBER_WORDS,
     QA,
+    SPLIT_SEEDS,
     Rng,
     Scene,
     ShapeWorldConfig,
@@ -137,13 +139,23 @@ class ChatTemplate:
         self.end_id = special[END]
 
     def _body(self, text: str) -> list[int]:
-        """A turn's text as ids, each <|image|> marker expanded to num_image_tokens image ids."""
+        """A turn's text as ids, each <|image|> marker expanded to num_image_tokens image ids.
+
+        Each piece of text is written after a space (" red", not "red"): the tokenizer learned its
+        words with the space before them, as they stand in a sentence, so " red" is one token where
+        "red" at the start of a turn would be two rarer ones ("re", "d"). `decode` takes the space off."""
         ids: list[int] = []
         for k, piece in enumerate(text.split(IMAGE)):
             if k:
                 ids += [self.tokenizer.image_id] * self.num_image_tokens
-            ids += self.tokenizer.encode_ordinary(piece)
+            if piece:
+                ids += self.tokenizer.encode_ordinary(" " + piece)
         return ids
+
+    def text_of(self, ids: Sequence[int]) -> str:
+        """The text of a piece of a turn that `_body` wrote: decoded, less the one space it put in front."""
+        text = self.tokenizer.decode(list(ids))
+        return text[1:] if text.startswith(" ") else text
 
     def encode(self, turns: Sequence[Turn | tuple[str, str]], num_images: int | None = None) -> tuple[list[int], list[int]]:
         """(ids, labels) of a conversation: labels copy the assistant turns' text and <|end|>, -100 elsewhere."""
@@ -190,12 +202,12 @@ class ChatTemplate:
                     if run % self.num_image_tokens:
                         raise ValueError(f"a run of {run} image ids at position {j - run}: expected a multiple of "
                                          f"num_image_tokens ({self.num_image_tokens})")
-                    text.append(self.tokenizer.decode(piece) + IMAGE * (run // self.num_image_tokens))
+                    text.append(self.text_of(piece) + IMAGE * (run // self.num_image_tokens))
                     piece = []
                 else:
                     piece.append(ids[j])
                     j += 1
-            text.append(self.tokenizer.decode(piece))
+            text.append(self.text_of(piece))
             turns.append(Turn(role, "".join(text)))
             i = end + 1
         return check_conversation(turns) if turns else ()
@@ -309,7 +321,7 @@ def reply(model: UnifiedVLM, template: ChatTemplate, images: torch.Tensor | None
     finally:
         model.train(was_training)
     new = new[: new.index(template.end_id)] if template.end_id in new else new
-    return template.tokenizer.decode(new)
+    return template.text_of(new)
 
 
 # ----------------------------------------------------------------------------------
@@ -355,10 +367,14 @@ def _check_dialogue(max_questions: int, describe: float) -> None:
         raise ValueError(f"describe {describe!r} is invalid: expected a probability from 0 to 1")
 
 
+DIALOGUE_SKILLS = ("colour", "shape", "count", "spatial", "existence")  # reading needs chapter 10's tiles
+
+
 def dialogue(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None,
-             max_questions: int = 3, describe: float = 0.5) -> Dialogue:
+             max_questions: int = 3, describe: float = 0.5, skills: Sequence[str] = DIALOGUE_SKILLS) -> Dialogue:
     """A conversation about `scene`: with probability `describe`, "describe the image." and its caption first;
-    then `max_questions` questions at most: the scene's questions (`shapeworld.questions`) in a random
+    then `max_questions` questions at most: the scene's questions of `skills` (`shapeworld.questions`;
+    by default every skill but reading, which chapter 06's model, at 32 px, cannot do) in a random
     order, and after a colour or shape question, half the time, one that points back at the object it
     named ("is it left of the blue square?": skill "pointing"; it counts toward `max_questions`). The
     image's marker opens the first user turn.
@@ -367,7 +383,7 @@ def dialogue(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldCon
     measure what a model sees on dialogues without one (`describe=0`)."""
     _check_dialogue(max_questions, describe)
     rng = _as_rng(rng)
-    qas = questions(scene, rng, config=config)
+    qas = questions(scene, rng, skills=tuple(skills), config=config)
     rng.shuffle(qas)
     asked: list[QA] = []
     for qa in qas:
@@ -385,66 +401,71 @@ def dialogue(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldCon
     return Dialogue(tuple(turns), tuple(skill for _, _, skill in pairs))
 
 
-def plural(shape: str) -> str:
-    """ "circle" -> "circles", "cross" -> "crosses"."""
-    return shape + ("es" if shape.endswith(("s", "x", "sh", "ch")) else "s")
+SAME_COUNT = "do the two images have the same number of objects?"
 
 
-def two_image_question(first: Scene, second: Scene, rng: Rng | random.Random | int) -> QA | None:
-    """A question that needs both images: which has more objects, or more of one shape.
+def two_image_question(first: Scene, second: Scene) -> QA:
+    """A question that needs both images: do they hold the same number of objects? ("yes" or "no").
 
-    The answer is "the first" or "the second"; None when the two scenes tie on everything asked."""
-    rng = _as_rng(rng)
-    options = []
-    if len(first.objects) != len(second.objects):
-        options.append(("which image has more objects?", len(first.objects) > len(second.objects)))
-    for shape in sorted({o.shape for o in first.objects + second.objects}):
-        a = sum(o.shape == shape for o in first.objects)
-        b = sum(o.shape == shape for o in second.objects)
-        if a != b:
-            options.append((f"which image has more {plural(shape)}?", a > b))
-    if not options:
-        return None
-    question, first_more = rng.choice(options)
-    return QA(question, "the first" if first_more else "the second", "two images")
+    Neither image alone decides it when the data set asks it as `TwoImageDataset` does: for each
+    item the answer is fixed first ("yes" for even items) and the second scene drawn to fit, so
+    whatever the first image holds, "yes" and "no" are equally likely. (A question such as "which
+    image has more circles?" can mostly be answered from one image: one with no circle loses.)"""
+    return QA(SAME_COUNT, "yes" if len(first.objects) == len(second.objects) else "no", "two images")
 
 
 class DialogueDataset(_SplitDataset):
     """(images (1, 3, H, W), turns, skills): a `dialogue` about each scene of a split.
 
-    `describe` and `max_questions` are `dialogue`'s. Item i comes from the split's seed i (plus
+    `describe`, `max_questions` and `skills` are `dialogue`'s. Item i comes from the split's seed i (plus
     `offset`), as in every ShapeWorld dataset."""
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, describe: float = 0.5,
-                 max_questions: int = 3, cache: bool = False, offset: int = 0) -> None:
+                 max_questions: int = 3, skills: Sequence[str] = DIALOGUE_SKILLS, cache: bool = False,
+                 offset: int = 0) -> None:
         super().__init__(split, size, config, cache, offset)
         _check_dialogue(max_questions, describe)
-        self.describe, self.max_questions = describe, max_questions
+        self.describe, self.max_questions, self.skills = describe, max_questions, tuple(skills)
 
     def _make(self, rng: Rng, i: int) -> tuple:
         scene = _sample_scene(rng, self.config, self.split)
-        d = dialogue(scene, rng, self.config, self.max_questions, self.describe)
+        d = dialogue(scene, rng, self.config, self.max_questions, self.describe, self.skills)
         return to_tensor(render(scene))[None], d.turns, d.skills
 
 
 class TwoImageDataset(_SplitDataset):
-    """(images (2, 3, H, W), turns, skills): two scenes and one `two_image_question` about them.
+    """(images (2, 3, H, W), turns, skills): two scenes and the `two_image_question` about them.
 
-    The user turn is "<|image|><|image|>which image has more circles?"; the reply, "the first" or
-    "the second", is right about half the time for a guess (a split's two answers are near balance)."""
+    The user turn is "<|image|><|image|>do the two images have the same number of objects?". Item i's
+    answer is "yes" for even i and "no" for odd i: the first scene is drawn, then the second is
+    re-drawn from the same seed's stream until it fits that answer, so the answer does not depend on
+    what the first image shows (`scenes(i)` gives the two scenes)."""
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
                  offset: int = 0) -> None:
         super().__init__(split, size, config, cache, offset)
 
+    def scenes(self, i: int) -> tuple[Scene, Scene]:
+        """Item i's two scenes."""
+        if not -self.size <= i < self.size:
+            raise IndexError(f"index {i} out of range for a dataset of size {self.size}")
+        i %= self.size
+        return self._scenes(Rng(SPLIT_SEEDS[self.split][0] + self.offset + i), i)
+
+    def _scenes(self, rng: Rng, i: int) -> tuple[Scene, Scene]:
+        first = _sample_scene(rng, self.config, self.split)
+        same = i % 2 == 0
+        for _ in range(_MAX_ATTEMPTS):
+            second = _sample_scene(rng, self.config, self.split)
+            if (len(second.objects) == len(first.objects)) == same:
+                return first, second
+        raise RuntimeError(f"no second scene with {'the same' if same else 'another'} number of objects for item {i}")
+
     def _make(self, rng: Rng, i: int) -> tuple:
-        for _ in range(_MAX_ATTEMPTS):  # re-sample from the same seed's stream until the two scenes differ
-            first, second = (_sample_scene(rng, self.config, self.split) for _ in range(2))
-            qa = two_image_question(first, second, rng)
-            if qa is not None:
-                images = torch.stack([to_tensor(render(first)), to_tensor(render(second))])
-                return images, (Turn("user", IMAGE * 2 + qa.question), Turn("assistant", qa.answer)), (qa.skill,)
-        raise RuntimeError(f"no two-image question found for item {i}")
+        first, second = self._scenes(rng, i)
+        qa = two_image_question(first, second)
+        images = torch.stack([to_tensor(render(first)), to_tensor(render(second))])
+        return images, (Turn("user", IMAGE * 2 + qa.question), Turn("assistant", qa.answer)), (qa.skill,)
 
 
 @torch.no_grad()
@@ -548,11 +569,11 @@ def pope_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset: PopeDatase
 
 def rejected_answer(qa: QA, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None) -> str:
     """A wrong answer close to the right one: another colour, shape or count (one more or one fewer), or
-    the answer flipped (yes/no, the first/the second image)."""
+    the answer flipped (yes/no)."""
     rng = _as_rng(rng)
     config = config or ShapeWorldConfig()
     answer = qa.answer
-    flips = {"yes": "no", "no": "yes", "the first": "the second", "the second": "the first"}
+    flips = {"yes": "no", "no": "yes"}
     if answer in flips:
         return flips[answer]
     for pool in (config.colours, config.shapes):
@@ -562,7 +583,7 @@ def rejected_answer(qa: QA, rng: Rng | random.Random | int, config: ShapeWorldCo
         n = NUMBER_WORDS.index(answer)
         near = [k for k in (n - 1, n + 1) if config.min_objects <= k <= config.max_objects and k > 0]
         return NUMBER_WORDS[rng.choice(near or [k for k in range(1, len(NUMBER_WORDS)) if k != n])]
-    raise ValueError(f"answer {answer!r} ({qa.skill}) has no perturbation: expected yes/no, the first/the second, "
+    raise ValueError(f"answer {answer!r} ({qa.skill}) has no perturbation: expected yes/no, "
                      "a colour, a shape or a number word")
 
 
@@ -840,3 +861,134 @@ def train_dpo(model: UnifiedVLM, recipe: DPORecipe | None = None, tokenizer: Tok
     history = train(policy, data, dpo_objective(reference, recipe.beta), config, device=device,
                     batch_size_of=lambda b: b.ids.shape[0] // 2)
     return policy.requires_grad_(False).eval(), history
+
+
+# ----------------------------------------------------------------------------------
+# The shipped chat model: `ChatRecipe()` trained, scored and saved
+
+
+CHAT_CHECKPOINT_NAME = "chat_vlm"
+CHAT_EVAL = {"dialogues": 1000, "two_image": 1000, "pope": 1000}  # held-out (test) items each score is measured on
+
+
+def _chat_checkpoint_path():
+    from mllm_scratch.checkpoints import DEFAULT_DIR
+
+    return DEFAULT_DIR / f"{CHAT_CHECKPOINT_NAME}.pt"
+
+
+def two_image_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset: "TwoImageDataset", *,
+                       control: str | None = None, max_new_tokens: int = 4) -> float:
+    """Exact-match accuracy on `TwoImageDataset` questions.
+
+    `control="one image"` gives the model the first image in both places: a model that compares
+    the two then always finds the same number and says "yes", right on half of the items, as a
+    guess is; a model that answers from some shortcut in the first image keeps its score."""
+    if control not in (None, "one image"):
+        raise ValueError(f"control {control!r} is invalid: expected None or 'one image'")
+    right = []
+    for images, turns, _ in dataset:
+        if control == "one image":
+            images = images[:1].expand(2, -1, -1, -1)
+        right.append(reply(model, template, images, turns[:1], max_new_tokens=max_new_tokens).strip() == turns[1].text)
+    if not right:
+        raise ValueError("the dataset is empty: expected at least one two-image question")
+    return sum(right) / len(right)
+
+
+def chat_scores(model: UnifiedVLM, tokenizer: Tokenizer | None = None, sizes: dict[str, int] | None = None) -> dict:
+    """The chat model's held-out scores: per-turn accuracy on dialogues without a caption (`describe=0`), by skill
+    and by turn; two-image questions, with the one-image control; and POPE on near-miss objects."""
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    sizes = {**CHAT_EVAL, **(sizes or {})}
+    tokenizer = tokenizer or load_tokenizer()
+    template = ChatTemplate(tokenizer, model.num_image_tokens)
+    config = base_scene_config(model)
+    two = TwoImageDataset("test", sizes["two_image"], config)
+    return {"sizes": sizes,
+            "dialogue": dialogue_accuracy(model, template, DialogueDataset("test", sizes["dialogues"], config, describe=0.0)),
+            "two_image": {"accuracy": two_image_accuracy(model, template, two),
+                          "one_image": two_image_accuracy(model, template, two, control="one image")},
+            "pope": pope_accuracy(model, template, PopeDataset("test", sizes["pope"], config))}
+
+
+def save_chat_vlm(path, model: UnifiedVLM, *, recipe: dict | None = None, metrics: dict | None = None,
+                  dtype: torch.dtype | None = None, base_sha256: str | None = None) -> dict:
+    """Save a chat model (its projector and LM; the shipped tower by checksum) and its manifest.
+
+    `base_sha256`: the sha256 of the chapter-06 checkpoint it was tuned from (the shipped one's,
+    recorded so that `load_chat_vlm` can tell when that file has been rebuilt since)."""
+    from torch import nn
+
+    from mllm_scratch.checkpoints import STORED_DTYPE, save_checkpoint
+    from mllm_scratch.clip import tower_reference
+    from mllm_scratch.gpt import tokenizer_sha256
+
+    if type(model) is not UnifiedVLM:
+        raise ValueError(f"save_chat_vlm saves a UnifiedVLM, got a {type(model).__name__}")
+    dtype = dtype or STORED_DTYPE
+    reference = tower_reference(model.encoder, dtype)
+    stored = nn.ModuleDict({"projector": model.projector, "lm": model.lm}) if reference else model
+    return save_checkpoint(path, stored, model.config.to_dict(), name=CHAT_CHECKPOINT_NAME, recipe=recipe,
+                           metrics=metrics, dtype=dtype,
+                           extra={"tokenizer_sha256": tokenizer_sha256(), **reference,
+                                  **({"base_vlm_sha256": base_sha256} if base_sha256 else {}),
+                                  "loader": "mllm_scratch.chat.load_chat_vlm"})
+
+
+def load_chat_vlm(path=None) -> UnifiedVLM:
+    """The chat model `scripts/build_checkpoints.py chat_vlm` trains with `ChatRecipe()` (default), or a file saved
+    by `save_chat_vlm`; verified before it is built (sha256, config, recipe, tokenizer); eval mode, CPU, frozen."""
+    from pathlib import Path
+
+    from mllm_scratch.checkpoints import CheckpointError, load_state_dict_strict, load_verified, read_manifest
+    from mllm_scratch.clip import with_referenced_tower
+    from mllm_scratch.gpt import tokenizer_sha256
+    from mllm_scratch.tiling import _shipped_vlm_sha256
+    from mllm_scratch.vlm import VLMConfig
+
+    default = _chat_checkpoint_path()
+    saved, state_dict, path, rebuild = load_verified(
+        CHAT_CHECKPOINT_NAME, path, default, expected_config=None, recipe=ChatRecipe().to_dict(),
+        recipe_owner="ChatRecipe() in mllm_scratch/chat.py", tokenizer_sha256=tokenizer_sha256())
+    manifest = read_manifest(path, rebuild)
+    shipped = Path(path).resolve() == default.resolve()
+    if shipped and _shipped_vlm_sha256() is None:
+        raise CheckpointError(f"checkpoint {path} is tuned from chapter 06's data/checkpoints/vlm.pt, whose manifest "
+                              f"is missing: build it first (python scripts/build_checkpoints.py vlm)")
+    if shipped and manifest.get("base_vlm_sha256") != _shipped_vlm_sha256():
+        raise CheckpointError(f"checkpoint {path} was tuned from another chapter-06 model than the shipped "
+                              f"data/checkpoints/vlm.pt (rebuilt since?); rebuild it with: {rebuild}")
+    state_dict = with_referenced_tower(state_dict, manifest, path, rebuild)
+    try:
+        config = VLMConfig(**saved)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} holds an invalid VLMConfig ({err}); rebuild it with: {rebuild}") from None
+    model = UnifiedVLM(config)
+    load_state_dict_strict(model, state_dict, path, rebuild)
+    return model.set_trainable(encoder=False, projector=False, lm=False).eval()
+
+
+def build_chat_checkpoint(out) -> dict:
+    """Train `ChatRecipe()` on chapter 06's shipped model and save it scored (`save_scored_chat`) as
+    out/chat_vlm.pt + .json (what `scripts/build_checkpoints.py chat_vlm` calls)."""
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    model, history = train_chat_vlm(ChatRecipe(), load_tokenizer(), progress=False, device="cpu")
+    return save_scored_chat(out, model, history.loss[-1], history.seconds)
+
+
+def save_scored_chat(out, model: UnifiedVLM, final_loss: float | None, seconds: float) -> dict:
+    """Round `ChatRecipe()`'s trained model to float16, score it (`chat_scores`) and save out/chat_vlm.pt + .json:
+    the second half of `build_chat_checkpoint`. `final_loss` None leaves the loss out of the manifest."""
+    from pathlib import Path
+
+    from mllm_scratch.checkpoints import STORED_DTYPE, round_to_dtype
+    from mllm_scratch.tiling import _shipped_vlm_sha256
+
+    round_to_dtype(model, STORED_DTYPE)  # score the weights the float16 file will hold
+    metrics = {**({"loss": round(final_loss, 4)} if final_loss is not None else {}), "train_seconds": round(seconds, 1),
+               **chat_scores(model)}
+    return save_chat_vlm(Path(out) / f"{CHAT_CHECKPOINT_NAME}.pt", model, recipe=ChatRecipe().to_dict(), metrics=metrics,
+                         base_sha256=_shipped_vlm_sha256())

@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Chapter 06's shipped recipe with a quarter of the image tokens: a token-reducing connector in place of its projector.
 
-    python scripts/budget_seeds.py              # every row (about 15-25 minutes each on a CPU core)
+    python scripts/budget_seeds.py              # every row (about 25 minutes each on a CPU core of its own)
     python scripts/budget_seeds.py --rows 1 2   # some rows only (merged into the results file)
 
 Row i trains `tiling.train_budget_vlm(SHIPPED_RECIPE with seed s, connector)`: the same tower, the
 same pretrained GPT, the same stages, data and steps as chapter 06's model, but a connector that
 turns the tower's 64 patch vectors into 16 image tokens (pixel shuffle on three seeds; 2 x 2
 average pooling, a C-Abstractor and 16 learned queries on seed 0), and pixel shuffle of 4 x 4
-blocks into 4 tokens (seed 0). A row records its `image_tokens`. A trained row is rounded to
-float16, as a shipped file is stored, and answers 1,000 test and 1,000 compositional questions
+blocks into 4 tokens (seed 0). A row records its `image_tokens`, and the header's `row_settings`
+lists (connector, seed, factor) for every row. A trained row is rounded to float16, as a shipped
+file is stored, and answers 1,000 test and 1,000 compositional questions
 per skill, scored as `vlm_seeds.py` scores chapter 06's model (`xattn_seeds.answers`), so that
 the rows compare with data/results/vlm_seeds.json seed by seed. The results go to
 data/results/budget_seeds.json, which chapter 10 prints and checks.
@@ -44,7 +45,7 @@ def run(i: int) -> dict:
 
         tokenizer = load_tokenizer()
         model, _ = train_budget_vlm(replace(SHIPPED_RECIPE, seed=seed), connector, tokenizer, factor=factor,
-                                    progress=False)
+                                    progress=False, device="cpu")  # on the CPU, as vlm_seeds.py trains chapter 06's
         round_to_dtype(model, torch.float16)
         scored = {split: answers(model, tokenizer, split) for split in ("test", "compositional")}
         return {"image_tokens": model.num_image_tokens, **scored}
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         argv, __doc__, [f"{c}, seed {s}, {64 // f**2} tokens" for c, s, f in ROWS], run, RESULTS,
         header=lambda: {"what": "chapter 06's shipped recipe with a token-reducing connector "
                                 "(scripts/budget_seeds.py)",
-                        "recipe": SHIPPED_RECIPE.to_dict(), "questions_per_skill": 1000},
+                        "recipe": SHIPPED_RECIPE.to_dict(), "row_settings": [list(r) for r in ROWS],
+                        "questions_per_skill": 1000},
         table=budget_table,
         summary=lambda r: " test " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"]["accuracy"].items()),
     )

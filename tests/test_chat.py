@@ -16,14 +16,13 @@ from mllm_scratch.chat import (
     dpo_loss,
     pope_questions,
     pope_scores,
-    plural,
     rejected_answer,
     reply,
     sequence_logprobs,
     splice_images,
     two_image_question,
 )
-from mllm_scratch.shapeworld import QA, ShapeWorldConfig, caption, generate_scene, questions, relations
+from mllm_scratch.shapeworld import QA, SKILLS, ShapeWorldConfig, caption, generate_scene, questions, relations
 from mllm_scratch.tokenizer import ASSISTANT, END, IMAGE, USER, load_tokenizer
 
 N = 4  # image slots per image in these tests
@@ -44,7 +43,9 @@ def test_encode_writes_roles_images_and_ends_and_scores_only_the_assistant(tok, 
              Turn("user", "and the square?"), Turn("assistant", "blue")]
     ids, labels = template.encode(turns, num_images=1)
     sp = tok.special_tokens
-    q1, a1, q2, a2 = (tok.encode_ordinary(t) for t in ("what colour is the circle?", "red", "and the square?", "blue"))
+    # each piece of text after a space, as the tokenizer learned words: " red" is one token
+    q1, a1, q2, a2 = (tok.encode_ordinary(" " + t) for t in ("what colour is the circle?", "red", "and the square?", "blue"))
+    assert len(a1) == len(a2) == 1
     expected = ([sp[USER]] + [tok.image_id] * N + q1 + [sp[END]] + [sp[ASSISTANT]] + a1 + [sp[END]]
                 + [sp[USER]] + q2 + [sp[END]] + [sp[ASSISTANT]] + a2 + [sp[END]])
     assert ids == expected
@@ -134,27 +135,33 @@ def test_dialogues_answer_what_the_scene_shows_and_point_back_correctly():
             else:  # one of the scene's own questions, with its answer
                 assert QA(question, reply.text, skill) in questions(scene, seed, config=config)
         assert len(d.skills) - (d.skills[0] == "caption") <= 3
-    assert seen >= {"caption", "pointing", "colour", "shape", "count", "spatial", "existence", "reading"}
+    assert seen == {"caption", "pointing", "colour", "shape", "count", "spatial", "existence"}  # no reading at 32 px
+    with_text = next(s for s in (generate_scene(i, config) for i in range(100)) if s.text)
+    asked = {skill for seed in range(20) for skill in dialogue(with_text, seed, config, skills=SKILLS).skills}
+    assert "reading" in asked  # when asked for
 
 
-def test_two_image_questions_are_answered_by_the_counts():
-    config = ShapeWorldConfig()
-    asked = 0
-    for seed in range(100):
-        a, b = generate_scene(2 * seed, config), generate_scene(2 * seed + 1, config)
-        qa = two_image_question(a, b, seed)
-        if qa is None:
-            continue
-        asked += 1
-        if qa.question == "which image has more objects?":
-            na, nb = len(a.objects), len(b.objects)
-        else:
-            shape = next(t for t in ShapeWorldConfig().shapes if qa.question == f"which image has more {plural(t)}?")
-            na, nb = (sum(o.shape == shape for o in s.objects) for s in (a, b))
-        assert na != nb and qa.answer == ("the first" if na > nb else "the second")
-    assert asked > 80
-    scene = generate_scene(0, config)
-    assert two_image_question(scene, scene, 0) is None
+def test_two_image_questions_need_both_images():
+    from collections import Counter
+
+    from mllm_scratch.chat import SAME_COUNT, TwoImageDataset
+
+    data = TwoImageDataset("test", 600)
+    by_first, by_second = Counter(), Counter()
+    for i in range(len(data)):
+        first, second = data.scenes(i)
+        qa = two_image_question(first, second)
+        assert qa.question == SAME_COUNT and qa.answer == ("yes" if i % 2 == 0 else "no")
+        assert qa.answer == ("yes" if len(first.objects) == len(second.objects) else "no")
+        by_first[len(first.objects), qa.answer] += 1
+        by_second[len(second.objects), qa.answer] += 1
+    assert data[4][1][1].text == "yes" and data[5][1][1].text == "no"
+    # The best guess from one image's count: the answer it most often goes with, per count
+    for counts in (by_first, by_second):
+        best = sum(max(counts[n, "yes"], counts[n, "no"]) for n in {n for n, _ in counts})
+        assert best / len(data) < 0.6, counts
+    with pytest.raises(IndexError, match="index 600 out of range"):
+        data.scenes(600)
 
 
 def test_pope_questions_are_balanced_and_true():
@@ -193,7 +200,7 @@ def test_rejected_answers_are_wrong_but_of_the_same_kind():
             assert wrong != qa.answer
             for pool in (("yes", "no"), config.colours, config.shapes, ("one", "two", "three")):
                 assert (qa.answer in pool) == (wrong in pool)
-    assert rejected_answer(QA("which image has more circles?", "the first", "two images"), 0) == "the second"
+    assert rejected_answer(QA("do the two images have the same number of objects?", "yes", "two images"), 0) == "no"
     with pytest.raises(ValueError, match="no perturbation"):
         rejected_answer(QA("what does the text say?", "a7", "reading"), 0)
 
@@ -299,7 +306,7 @@ def test_reply_is_the_greedy_argmax_of_the_whole_sequence_recomputed(tok, templa
         if nxt == template.end_id:
             break
         new.append(nxt)
-    assert len(new) == 6 and reply(model, template, images, turns, max_new_tokens=6) == tok.decode(new)
+    assert len(new) == 6 and reply(model, template, images, turns, max_new_tokens=6) == template.text_of(new)
     assert model.training is False
     with pytest.raises(ValueError, match="exceed the LM's context_length 96"):
         reply(model, template, images, turns, max_new_tokens=90)
@@ -325,7 +332,7 @@ def test_reply_stops_at_its_end_token(tok, template):
     assert template.end_id not in first
     handle = model.lm.register_forward_hook(force_end)
     try:
-        assert reply(model, template, None, turns, max_new_tokens=10) == tok.decode(first)
+        assert reply(model, template, None, turns, max_new_tokens=10) == template.text_of(first)
     finally:
         handle.remove()
     assert len(calls) == 3  # it stopped at <|end|> rather than running all 10 steps
@@ -346,7 +353,7 @@ def test_datasets_hold_valid_conversations_of_their_split():
     two = TwoImageDataset("test", 200)
     answers = [turns[1].text for _, turns, _ in two]
     assert two[0][0].shape == (2, 3, 32, 32) and check_conversation(two[0][1], num_images=2) == two[0][1]
-    assert set(answers) == {"the first", "the second"} and 0.35 < answers.count("the first") / 200 < 0.65
+    assert answers == ["yes", "no"] * 100
     pope = PopeDataset("test", 20)
     assert [turns[1].text for _, turns, _ in pope] == ["yes", "no"] * 10
 
@@ -459,3 +466,54 @@ def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(to
     assert changed == {"lm"}  # only the LM trains
     with pytest.raises(ValueError, match="beta 0 is invalid"):
         DPORecipe(beta=0)
+
+
+def test_a_saved_chat_model_loads_back_and_answers_the_same(tok, tmp_path, monkeypatch):
+    import mllm_scratch.chat as chat
+    from mllm_scratch.checkpoints import CheckpointError, round_to_dtype
+    from mllm_scratch.chat import ChatRecipe, load_chat_vlm, save_chat_vlm
+
+    model = tiny_chat_model(tok)
+    path = tmp_path / "chat_vlm.pt"
+    save_chat_vlm(path, model, recipe=ChatRecipe().to_dict(), metrics={"x": 1})
+    loaded = load_chat_vlm(path)
+    round_to_dtype(model)  # the file holds float16
+    ids = torch.tensor([[tok.image_id] * N + tok.encode_ordinary("what colour is it?")])
+    images = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(ids, images), model(ids, images))
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    with pytest.raises(ValueError, match="save_chat_vlm saves a UnifiedVLM, got a"):
+        from mllm_scratch.tiling import BudgetVLM
+
+        save_chat_vlm(tmp_path / "x.pt", BudgetVLM.__new__(BudgetVLM))
+    monkeypatch.setattr(chat, "_chat_checkpoint_path", lambda: path)  # as if it were the shipped file
+    monkeypatch.setattr("mllm_scratch.tiling._shipped_vlm_sha256", lambda: "0" * 64)
+    with pytest.raises(CheckpointError, match="tuned from another chapter-06 model"):
+        load_chat_vlm()
+
+
+def test_two_image_accuracy_scores_exact_replies_and_its_control_shows_one_image_twice(tok, monkeypatch):
+    import mllm_scratch.chat as chat
+    from mllm_scratch.chat import TwoImageDataset, two_image_accuracy
+
+    data = TwoImageDataset("test", 12)
+    truth = [turns[1].text for _, turns, _ in data]
+    seen, budgets = [], []
+
+    def replies_the_truth(model, template, images, turns, max_new_tokens=32):  # stands in for a model
+        seen.append(images.clone())
+        budgets.append(max_new_tokens)
+        return truth[(len(seen) - 1) % len(truth)]
+
+    monkeypatch.setattr(chat, "reply", replies_the_truth)
+    template = ChatTemplate(tok, N)
+    assert two_image_accuracy(None, template, data) == 1.0
+    assert two_image_accuracy(None, template, data, control="one image") == 1.0
+    first, one = seen[:12], seen[12:]
+    assert all(torch.equal(b, a[:1].expand(2, -1, -1, -1)) for a, b in zip(first, one))  # the first image, twice
+    longest = max(len(tok.encode_ordinary(" " + t)) for t in ("yes", "no"))  # as the template writes a reply
+    assert min(budgets) > longest  # room for the whole answer and its <|end|>
+    monkeypatch.setattr(chat, "reply", lambda *a, **k: "yes")
+    assert two_image_accuracy(None, template, data) == 0.5
+    with pytest.raises(ValueError, match="control 'swapped' is invalid"):
+        two_image_accuracy(None, template, data, control="swapped")
