@@ -416,7 +416,8 @@ def make_tile_connector(kind: str, vision: ViTConfig, lm_dim: int, factor: int =
     of patches (pixel shuffle and pooling merge factor x factor blocks, the C-Abstractor pools to that
     grid, and there are that many learned queries)."""
     side = vision.image_size // vision.patch_size
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or side % factor:
+    merges = kind in ("avgpool", "pixelshuffle")  # these need whole factor x factor blocks
+    if isinstance(factor, bool) or not isinstance(factor, int) or not 1 <= factor <= side or (merges and side % factor):
         raise ValueError(f"factor {factor!r} is invalid: expected a positive int that divides the {side} x {side} "
                          "grid of patches")
     budget = dict(factor=factor, out_grid=side // factor, num_queries=(side // factor) ** 2)
@@ -472,12 +473,12 @@ def train_budget_vlm(recipe: Any = None, connector: str = "pixelshuffle", tokeni
                      device=None) -> tuple[BudgetVLM, dict[str, History]]:
     """Chapter 06's recipe (default: its shipped one) with `connector` in place of its projector.
 
-    The same start as `vlm.train_vlm`: `build_vlm(recipe)` (the recipe's tower and pretrained GPT),
+    The same start as `vlm.train_vlm(recipe)`: `build_vlm(recipe)` (the recipe's tower and pretrained GPT),
     then `build_budget_vlm` swaps the projector for the connector (1 / factor^2 of the patches as
     tokens: 16 of 64 at the default 2), seeded with `recipe.seed`, and
-    every stage of the recipe trains it with chapter 06's `train_stage`. Only the image-token
-    budget differs from the model `train_vlm` would train. Returns the model (eval mode) and
-    each stage's History."""
+    every stage of the recipe trains it with chapter 06's `train_stage`. What differs from the model
+    `train_vlm(recipe)` trains is the connector: its tokens, and the layers that make them (see
+    `make_tile_connector`). Returns the model (eval mode) and each stage's History."""
     from mllm_scratch.vlm import SHIPPED_RECIPE, VLMRecipe, build_vlm, train_stage
 
     recipe = SHIPPED_RECIPE if recipe is None else recipe
@@ -696,6 +697,7 @@ def save_scored_tiled(out: Path, model: TiledVLM, final_losses: dict[str, float]
 
 
 __all__ = [
+    "BudgetVLM",
     "Grid",
     "PrefixCollator",
     "TILED_CHECKPOINT",
@@ -704,6 +706,7 @@ __all__ = [
     "TiledVLM",
     "best_grid_anyres",
     "best_grid_internvl",
+    "build_budget_vlm",
     "build_tiled_checkpoint",
     "build_tiled_vlm",
     "candidate_grids",
@@ -722,6 +725,7 @@ __all__ = [
     "tiled_context",
     "tiled_data",
     "tiled_dataset",
+    "train_budget_vlm",
     "train_tiled_vlm",
     "untile",
 ]

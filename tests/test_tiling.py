@@ -355,9 +355,10 @@ def test_budget_vlm_spends_a_quarter_of_the_image_tokens_and_trains_as_chapter_0
     for kind in ("avgpool", "cabstractor", "queries", "pixelshuffle"):  # factor 4: 4 x 4 blocks, 4 tokens
         small = build_budget_vlm(base, kind, factor=4)
         assert small.num_image_tokens == 4 and small.image_tokens(torch.rand(2, 3, 32, 32)).shape == (2, 4, 128)
-    for bad in (3, 0, True, 2.0):
+    for bad in (3, 0, 9, True, 2.0):
         with pytest.raises(ValueError, match=f"factor {bad!r} is invalid: expected a positive int that divides the 8 x 8"):
             build_budget_vlm(base, "avgpool", factor=bad)
+    assert build_budget_vlm(base, "queries", factor=3).num_image_tokens == 4  # (8 // 3)^2 learned queries
     with pytest.raises(ValueError, match="save_vlm saves a UnifiedVLM, got a BudgetVLM"):
         save_vlm(tmp_path / "budget.pt", model)
 
@@ -371,8 +372,8 @@ def test_train_budget_vlm_starts_where_chapter_06s_recipe_starts_and_runs_its_st
     tok = load_tokenizer()
     recipe = replace(SHIPPED_RECIPE, caption_pairs=8, qa_pairs=8, batch_size=4, stage1_steps=1, spatial_steps=1,
                      stage2_steps=1, warmup_steps=1)
-    model, histories = train_budget_vlm(recipe, "avgpool", tok, progress=False, log_every=0)
-    assert isinstance(model, BudgetVLM) and model.connector_kind == "avgpool" and model.num_image_tokens == 16
+    model, histories = train_budget_vlm(recipe, "avgpool", tok, factor=4, progress=False, log_every=0)
+    assert isinstance(model, BudgetVLM) and model.connector_kind == "avgpool" and model.num_image_tokens == 4
     assert list(histories) == ["stage1", "spatial", "stage2"] and not model.training
     start = build_vlm(recipe, tok)  # the tower chapter 06's recipe starts from, frozen in every stage
     assert all(torch.equal(v, start.encoder.state_dict()[k]) for k, v in model.encoder.state_dict().items())
@@ -380,3 +381,22 @@ def test_train_budget_vlm_starts_where_chapter_06s_recipe_starts_and_runs_its_st
                    if k.endswith("weight") and v.dim() == 2)  # the LM trained in the spatial stage and stage 2
     with pytest.raises(TypeError, match="recipe must be a VLMRecipe"):
         train_budget_vlm({"seed": 0}, "avgpool", tok)
+    # the connector starts from the recipe's seed: captured as stage 1 begins
+    import mllm_scratch.vlm as vlm
+
+    starts = []
+
+    def first_stage_only(model, recipe, stage, *args, **kwargs):
+        starts.append({k: v.clone() for k, v in model.projector.state_dict().items()})
+        raise StopIteration
+
+    original = vlm.train_stage
+    vlm.train_stage = first_stage_only
+    try:
+        for seed in (0, 0, 1):
+            with pytest.raises(StopIteration):
+                train_budget_vlm(replace(recipe, seed=seed), "avgpool", tok)
+    finally:
+        vlm.train_stage = original
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(starts[0], starts[1]) and not same(starts[0], starts[2])
