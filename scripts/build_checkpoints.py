@@ -158,6 +158,14 @@ def build_tiled_vlm(out: Path) -> dict:
     return build_tiled_checkpoint(out)
 
 
+@target("chat_vlm", "chapter 12's chat model (chapter 06's model instruction-tuned on dialogues and two-image questions)",
+        loader="mllm_scratch.chat:load_chat_vlm")
+def build_chat_vlm(out: Path) -> dict:
+    from mllm_scratch.chat import build_chat_checkpoint
+
+    return build_chat_checkpoint(out)
+
+
 @target("xattn", "chapter 07's cross-attention VLM (gated blocks on the frozen GPT; tower + xattn only)",
         loader="mllm_scratch.xattn:load_xattn")
 def build_xattn(out: Path) -> dict:
