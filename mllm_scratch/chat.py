@@ -942,11 +942,10 @@ def load_chat_vlm(path=None) -> UnifiedVLM:
     by `save_chat_vlm`; verified before it is built (sha256, config, recipe, tokenizer); eval mode, CPU, frozen."""
     from pathlib import Path
 
-    from mllm_scratch.checkpoints import CheckpointError, load_state_dict_strict, load_verified, read_manifest
-    from mllm_scratch.clip import with_referenced_tower
+    from mllm_scratch.checkpoints import CheckpointError, load_verified, read_manifest
     from mllm_scratch.gpt import tokenizer_sha256
     from mllm_scratch.tiling import _shipped_vlm_sha256
-    from mllm_scratch.vlm import VLMConfig
+    from mllm_scratch.vlm import unified_from_checkpoint
 
     default = _chat_checkpoint_path()
     saved, state_dict, path, rebuild = load_verified(
@@ -960,14 +959,7 @@ def load_chat_vlm(path=None) -> UnifiedVLM:
     if shipped and manifest.get("base_vlm_sha256") != _shipped_vlm_sha256():
         raise CheckpointError(f"checkpoint {path} was tuned from another chapter-06 model than the shipped "
                               f"data/checkpoints/vlm.pt (rebuilt since?); rebuild it with: {rebuild}")
-    state_dict = with_referenced_tower(state_dict, manifest, path, rebuild)
-    try:
-        config = VLMConfig(**saved)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} holds an invalid VLMConfig ({err}); rebuild it with: {rebuild}") from None
-    model = UnifiedVLM(config)
-    load_state_dict_strict(model, state_dict, path, rebuild)
-    return model.set_trainable(encoder=False, projector=False, lm=False).eval()
+    return unified_from_checkpoint(saved, state_dict, path, rebuild, manifest)
 
 
 def build_chat_checkpoint(out) -> dict:

@@ -901,7 +901,6 @@ def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
     CheckpointError naming the file and the command that rebuilds it.
     """
     from mllm_scratch.checkpoints import read_manifest
-    from mllm_scratch.clip import with_referenced_tower
 
     own = path is not None and Path(path).resolve() != DEFAULT_CHECKPOINT.resolve()
     # A checkpoint of the reader's own comes from the command line, not from the book's build script.
@@ -918,7 +917,15 @@ def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
             raise
         raise CheckpointError(str(err).replace(book_rebuild, own_rebuild)) from None
     rebuild = own_rebuild or rebuild
-    state_dict = with_referenced_tower(state_dict, read_manifest(path, rebuild), path, rebuild)
+    return unified_from_checkpoint(saved, state_dict, path, rebuild, read_manifest(path, rebuild))
+
+
+def unified_from_checkpoint(saved: dict, state_dict: dict, path: Path, rebuild: str, manifest: dict) -> UnifiedVLM:
+    """The `UnifiedVLM` a verified checkpoint holds (`load_vlm`'s and `chat.load_chat_vlm`'s last step): its
+    VLMConfig, the referenced tower put back, the weights loaded strictly; frozen, eval mode."""
+    from mllm_scratch.clip import with_referenced_tower
+
+    state_dict = with_referenced_tower(state_dict, manifest, path, rebuild)
     try:
         config = VLMConfig(**saved)
     except (TypeError, ValueError) as err:
