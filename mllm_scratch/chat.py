@@ -4,8 +4,9 @@ The pieces an instruction-tuned VLM adds to the one-question models of chapters 
 
 - **The chat template.** A conversation is a list of `Turn`s, user and assistant in turn,
   starting with the user. Each turn is written as its role token (<|user|> or
-  <|assistant|>), its text (each piece after a space, as words stand in a sentence), then <|end|>; an <|image|> marker in a user turn becomes
-  `num_image_tokens` image slots, where the images are spliced in, in order. The loss is
+  <|assistant|>), its text (each piece after a space, as words stand in a sentence), then
+  <|end|>; an <|image|> marker in a user turn becomes `num_image_tokens` image slots, where
+  the images are spliced in, in order. The loss is
   taken on the assistant's words and the <|end|> that closes them, and nowhere else: the
   model learns to answer, not to predict the user. `ChatTemplate.decode` reads the ids
   back into the same turns.
