@@ -920,22 +920,14 @@ def save_chat_vlm(path, model: UnifiedVLM, *, recipe: dict | None = None, metric
 
     `base_sha256`: the sha256 of the chapter-06 checkpoint it was tuned from (the shipped one's,
     recorded so that `load_chat_vlm` can tell when that file has been rebuilt since)."""
-    from torch import nn
-
-    from mllm_scratch.checkpoints import STORED_DTYPE, save_checkpoint
-    from mllm_scratch.clip import tower_reference
-    from mllm_scratch.gpt import tokenizer_sha256
+    from mllm_scratch.checkpoints import STORED_DTYPE
+    from mllm_scratch.vlm import save_vlm
 
     if type(model) is not UnifiedVLM:
         raise ValueError(f"save_chat_vlm saves a UnifiedVLM, got a {type(model).__name__}")
-    dtype = dtype or STORED_DTYPE
-    reference = tower_reference(model.encoder, dtype)
-    stored = nn.ModuleDict({"projector": model.projector, "lm": model.lm}) if reference else model
-    return save_checkpoint(path, stored, model.config.to_dict(), name=CHAT_CHECKPOINT_NAME, recipe=recipe,
-                           metrics=metrics, dtype=dtype,
-                           extra={"tokenizer_sha256": tokenizer_sha256(), **reference,
-                                  **({"base_vlm_sha256": base_sha256} if base_sha256 else {}),
-                                  "loader": "mllm_scratch.chat.load_chat_vlm"})
+    return save_vlm(path, model, recipe=recipe, metrics=metrics, name=CHAT_CHECKPOINT_NAME, dtype=dtype or STORED_DTYPE,
+                    loader="mllm_scratch.chat.load_chat_vlm",
+                    extra={"base_vlm_sha256": base_sha256} if base_sha256 else None)
 
 
 def load_chat_vlm(path=None) -> UnifiedVLM:

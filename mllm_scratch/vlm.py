@@ -871,8 +871,12 @@ DEFAULT_CHECKPOINT = DEFAULT_DIR / f"{CHECKPOINT_NAME}.pt"
 
 
 def save_vlm(path: str | Path, model: UnifiedVLM, *, recipe: dict | None = None, metrics: dict | None = None,
-             name: str = CHECKPOINT_NAME, tokenizer: Tokenizer | None = None, dtype: torch.dtype = torch.float32) -> dict:
+             name: str = CHECKPOINT_NAME, tokenizer: Tokenizer | None = None, dtype: torch.dtype = torch.float32,
+             loader: str = "mllm_scratch.vlm.load_vlm", extra: dict | None = None) -> dict:
     """Save a VLM (state dict + VLMConfig) and its manifest atomically; returns the manifest.
+
+    `loader` names the function that loads the file (chapter 12's chat model has its own), and
+    `extra` adds manifest fields of the caller's.
 
     The manifest records the sha256 of the tokenizer the model was trained with (default:
     the shipped one): token ids mean nothing without it, and `load_vlm` refuses a mismatch.
@@ -888,8 +892,8 @@ def save_vlm(path: str | Path, model: UnifiedVLM, *, recipe: dict | None = None,
     reference = tower_reference(model.encoder, dtype)  # the shipped tower, frozen: its checksum, not its weights
     stored = nn.ModuleDict({"projector": model.projector, "lm": model.lm}) if reference else model
     return save_checkpoint(path, stored, model.config.to_dict(), name=name, recipe=recipe, metrics=metrics, dtype=dtype,
-                           extra={"tokenizer_sha256": tokenizer_sha256(tokenizer), **reference,
-                                  "loader": "mllm_scratch.vlm.load_vlm"})
+                           extra={"tokenizer_sha256": tokenizer_sha256(tokenizer), **reference, **(extra or {}),
+                                  "loader": loader})
 
 
 def load_vlm(path: str | Path | None = None) -> UnifiedVLM:
