@@ -8,6 +8,7 @@
     python -m mllm_scratch render 0 --video --out clip.gif      # a test clip, as an animated GIF (or a folder)
     python -m mllm_scratch ask-video clip.gif "which shape moves?"                  # chapter 09's video model
     python -m mllm_scratch train-vlm --out vlm.pt               # train chapter 06's VLM yourself (CPU: minutes)
+    python -m mllm_scratch chat scene.png                       # a conversation about it (chapter 12); /help
     python -m mllm_scratch draw "a small red circle left of a large blue square" --out x.png   # chapter 13
     python -m mllm_scratch caption scene.png --checkpoint vlm.pt
     torchrun --nproc_per_node 2 -m mllm_scratch train-vlm --device cpu --out vlm.pt      # 2 processes (gloo)
@@ -514,6 +515,121 @@ def cmd_ask_video(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------
+# chat: a conversation about one or more images (chapter 12's chat model)
+
+CHAT_HELP = """Type a message and press Enter; the assistant replies with the whole conversation in view.
+  /image PATH   show the assistant another image with your next message
+  /reset        start over (the images given on the command line are shown again)
+  /help         this text
+  /quit         end (so does Ctrl-D, or the end of piped input)"""
+
+
+MIN_CHAT_REPLY = 4  # reply tokens a message must leave room for (a one-word answer and its <|end|>, with room to spare)
+
+
+def _chat_image(path: str, size: int) -> "torch.Tensor":
+    """An image file as the chat model reads it: (3, size, size) in [0, 1]; a missing or unreadable file: CLIError."""
+    from mllm_scratch.images import load_image
+
+    if not Path(path).is_file():
+        raise CLIError(f"image file {str(path)!r} does not exist (or is not a file)")
+    try:
+        return load_image(path, size)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    except OSError as err:  # unreadable: permissions, a truncated file
+        raise CLIError(f"cannot read image {str(path)!r}: {err}") from None
+
+
+def _chat_text(message: str) -> str:
+    """A message as the chat model was trained on them: lowercase, single spaces, a request ending in "." ("describe
+    the image.") and anything else in "?"."""
+    text = " ".join(message.lower().split())
+    if text.endswith(("?", ".")):
+        return text
+    return text + ("." if text.startswith("describe") else "?")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Read messages from standard input, one per line, and print each reply on a line of its own.
+
+    Every message goes to the model with the whole conversation before it (`chat.reply` on all the
+    turns so far), so a follow-up such as "is it left of the blue square?" refers to what came before.
+    The images named on the command line are shown with the first message, and `/image PATH` shows
+    another with the next one. Near the end of the model's context a reply is given fewer tokens
+    (at most what is left); a message that leaves fewer than MIN_CHAT_REPLY is refused with a line
+    on standard error and the conversation kept as it was. Bad input never ends the session."""
+    import torch
+
+    from mllm_scratch.chat import ChatTemplate, IMAGE, Turn, load_chat_vlm, reply
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens} is invalid: expected an int >= 1")
+    model = load_chat_vlm(args.checkpoint)  # CheckpointError names the file and how to rebuild it
+    size = model.config.vision.image_size
+    first = [_chat_image(path, size) for path in args.images]  # every file checked before the first message
+    template = ChatTemplate(load_tokenizer(), model.num_image_tokens)
+    context = model.config.lm.context_length
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chapter 12's chat model, {len(first)} image{'s' * (len(first) != 1)} shown. /help for commands.")
+    turns: list = []
+    shown: list = []  # the images the conversation's markers stand for, in order
+    pending = list(first)  # images that go with the next message
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/quit", "/exit"):
+            break
+        if message == "/help":
+            print(CHAT_HELP)
+            continue
+        if message == "/reset":
+            turns, shown, pending = [], [], list(first)
+            continue
+        if message.split(maxsplit=1)[0] == "/image":
+            path = message[len("/image"):].strip()
+            if not path:
+                print("error: /image needs a file: /image PATH", file=sys.stderr)
+                continue
+            try:
+                pending.append(_chat_image(path, size))
+            except CLIError as err:  # a bad file mid-conversation: say so and go on
+                print(f"error: {err}", file=sys.stderr)
+            continue
+        if message.startswith("/"):
+            print(f"error: unknown command {message.split()[0]!r}: expected /image PATH, /reset, /help or /quit",
+                  file=sys.stderr)
+            continue
+        if IMAGE in message:
+            print(f"error: type no {IMAGE} marker: show an image with /image PATH", file=sys.stderr)
+            continue
+        if not turns and not pending:
+            print("error: the conversation has no image: show one first with /image PATH", file=sys.stderr)
+            continue
+        user = Turn("user", IMAGE * len(pending) + _chat_text(message))
+        images = shown + pending
+        room = context - len(template.prompt([*turns, user], num_images=len(images)))
+        if room < MIN_CHAT_REPLY:  # too long for the context: refused, and the conversation stays as it was
+            print(f"error: the conversation would leave room for {max(room, 0)} reply tokens in the model's context "
+                  f"of {context}: expected at least {MIN_CHAT_REPLY}. Type /reset to start over.", file=sys.stderr)
+            continue
+        said = reply(model, template, torch.stack(images), [*turns, user],
+                     max_new_tokens=min(args.max_new_tokens, room))  # near the end of the context, a shorter reply
+        turns += [user, Turn("assistant", said)]
+        shown, pending = images, []
+        print(said if not interactive else f"assistant> {said}", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------
 # The parser
 
 
@@ -592,6 +708,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(run=cmd_ask_video)
 
     book = replace(VLMRecipe(), **PRESETS["book"])
+    c = sub.add_parser("chat", help="talk about one or more images with chapter 12's chat model",
+                       description="An interactive conversation with chapter 12's chat model: each line you type "
+                       "is a message, answered with the whole conversation in view. The images named here are "
+                       "shown with the first message. Reads standard input, so a file of messages can be piped "
+                       "in: each reply is printed on a line of its own.\n\n" + CHAT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("images", nargs="+", metavar="image", help="image files (PNG, JPEG, ...), e.g. written by render")
+    c.add_argument("--checkpoint", default=None, help="a chat model saved by save_chat_vlm "
+                   "(default: the shipped data/checkpoints/chat_vlm.pt)")
+    c.add_argument("--max-new-tokens", type=int, default=40, help="longest reply in tokens (default 40: a caption)")
+    c.set_defaults(run=cmd_chat)
+
     d = sub.add_parser("draw", help="draw a caption with chapter 13's model",
                        description="Draw a ShapeWorld caption with chapter 13's drawing model: 16 image codes sampled "
                        "one by one, decoded by the VQ-VAE. Captions use sizes, colours and shapes, listed left to right "

@@ -330,7 +330,8 @@ def test_bad_out_suffix(capsys):
     assert "should end in .pt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [[], ["train-vlm"], ["caption"], ["ask"], ["render"], ["questions"], ["ask-video"], ["draw"]])
+@pytest.mark.parametrize("argv", [[], ["train-vlm"], ["caption"], ["ask"], ["render"], ["questions"], ["ask-video"], ["draw"],
+                                  ["chat"]])
 def test_help_on_every_command(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([*argv, "--help"])
@@ -348,8 +349,114 @@ def test_help_on_every_command(argv, capsys):
         assert "python -m mllm_scratch questions" in out
     if argv == ["ask-video"]:
         assert "8 evenly spaced" in out and "render --video" in out
+    if argv == ["chat"]:
+        assert "/image PATH" in out and "/reset" in out and "chat_vlm.pt" in out
     if argv == ["draw"]:
         assert "--guidance" in out and "--temperature" in out and "--model {emu3,janus}" in out
+
+
+# ----------------------------------------------------------------------------------
+# chat: chapter 12's chat model, a conversation read from standard input
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    from mllm_scratch.chat import load_chat_vlm
+
+    return load_chat_vlm()
+
+
+def chat_replies(model, images, messages, later=None) -> list[str]:
+    """What `chat` should print: `chat.reply` on the whole conversation so far, `images` with the first message
+    (and `later[k]`, a list of images, with message k), each reply given what is left of the context, 40 at most."""
+    from mllm_scratch.chat import IMAGE, ChatTemplate, Turn, reply
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    template = ChatTemplate(load_tokenizer(), model.num_image_tokens)
+    later = {0: list(images), **(later or {})}
+    turns, said, shown = [], [], []
+    for k, message in enumerate(messages):
+        new = later.get(k, [])
+        turns.append(Turn("user", IMAGE * len(new) + message))
+        shown += new
+        room = model.config.lm.context_length - len(template.prompt(turns, num_images=len(shown)))
+        said.append(reply(model, template, torch.stack(shown), turns, max_new_tokens=min(40, room)))
+        turns.append(Turn("assistant", said[-1]))
+    return said
+
+
+def test_chat_keeps_the_conversation(png, chat_model):
+    """Through the real entry point, messages piped in: each reply is the package's reply to the whole conversation."""
+    messages = ["describe the image.", "what shape is the green object?", "how many objects are there?"]
+    typed = ["Describe the image", "what  shape is the GREEN object", "how many objects are there?"]  # normalised
+    result = subprocess.run([sys.executable, "-m", "mllm_scratch", "chat", str(png)], input="\n".join(typed) + "\n",
+                            capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    image = load_image(png, 32)
+    assert result.stdout.splitlines() == chat_replies(chat_model, [image], messages)
+    caption = result.stdout.splitlines()[0]
+    assert parse_caption(caption)[0], caption  # the first reply is a caption of the scene
+
+
+def test_chat_shows_images_from_the_command_line_and_with_slash_image(tmp_path, chat_model, monkeypatch, capsys):
+    import io
+
+    from mllm_scratch.chat import SAME_COUNT
+
+    paths = []
+    for i in (3, 4):
+        paths.append(tmp_path / f"scene{i}.png")
+        assert main(["render", str(i), "--out", str(paths[-1])]) == 0
+    capsys.readouterr()
+    images = [load_image(p, 32) for p in paths]
+    want = chat_replies(chat_model, images, [SAME_COUNT])[0]
+    assert want in ("yes", "no")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(SAME_COUNT + "\n"))
+    assert main(["chat", *map(str, paths)]) == 0  # both images with the first message
+    assert capsys.readouterr().out.splitlines() == [want]
+    lines = ["/help", "/image", f"/image {tmp_path / 'missing.png'}", "/colour", "<|image|>what is this?",
+             f"/image {paths[1]}", SAME_COUNT, "/quit", "never read"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines)))
+    assert main(["chat", str(paths[0])]) == 0  # the second image added by /image: both shown with the first message
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == want and "/image PATH" in out and "never read" not in out + err
+    assert err.splitlines() == ["error: /image needs a file: /image PATH",
+                                f"error: image file {str(tmp_path / 'missing.png')!r} does not exist (or is not a file)",
+                                "error: unknown command '/colour': expected /image PATH, /reset, /help or /quit",
+                                "error: type no <|image|> marker: show an image with /image PATH"]
+    messages = ["how many objects are there?", "how many objects are there?"]  # about the first image, then the second
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{messages[0]}\n/image {paths[1]}\n{messages[1]}\n"))
+    assert main(["chat", str(paths[0])]) == 0  # an image shown mid-conversation goes with the next message
+    assert capsys.readouterr().out.splitlines() == chat_replies(chat_model, images[:1], messages, {1: images[1:]})
+
+
+def test_chat_refuses_a_message_that_does_not_fit_and_resets(png, chat_model, monkeypatch, capsys):
+    import io
+
+    question = "is there a red circle?"
+    lines = [question] * 12 + ["/reset", question]  # the context of 192 holds the image and a few exchanges
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", str(png)]) == 0
+    out, err = capsys.readouterr()
+    refused = err.splitlines()
+    assert refused and all(line.startswith("error: the conversation would leave room for ") and
+                           line.endswith("Type /reset to start over.") for line in refused)
+    replies = out.splitlines()
+    assert len(replies) + len(refused) == 13 and len(replies) >= 2
+    assert replies[-1] == replies[0] == chat_replies(chat_model, [load_image(png, 32)], [question])[0]  # started over
+
+
+def test_chat_errors(png, tmp_path, capsys):
+    assert main(["chat", str(tmp_path / "missing.png")]) == 2
+    assert capsys.readouterr().err == f"error: image file {str(tmp_path / 'missing.png')!r} does not exist (or is not a file)\n"
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    assert main(["chat", str(png), str(bad)]) == 2  # every file is checked before the first message
+    assert "is not an image file Pillow can read" in capsys.readouterr().err
+    assert main(["chat", str(png), "--max-new-tokens", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-new-tokens 0 is invalid: expected an int >= 1\n"
+    assert main(["chat", str(png), "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "none.pt" in capsys.readouterr().err
 
 
 def test_train_vlm_resumes_a_crashed_run_to_the_same_model(tmp_path, monkeypatch):
