@@ -16,6 +16,9 @@ The pieces an instruction-tuned VLM adds to the one-question models of chapters 
 - **Questions about two images** (`two_image_question`): do the two hold the same number of
   objects? Asked so that neither image alone decides the answer, a model that sees one image
   can only guess.
+- **Text-only rows** (`TextDocument`, `TextOnlyDataset`): chapter 04's kind of text, scored on
+  every token, mixed into the chat data (`ChatRecipe.text_only`) so that the LM keeps its text
+  ability (`text_perplexity`), as MM1 mixes text-only data into its pretraining.
 - **A hallucination check** in the style of POPE (`pope_questions`, `pope_scores`): yes/no
   questions about objects that are present and, as often, objects that are absent,
   scored as accuracy, precision, recall and the share of "yes" answers.
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
@@ -48,6 +51,7 @@ from mllm_scratch.shapeworld import (
     _SplitDataset,
     asked_pair,
     caption,
+    description,
     questions,
     relations,
     render,
@@ -57,6 +61,7 @@ from mllm_scratch.gpt import next_token_loss
 from mllm_scratch.runtime import checked_on_host
 from mllm_scratch.tokenizer import ASSISTANT, END, IMAGE, USER, Tokenizer
 from mllm_scratch.train import autocast
+from mllm_scratch.vit import SWITCH
 from mllm_scratch.vlm import UnifiedVLM, greedy_decode
 
 IGNORE_INDEX = -100  # labels the loss skips (as `vlm.VLMCollator` writes them)
@@ -226,8 +231,27 @@ class ChatBatch(NamedTuple):
     labels: torch.Tensor
 
 
+TEXT_WINDOW = 128  # a text-only row's tokens, as chapter 04's LM read them (its context), plus the first <|endoftext|>
+
+
+@dataclass(frozen=True)
+class TextDocument:
+    """Text for the LM alone, without an image or roles: each text followed by <|endoftext|>, after one in front, as
+    chapter 04 packed its data, and scored on every token. `ChatCollator` writes it as a row of at most
+    TEXT_WINDOW + 1 ids (a longer document is cut there)."""
+
+    texts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.texts, str) or not self.texts or not all(isinstance(t, str) and t for t in self.texts):
+            raise ValueError(f"texts {self.texts!r} is invalid: expected a non-empty tuple of non-empty strings")
+
+
 class ChatCollator:
-    """Collate (images (k, 3, H, W) or None, turns[, skills]) items into a `ChatBatch`, right-padded with <|pad|>."""
+    """Collate (images (k, 3, H, W) or None, turns[, skills]) items into a `ChatBatch`, right-padded with <|pad|>.
+
+    An item whose turns are a `TextDocument` (and whose images are None) is a text-only row: its ids are
+    the texts with <|endoftext|> around each, at most TEXT_WINDOW + 1 of them, all scored."""
 
     def __init__(self, template: ChatTemplate):
         self.template = template
@@ -242,6 +266,16 @@ class ChatCollator:
                 raise ValueError(f"item {i}: images of shape {shape}: expected a tensor (k, 3, H, W), "
                                  "k >= 0 (one image: images[None])")
             k = 0 if images_k is None else len(images_k)
+            if isinstance(turns, TextDocument):
+                if k:
+                    raise ValueError(f"item {i}: a TextDocument with {k} images: expected None, text-only rows have none")
+                tokenizer = self.template.tokenizer
+                ids = [tokenizer.eot_id]
+                for text in turns.texts:
+                    ids += tokenizer.encode_ordinary(text) + [tokenizer.eot_id]
+                ids = ids[: TEXT_WINDOW + 1]
+                encoded.append((ids, ids))  # every token scored: the first predicts the second, and so on
+                continue
             try:
                 encoded.append(self.template.encode(turns, num_images=k))
             except ValueError as e:
@@ -469,6 +503,38 @@ class TwoImageDataset(_SplitDataset):
         return images, (Turn("user", IMAGE * 2 + qa.question), Turn("assistant", qa.answer)), (qa.skill,)
 
 
+class TextOnlyDataset(_SplitDataset):
+    """(None, TextDocument, ("text",)): `per_row` ShapeWorld descriptions of scenes of the split, the text chapter 04's
+    LM was pretrained on (`shapeworld.description`, never rendered); item i's from the split's seed i (plus `offset`)."""
+
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, per_row: int = 6,
+                 cache: bool = False, offset: int = 0) -> None:
+        super().__init__(split, size, config, cache, offset)
+        if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row < 1:
+            raise ValueError(f"per_row {per_row!r} is invalid: expected an int >= 1")
+        self.per_row = per_row
+
+    def _make(self, rng: Rng, i: int) -> tuple:
+        texts = tuple(description(_sample_scene(rng, self.config, self.split)) for _ in range(self.per_row))
+        return None, TextDocument(texts), ("text",)
+
+
+def text_perplexity(lm, tokenizer: Tokenizer | None = None, size: int | None = None) -> float:
+    """The perplexity of an LM (a `GPT`, e.g. `model.lm`) on chapter 04's held-out text: `size` (default
+    `PretrainRecipe().val_texts`) "val" descriptions packed into windows of its context, as chapter 04 measures it."""
+    from mllm_scratch.gpt import PretrainRecipe, evaluate_lm
+    from mllm_scratch.shapeworld import TextDataset
+    from mllm_scratch.text import PackedTextDataset, pack_texts, perplexity
+    from mllm_scratch.tokenizer import load_tokenizer
+
+    recipe = PretrainRecipe()
+    size = recipe.val_texts if size is None else size
+    tokenizer = tokenizer or load_tokenizer()
+    texts = TextDataset("val", size)
+    stream = pack_texts([texts[i] for i in range(size)], tokenizer)
+    return perplexity(evaluate_lm(lm, PackedTextDataset(stream, recipe.model.context_length)))
+
+
 @torch.no_grad()
 def dialogue_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset, max_new_tokens: int = 40) -> dict:
     """Exact-match accuracy of each assistant turn, given the true conversation before it.
@@ -500,23 +566,46 @@ def dialogue_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset, max_ne
 # A hallucination check (POPE)
 
 
-def pope_questions(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None) -> list[QA]:
+POPE_KINDS = ("near", "binding")  # which absent object a POPE question asks about (`pope_questions`)
+
+
+def binding_misses(scene: Scene, config: ShapeWorldConfig | None = None) -> list[tuple[str, str]]:
+    """The training pairs (colour, shape) absent from `scene` whose colour and whose shape are both there, on
+    different objects: a red square and a blue circle make "a red circle" and "a blue square"."""
+    config = config or ShapeWorldConfig()
+    present = {(o.colour, o.shape) for o in scene.objects}
+    colours, shapes = {c for c, _ in present}, {s for _, s in present}
+    return [p for p in config.train_pairs() if p not in present and p[0] in colours and p[1] in shapes]
+
+
+def pope_questions(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None,
+                   kind: str = "near") -> list[QA]:
     """Two yes/no questions about `scene`: one object it holds ("yes") and one it does not ("no").
 
-    The absent object is drawn from the training pairs, preferring a near miss (the colour or the
-    shape of an object present), which is the kind a model that guesses from parts says "yes" to.
-    POPE's adversarial setting asks about objects that often appear together with those present;
-    a near miss is this world's analogue of it."""
+    kind="near": the absent object is drawn from the training pairs, preferring a near miss (the
+    colour or the shape of an object present), which is the kind a model that guesses from parts
+    says "yes" to. POPE's adversarial setting asks about objects that often appear together with
+    those present; a near miss is this world's analogue of it.
+    kind="binding": the absent object's colour and shape are both in the scene, on different
+    objects (`binding_misses`); a scene without one raises ValueError."""
+    if kind not in POPE_KINDS:
+        raise ValueError(f"kind {kind!r} is invalid: expected one of {POPE_KINDS}")
     rng = _as_rng(rng)
     config = config or ShapeWorldConfig()
     present = {(o.colour, o.shape) for o in scene.objects}
     absent = [p for p in config.train_pairs() if p not in present]
     if not absent:
         raise ValueError(f"scene holds every training pair {sorted(present)}: no absent object to ask about")
-    near = [p for p in absent if any(p[0] == c or p[1] == s for c, s in present)]
+    if kind == "binding":
+        pool = binding_misses(scene, config)
+        if not pool:
+            raise ValueError(f"scene {sorted(present)} has no absent pair of a colour and a shape it holds: "
+                             "expected objects of two colours and two shapes at least")
+    else:
+        pool = [p for p in absent if any(p[0] == c or p[1] == s for c, s in present)] or absent
     colour, shape = rng.choice(sorted(present))
     out = [QA(f"is there {_a(colour)} {colour} {shape}?", "yes", "pope")]
-    colour, shape = rng.choice(near or absent)
+    colour, shape = rng.choice(pool)
     out.append(QA(f"is there {_a(colour)} {colour} {shape}?", "no", "pope"))
     rng.shuffle(out)
     return out
@@ -545,15 +634,27 @@ def pope_scores(predicted: Sequence[str], truth: Sequence[str]) -> dict[str, flo
 
 
 class PopeDataset(_SplitDataset):
-    """(images (1, 3, H, W), turns, skills): one `pope_questions` question per scene, "yes" for even i, "no" for odd."""
+    """(images (1, 3, H, W), turns, skills): one `pope_questions` question per scene, "yes" for even i, "no" for odd.
+
+    kind="binding" draws scenes from each seed's stream until one has a `binding_misses` pair, for the
+    "yes" items as for the "no" ones, so that both halves ask about scenes of the same kind."""
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
-                 offset: int = 0) -> None:
+                 offset: int = 0, kind: str = "near") -> None:
         super().__init__(split, size, config, cache, offset)
+        if kind not in POPE_KINDS:
+            raise ValueError(f"kind {kind!r} is invalid: expected one of {POPE_KINDS}")
+        self.kind = kind
 
     def _make(self, rng: Rng, i: int) -> tuple:
-        scene = _sample_scene(rng, self.config, self.split)
-        qa = next(q for q in pope_questions(scene, rng, self.config) if q.answer == ("yes" if i % 2 == 0 else "no"))
+        for _ in range(_MAX_ATTEMPTS):
+            scene = _sample_scene(rng, self.config, self.split)
+            if self.kind == "near" or binding_misses(scene, self.config):
+                break
+        else:
+            raise RuntimeError(f"no scene with a binding miss for item {i}")
+        qa = next(q for q in pope_questions(scene, rng, self.config, self.kind)
+                  if q.answer == ("yes" if i % 2 == 0 else "no"))
         return to_tensor(render(scene))[None], (Turn("user", IMAGE + qa.question), Turn("assistant", qa.answer)), ("pope",)
 
 
@@ -644,6 +745,7 @@ def _check_fields(recipe: object, counts: Sequence[str], zero_or_more: Sequence[
 
 CHAT_OFFSET = 6_000_000  # where the dialogues' scenes start among the train seeds: scenes of their own
 TWO_IMAGE_OFFSET = 7_000_000  # and the two-image questions' (two scenes each)
+TEXT_OFFSET = 9_000_000  # and the text-only rows' (six descriptions each)
 
 
 @dataclass(frozen=True)
@@ -657,6 +759,8 @@ class ChatRecipe:
 
     dialogues: int = 20_000
     two_image: int = 5_000
+    # Text-only rows (`TextOnlyDataset`, 6 descriptions each) mixed in; stored only when set
+    text_only: int = field(default=0, metadata=SWITCH)
     describe: float = 0.5
     max_questions: int = 3
     context_length: int = 192
@@ -669,7 +773,7 @@ class ChatRecipe:
 
     def __post_init__(self) -> None:
         _check_fields(self, ("dialogues", "max_questions", "context_length", "steps", "batch_size"),
-                      ("two_image", "warmup_steps", "seed"), ("lr", "lm_lr"))
+                      ("two_image", "text_only", "warmup_steps", "seed"), ("lr", "lm_lr"))
         _check_dialogue(self.max_questions, self.describe)
 
     def to_dict(self) -> dict:
@@ -679,13 +783,16 @@ class ChatRecipe:
 
 
 def chat_dataset(recipe: ChatRecipe, config: ShapeWorldConfig | None = None):
-    """The training conversations: `recipe.dialogues` dialogues and `recipe.two_image` two-image questions."""
+    """The training rows: `recipe.dialogues` dialogues, `recipe.two_image` two-image questions and `recipe.text_only`
+    text-only rows."""
     from torch.utils.data import ConcatDataset
 
     parts = [DialogueDataset("train", recipe.dialogues, config, describe=recipe.describe,
                              max_questions=recipe.max_questions, cache=True, offset=CHAT_OFFSET)]
     if recipe.two_image:
         parts.append(TwoImageDataset("train", recipe.two_image, config, cache=True, offset=TWO_IMAGE_OFFSET))
+    if recipe.text_only:
+        parts.append(TextOnlyDataset("train", recipe.text_only, config, cache=True, offset=TEXT_OFFSET))
     return ConcatDataset(parts)
 
 
@@ -744,29 +851,47 @@ def base_scene_config(model: UnifiedVLM) -> ShapeWorldConfig:
 
 
 PREFERENCE_OFFSET = 8_000_000  # where the preference pairs' scenes start among the train seeds
-PREFERENCE_SKILLS = ("colour", "shape", "count", "spatial", "existence")
+PREFERENCE_SKILLS = ("colour", "shape", "count", "spatial", "existence", "two images")
 
 
 class PreferenceDataset(_SplitDataset):
-    """(images (1, 3, H, W), prompt turns, chosen, rejected, skill): a question, its answer and a wrong one.
+    """(images (k, 3, H, W), prompt turns, chosen, rejected, skill): a question, its answer and a wrong one.
 
-    Even items are `pope_questions`: items 0, 4, 8, ... ask about an absent near miss (chosen "no",
-    rejected "yes": the hallucination preference tuning is meant to remove), items 2, 6, 10, ...
-    about an object that is there (chosen "yes", rejected "no"), so that the model is not simply
-    taught to say "no". Odd items cycle through the skills in `PREFERENCE_SKILLS`, the rejected
-    answer from `rejected_answer`."""
+    Even items are `pope_questions` of `kind` ("binding" by default): items 0, 4, 8, ... ask about
+    an absent object (chosen "no", rejected "yes": the hallucination preference tuning is meant to
+    remove), items 2, 6, 10, ... about an object that is there (chosen "yes", rejected "no"), so
+    that the model is not simply taught to say "no". As in `PopeDataset`, both draw scenes that
+    have a binding miss, so that the kind of scene does not give the answer away. Odd items cycle
+    through `PREFERENCE_SKILLS`, the rejected answer from `rejected_answer`; "two images" items are
+    `TwoImageDataset`'s question about two scenes (k = 2), "yes" and "no" equally often."""
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
-                 offset: int = 0) -> None:
+                 offset: int = 0, kind: str = "binding") -> None:
         super().__init__(split, size, config, cache, offset)
+        if kind not in POPE_KINDS:
+            raise ValueError(f"kind {kind!r} is invalid: expected one of {POPE_KINDS}")
+        self.kind = kind
 
     def _make(self, rng: Rng, i: int) -> tuple:
-        for _ in range(_MAX_ATTEMPTS):  # re-sample from the same seed's stream until the skill applies
+        skill = "pope" if i % 2 == 0 else PREFERENCE_SKILLS[(i // 2) % len(PREFERENCE_SKILLS)]
+        for _ in range(_MAX_ATTEMPTS):  # re-sample from the same seed's stream until the question applies
             scene = _sample_scene(rng, self.config, self.split)
-            if i % 2 == 0:
-                qa = next(q for q in pope_questions(scene, rng, self.config) if q.answer == ("no" if i % 4 == 0 else "yes"))
+            if skill == "pope":
+                if self.kind == "binding" and not binding_misses(scene, self.config):
+                    continue
+                want = "no" if i % 4 == 0 else "yes"
+                qa = next(q for q in pope_questions(scene, rng, self.config, self.kind) if q.answer == want)
+            elif skill == "two images":
+                same = (i // 2 // len(PREFERENCE_SKILLS)) % 2 == 0  # "yes" and "no" in turn
+                second = next((t for t in (_sample_scene(rng, self.config, self.split) for _ in range(_MAX_ATTEMPTS))
+                               if (len(t.objects) == len(scene.objects)) == same), None)
+                if second is None:
+                    continue
+                qa = two_image_question(scene, second)
+                images = torch.stack([to_tensor(render(scene)), to_tensor(render(second))])
+                prompt = (Turn("user", IMAGE * 2 + qa.question),)
+                return images, prompt, qa.answer, rejected_answer(qa, rng, self.config), qa.skill
             else:
-                skill = PREFERENCE_SKILLS[(i // 2) % len(PREFERENCE_SKILLS)]
                 qas = questions(scene, rng, [skill], self.config)
                 if not qas:
                     continue
@@ -801,18 +926,29 @@ def preference_logprobs(model: UnifiedVLM, batch: ChatBatch) -> tuple[torch.Tens
 
 @dataclass(frozen=True)
 class DPORecipe:
-    """Direct Preference Optimization of a chat model's LM on `PreferenceDataset` pairs (the tower and projector frozen)."""
+    """Direct Preference Optimization of a chat model's LM on `PreferenceDataset` pairs (the tower and projector frozen).
+
+    `sft_weight` adds that multiple of the chosen answers' mean next-token loss to DPO's (Llama 3's
+    post-training and RPO do the same): DPO alone can raise the chosen answer over the rejected one
+    by lowering both, and the greedy reply then drifts. `pope_kind` is the `PreferenceDataset`'s."""
 
     pairs: int = 10_000
-    steps: int = 500
+    steps: int = 200
     batch_size: int = 32
-    lr: float = 1e-5
+    lr: float = 1e-4
     beta: float = 0.1
+    sft_weight: float = 1.0
+    pope_kind: str = "binding"
     warmup_steps: int = 20
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_fields(self, ("pairs", "steps", "batch_size"), ("warmup_steps", "seed"), ("lr", "beta"))
+        w = self.sft_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"sft_weight {w!r} is invalid: expected a number >= 0")
+        if self.pope_kind not in POPE_KINDS:
+            raise ValueError(f"pope_kind {self.pope_kind!r} is invalid: expected one of {POPE_KINDS}")
 
     def to_dict(self) -> dict:
         from mllm_scratch.vit import config_dict
@@ -820,14 +956,19 @@ class DPORecipe:
         return config_dict(self)
 
 
-def dpo_objective(reference: UnifiedVLM, beta: float):
-    """The `loss_fn` for `train`: `dpo_loss` of the policy being trained against the frozen `reference`."""
+def dpo_objective(reference: UnifiedVLM, beta: float, sft_weight: float = 0.0):
+    """The `loss_fn` for `train`: `dpo_loss` of the policy being trained against the frozen `reference`, plus
+    `sft_weight` times the mean next-token loss of the chosen answers (their tokens and <|end|>)."""
 
     def loss_fn(policy: UnifiedVLM, batch: ChatBatch) -> torch.Tensor:
         chosen, rejected = preference_logprobs(policy, batch)
         with torch.no_grad():
             ref_chosen, ref_rejected = preference_logprobs(reference, batch)
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0]
+        loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0]
+        if sft_weight:
+            scored = (batch.labels[: chosen.shape[0], 1:] != IGNORE_INDEX).sum()
+            loss = loss - sft_weight * chosen.sum() / scored
+        return loss
 
     return loss_fn
 
@@ -856,10 +997,10 @@ def train_dpo(model: UnifiedVLM, recipe: DPORecipe | None = None, tokenizer: Tok
     config = TrainConfig(steps=n, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, n), weight_decay=0.0,
                          min_lr_ratio=0.0, record_every=1 if n < 10 else 10, log_every=log_every, progress=progress)
     data = batches(PreferenceDataset("train", recipe.pairs, base_scene_config(model), cache=True,
-                                     offset=PREFERENCE_OFFSET),
+                                     offset=PREFERENCE_OFFSET, kind=recipe.pope_kind),
                    recipe.batch_size, seed=recipe.seed, collate_fn=PreferenceCollator(template))
     reference.to(device)  # beside the policy, which train() moves there
-    history = train(policy, data, dpo_objective(reference, recipe.beta), config, device=device,
+    history = train(policy, data, dpo_objective(reference, recipe.beta, recipe.sft_weight), config, device=device,
                     batch_size_of=lambda b: b.ids.shape[0] // 2)
     return policy.requires_grad_(False).eval(), history
 

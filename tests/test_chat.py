@@ -176,6 +176,36 @@ def test_pope_questions_are_balanced_and_true():
             assert (name in present) == (q.answer == "yes")
 
 
+def test_binding_questions_ask_about_a_colour_and_a_shape_that_are_there_apart():
+    from mllm_scratch.chat import PopeDataset, binding_misses
+
+    config = ShapeWorldConfig()
+    asked = 0
+    for seed in range(200):
+        scene = generate_scene(seed, config)
+        misses = binding_misses(scene, config)
+        colours, shapes = {o.colour for o in scene.objects}, {o.shape for o in scene.objects}
+        assert all(c in colours and s in shapes and f"{c} {s}" not in {o.name for o in scene.objects} for c, s in misses)
+        if not misses:
+            assert len(colours) == 1 or len(shapes) == 1 or all(
+                (c, s) not in config.train_pairs() or f"{c} {s}" in {o.name for o in scene.objects}
+                for c in colours for s in shapes)
+            with pytest.raises(ValueError, match="has no absent pair of a colour and a shape it holds"):
+                pope_questions(scene, seed, config, kind="binding")
+            continue
+        asked += 1
+        no = next(q for q in pope_questions(scene, seed, config, kind="binding") if q.answer == "no")
+        assert tuple(no.question.rstrip("?").split()[-2:]) in misses
+    assert asked > 50
+    data = PopeDataset("test", 40, kind="binding")
+    assert [turns[1].text for _, turns, _ in data] == ["yes", "no"] * 20
+    assert [t for _, t, _ in PopeDataset("test", 40)] != [t for _, t, _ in data]  # near misses by default
+    with pytest.raises(ValueError, match="kind 'far' is invalid"):
+        PopeDataset("test", 4, kind="far")
+    with pytest.raises(ValueError, match="kind 'far' is invalid"):
+        pope_questions(generate_scene(0, config), 0, config, kind="far")
+
+
 def test_pope_scores_by_hand():
     truth = ["yes", "no", "yes", "no"]
     always_yes = pope_scores(["yes"] * 4, truth)
@@ -408,7 +438,7 @@ def test_train_chat_vlm_runs_and_trains_only_the_projector_and_lm(tok):
 
 @pytest.mark.parametrize("field, value, message", [
     ("steps", 0, "steps 0 is invalid"), ("lm_lr", float("nan"), "lm_lr nan"), ("describe", -1, "describe -1"),
-    ("batch_size", 2.5, "batch_size 2.5"),
+    ("batch_size", 2.5, "batch_size 2.5"), ("text_only", -1, "text_only -1"),
 ])
 def test_chat_recipe_errors_name_the_value(field, value, message):
     from mllm_scratch.chat import ChatRecipe
@@ -417,18 +447,69 @@ def test_chat_recipe_errors_name_the_value(field, value, message):
         ChatRecipe(**{field: value})
 
 
+def test_text_only_rows_are_chapter_04s_text_scored_on_every_token(tok, template):
+    from mllm_scratch.chat import TEXT_WINDOW, ChatRecipe, TextDocument, TextOnlyDataset, chat_dataset
+
+    data = TextOnlyDataset("train", 3)
+    images, doc, skills = data[1]
+    assert images is None and skills == ("text",) and len(doc.texts) == 6
+    assert all(t.startswith("there ") and t.endswith(".") for t in doc.texts)  # descriptions, as chapter 04's TextDataset
+    assert TextOnlyDataset("train", 3)[1] == data[1] and TextOnlyDataset("train", 3, offset=1)[0] == data[1]
+    short = TextDocument(("a small red circle.", "there is one object."))
+    batch = ChatCollator(template)([(None, short), (torch.zeros(1, 3, 32, 32), (Turn("user", IMAGE + "hi"), Turn("assistant", "yes")))])
+    eot = tok.eot_id
+    want = [eot] + tok.encode_ordinary("a small red circle.") + [eot] + tok.encode_ordinary("there is one object.") + [eot]
+    assert batch.ids[0, : len(want)].tolist() == want and batch.labels[0, : len(want)].tolist() == want
+    assert (batch.labels[0, len(want):] == IGNORE_INDEX).all() and batch.images.shape[0] == 1  # the text row has no image
+    long = TextDocument(tuple(doc.texts) * 3)
+    assert ChatCollator(template)([(None, long)]).ids.shape == (1, TEXT_WINDOW + 1)  # cut at chapter 04's window
+    with pytest.raises(ValueError, match="item 0: a TextDocument with 1 images"):
+        ChatCollator(template)([(torch.zeros(1, 3, 32, 32), short)])
+    for bad in ((), "a text", ("",)):
+        with pytest.raises(ValueError, match="expected a non-empty tuple of non-empty strings"):
+            TextDocument(bad)
+    with pytest.raises(ValueError, match="per_row 0 is invalid"):
+        TextOnlyDataset("train", 3, per_row=0)
+    assert "text_only" not in ChatRecipe().to_dict()  # the shipped recipe's manifest is unchanged
+    mixed = chat_dataset(ChatRecipe(dialogues=4, two_image=2, text_only=3))
+    assert len(mixed) == 9 and isinstance(mixed[8][1], TextDocument) and ChatRecipe(text_only=3).to_dict()["text_only"] == 3
+
+
+def test_text_perplexity_is_chapter_04s_measure():
+    import json
+
+    from mllm_scratch.chat import text_perplexity
+    from mllm_scratch.checkpoints import DEFAULT_DIR
+    from mllm_scratch.gpt import pretrained_gpt
+
+    shipped = json.loads((DEFAULT_DIR / "gpt.json").read_text())["metrics"]["val_perplexity"]
+    assert text_perplexity(pretrained_gpt()) == pytest.approx(shipped, abs=1e-3)  # what chapter 04's manifest records
+    assert text_perplexity(pretrained_gpt(), size=50) != pytest.approx(shipped, abs=1e-3)
+
+
 def test_preference_pairs_hold_a_right_and_a_wrong_answer():
     from mllm_scratch.chat import PreferenceDataset
 
-    data = PreferenceDataset("test", 200)
+    from mllm_scratch.chat import PREFERENCE_SKILLS, SAME_COUNT
+
+    data = PreferenceDataset("test", 240)
     for i, (images, prompt, chosen, rejected, skill) in enumerate(data):
-        assert images.shape == (1, 3, 32, 32) and check_conversation(prompt, num_images=1) == prompt
+        k = 2 if skill == "two images" else 1
+        assert images.shape == (k, 3, 32, 32) and check_conversation(prompt, num_images=k) == prompt
         assert chosen != rejected
         if i % 2 == 0:
             assert (skill, chosen, rejected) == ("pope", "no", "yes") if i % 4 == 0 else ("pope", "yes", "no")
-    assert {s for *_, s in data} == {"pope", "colour", "shape", "count", "spatial", "existence"}
+        if skill == "two images":
+            assert prompt[0].text == IMAGE * 2 + SAME_COUNT and {chosen, rejected} == {"yes", "no"}
+    assert {s for *_, s in data} == {"pope", *PREFERENCE_SKILLS}
+    two = [chosen for *_, chosen, _, s in data if s == "two images"]
+    assert two.count("yes") == two.count("no") == 10
     yes_no = [chosen for _, _, chosen, rejected, _ in data if {chosen, rejected} == {"yes", "no"}]
     assert 0.4 < yes_no.count("yes") / len(yes_no) < 0.6  # DPO is not taught to prefer one word
+    near = PreferenceDataset("test", 8, kind="near")
+    assert [t[2] for t in near][::2] == ["no", "yes", "no", "yes"] and [t[1] for t in near] != [t[1] for t in data][:8]
+    with pytest.raises(ValueError, match="kind 'far' is invalid"):
+        PreferenceDataset("test", 8, kind="far")
 
 
 def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(tok, template):
@@ -453,6 +534,11 @@ def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(to
         preference_logprobs(model, PreferenceCollator(template)(items[:2])._replace(ids=batch.ids[:3]))
     start = dpo_objective(model, beta=0.5)(model, batch)
     assert start.item() == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference: no preference yet
+    with torch.no_grad():
+        chosen_logp = preference_logprobs(model, batch)[0]
+    scored = sum(len(template._body(item[2])) + 1 for item in items)  # each chosen answer's tokens and its <|end|>
+    with_sft = dpo_objective(model, beta=0.5, sft_weight=2.0)(model, batch)
+    assert with_sft.item() == pytest.approx(math.log(2) - 2.0 * chosen_logp.sum().item() / scored, rel=1e-5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     policy, history = train_dpo(model, DPORecipe(pairs=8, batch_size=8, lr=3e-3, beta=0.5, warmup_steps=0), tok,
                                 steps=8, log_every=0, progress=False)
@@ -466,6 +552,10 @@ def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(to
     assert changed == {"lm"}  # only the LM trains
     with pytest.raises(ValueError, match="beta 0 is invalid"):
         DPORecipe(beta=0)
+    with pytest.raises(ValueError, match="sft_weight -1 is invalid: expected a number >= 0"):
+        DPORecipe(sft_weight=-1)
+    with pytest.raises(ValueError, match="pope_kind 'far' is invalid"):
+        DPORecipe(pope_kind="far")
 
 
 def test_a_saved_chat_model_loads_back_and_answers_the_same(tok, tmp_path, monkeypatch):
