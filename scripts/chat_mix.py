@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Chapter 12's data-mix ablation: the chat recipe with and without text-only rows, three seeds each.
+
+    python scripts/chat_mix.py              # every row (about 20 min each on one CPU thread)
+    python scripts/chat_mix.py --rows 3 4   # some rows only (merged into the results file)
+
+Each row tunes chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS, text_only=..., seed=...)`:
+a third of the shipped recipe's steps, so that six rows fit in a session. The two mixes differ
+only in `text_only` (0, or TEXT_ROWS rows of six ShapeWorld descriptions each, the kind of text
+chapter 04's LM was pretrained on, beside the 25,000 conversations). A trained row is rounded to
+float16, as shipped models are stored, and scored by `chat.chat_scores` (1,000 held-out
+dialogues, two-image questions and POPE questions) and by `chat.text_perplexity` on chapter 04's
+1,000 held-out descriptions. The header records the same perplexity for chapter 04's LM and for
+chapter 06's (the model every row starts from). Results: data/results/chat_mix.json, which
+chapter 12 prints and checks on every seed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import search_rows  # noqa: E402  (scripts/, next to this file)
+
+from mllm_scratch.chat import CHAT_EVAL, ChatRecipe  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "chat_mix.json"
+MIX_STEPS = 1_000
+TEXT_ROWS = 5_000
+ROWS = [(text, seed) for text in (0, TEXT_ROWS) for seed in (0, 1, 2)]  # (text-only rows, seed)
+
+
+def recipe(i: int) -> ChatRecipe:
+    text, seed = ROWS[i]
+    return ChatRecipe(steps=MIX_STEPS, text_only=text, seed=seed)
+
+
+def run(i: int) -> dict:
+    text, seed = ROWS[i]
+
+    def compute() -> dict:
+        import torch
+
+        from mllm_scratch.chat import chat_scores, text_perplexity, train_chat_vlm
+        from mllm_scratch.checkpoints import round_to_dtype
+        from mllm_scratch.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer()
+        model, history = train_chat_vlm(recipe(i), tokenizer, progress=False, device="cpu")
+        round_to_dtype(model, torch.float16)
+        return {"loss": round(history.loss[-1], 4), "text_perplexity": text_perplexity(model.lm, tokenizer),
+                **chat_scores(model, tokenizer)}
+
+    return search_rows.timed_row(i, {"text_only": text, "seed": seed}, compute)
+
+
+def header() -> dict:
+    from mllm_scratch.chat import text_perplexity
+    from mllm_scratch.gpt import pretrained_gpt
+    from mllm_scratch.vlm import load_vlm
+
+    return {"what": "chapter 12's data mix: the chat recipe with and without text-only rows (scripts/chat_mix.py)",
+            "recipes": {f"text_only {t}": recipe(ROWS.index((t, 0))).to_dict() for t in (0, TEXT_ROWS)},
+            "sizes": CHAT_EVAL, "text_perplexity": {"chapter 04's LM": text_perplexity(pretrained_gpt()),
+                                                    "chapter 06's LM": text_perplexity(load_vlm().lm)}}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["text-only rows  seed  per turn  two images  POPE   text perplexity"]
+    for r in sorted(rows, key=lambda r: r["row"]):
+        lines.append(f"{r['text_only']:14d}  {r['seed']:4d}  {r['dialogue']['turns']:8.3f}  "
+                     f"{r['two_image']['accuracy']:10.3f}  {r['pope']['accuracy']:.3f}  {r['text_perplexity']:15.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return search_rows.main(
+        argv, __doc__, [f"text-only rows {t}, seed {s}" for t, s in ROWS], run, RESULTS, header=header, table=table,
+        summary=lambda r: f" per turn {r['dialogue']['turns']:.3f}, two images {r['two_image']['accuracy']:.3f}, "
+                          f"text perplexity {r['text_perplexity']:.2f}",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
