@@ -315,9 +315,10 @@ def splice_images(model: UnifiedVLM, ids: torch.Tensor, images: torch.Tensor | N
 
 
 def chat_loss(model: UnifiedVLM, batch: ChatBatch) -> torch.Tensor:
-    """The `loss_fn` for `train`: next-token loss on the assistant turns (the labels `ChatTemplate` scores)."""
+    """The `loss_fn` for `train`: next-token loss on the labels the collator scores (the assistant turns, and every
+    token of a text-only row)."""
     if checked_on_host(batch.labels) and not bool((batch.labels != IGNORE_INDEX).any()):
-        raise ValueError("the batch holds no assistant turn: nothing to score (expected a reply in at least one row)")
+        raise ValueError("the batch holds nothing to score: expected an assistant reply or a text-only row in at least one row")
     logits = model.lm(inputs_embeds=splice_images(model, batch.ids, batch.images))[:, :-1]
     return next_token_loss(logits, batch.labels[:, 1:], ignore_index=IGNORE_INDEX)
 
@@ -979,7 +980,8 @@ def train_dpo(model: UnifiedVLM, recipe: DPORecipe | None = None, tokenizer: Tok
     as the reference (three models in memory). Returns (policy, History); `model` is left as it was.
 
     The policy trains in train mode and the reference runs in eval mode: the same function only while
-    the model has no dropout (the book's models have none), as the first step's loss of log 2 assumes."""
+    the model has no dropout (the book's models have none), as the first step's DPO loss of log 2 assumes
+    (with `sft_weight`, the first loss is log 2 plus that multiple of the chosen answers' loss)."""
     import copy
 
     from mllm_scratch.runtime import choose_device

@@ -561,7 +561,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     on standard error and the conversation kept as it was. Bad input never ends the session."""
     import torch
 
-    from mllm_scratch.chat import ChatTemplate, IMAGE, Turn, load_chat_vlm, reply
+    from mllm_scratch.chat import ChatTemplate, Turn, check_conversation, load_chat_vlm, reply
+    from mllm_scratch.tokenizer import ASSISTANT, END, IMAGE, USER
     from mllm_scratch.tokenizer import load_tokenizer
 
     if args.max_new_tokens < 1:
@@ -571,6 +572,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     first = [_chat_image(path, size) for path in args.images]  # every file checked before the first message
     template = ChatTemplate(load_tokenizer(), model.num_image_tokens)
     context = model.config.lm.context_length
+    special = (USER, ASSISTANT, END, IMAGE)  # the template's tokens: a user cannot type them
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chapter 12's chat model, {len(first)} image{'s' * (len(first) != 1)} shown. /help for commands.")
@@ -581,15 +583,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if interactive:
             print("you> ", end="", flush=True)
         line = sys.stdin.readline()
-        if not line:  # end of input
+        if not line:  # end of input (Ctrl-D at the prompt: end its line)
+            if interactive:
+                print()
             break
         message = line.strip()
         if not message:
             continue
         if message in ("/quit", "/exit"):
             break
-        if message == "/help":
-            print(CHAT_HELP)
+        if message == "/help":  # piped: to stderr, so that stdout holds the replies only
+            print(CHAT_HELP, file=sys.stdout if interactive else sys.stderr)
             continue
         if message == "/reset":
             turns, shown, pending = [], [], list(first)
@@ -608,13 +612,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"error: unknown command {message.split()[0]!r}: expected /image PATH, /reset, /help or /quit",
                   file=sys.stderr)
             continue
-        if IMAGE in message:
-            print(f"error: type no {IMAGE} marker: show an image with /image PATH", file=sys.stderr)
+        text = _chat_text(message)
+        typed = [token for token in special if token in text]
+        if typed:  # the template's own tokens are not text: refused, as `check_conversation` would
+            print(f"error: type no {typed[0]}: the chat template writes it (show an image with /image PATH)",
+                  file=sys.stderr)
             continue
-        if not turns and not pending:
-            print("error: the conversation has no image: show one first with /image PATH", file=sys.stderr)
-            continue
-        user = Turn("user", IMAGE * len(pending) + _chat_text(message))
+        user = Turn("user", IMAGE * len(pending) + text)
         images = shown + pending
         room = context - len(template.prompt([*turns, user], num_images=len(images)))
         if room < MIN_CHAT_REPLY:  # too long for the context: refused, and the conversation stays as it was
@@ -623,8 +627,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         said = reply(model, template, torch.stack(images), [*turns, user],
                      max_new_tokens=min(args.max_new_tokens, room))  # near the end of the context, a shorter reply
-        turns += [user, Turn("assistant", said)]
-        shown, pending = images, []
+        try:
+            kept = check_conversation([*turns, user, Turn("assistant", said)], num_images=len(images))
+        except ValueError:  # an empty reply, or one that wrote a template token: shown, not kept
+            print(f"error: the reply {said!r} cannot stay in the conversation; it goes on as it was",
+                  file=sys.stderr)
+        else:
+            turns = list(kept)
+            shown, pending = images, []
         print(said if not interactive else f"assistant> {said}", flush=True)
     return 0
 

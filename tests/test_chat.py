@@ -176,7 +176,13 @@ def test_pope_questions_are_balanced_and_true():
             assert (name in present) == (q.answer == "yes")
 
 
+def _article(name: str) -> str:
+    return "an" if name[0] in "aeiou" else "a"
+
+
 def test_binding_questions_ask_about_a_colour_and_a_shape_that_are_there_apart():
+    """The binding kind asks about absent pairs of present parts; the near kind (the default) is pinned to the items
+    it gave before the binding kind existed, as the shipped model's POPE score was measured on them."""
     from mllm_scratch.chat import PopeDataset, binding_misses
 
     config = ShapeWorldConfig()
@@ -197,6 +203,8 @@ def test_binding_questions_ask_about_a_colour_and_a_shape_that_are_there_apart()
         no = next(q for q in pope_questions(scene, seed, config, kind="binding") if q.answer == "no")
         assert tuple(no.question.rstrip("?").split()[-2:]) in misses
     assert asked > 50
+    near = ["purple triangle", "red cross", "purple circle", "blue square", "yellow circle", "purple cross"]
+    assert [t[0].text for _, t, _ in PopeDataset("test", 6)] == [f"{IMAGE}is there {_article(n)} {n}?" for n in near]
     data = PopeDataset("test", 40, kind="binding")
     assert [turns[1].text for _, turns, _ in data] == ["yes", "no"] * 20
     assert [t for _, t, _ in PopeDataset("test", 40)] != [t for _, t, _ in data]  # near misses by default

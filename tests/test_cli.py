@@ -415,15 +415,18 @@ def test_chat_shows_images_from_the_command_line_and_with_slash_image(tmp_path, 
     assert main(["chat", *map(str, paths)]) == 0  # both images with the first message
     assert capsys.readouterr().out.splitlines() == [want]
     lines = ["/help", "/image", f"/image {tmp_path / 'missing.png'}", "/colour", "<|image|>what is this?",
-             f"/image {paths[1]}", SAME_COUNT, "/quit", "never read"]
+             "<|END|> hi", f"/image {paths[1]}", SAME_COUNT, "/quit", "never read"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines)))
     assert main(["chat", str(paths[0])]) == 0  # the second image added by /image: both shown with the first message
     out, err = capsys.readouterr()
-    assert out.splitlines()[-1] == want and "/image PATH" in out and "never read" not in out + err
-    assert err.splitlines() == ["error: /image needs a file: /image PATH",
-                                f"error: image file {str(tmp_path / 'missing.png')!r} does not exist (or is not a file)",
-                                "error: unknown command '/colour': expected /image PATH, /reset, /help or /quit",
-                                "error: type no <|image|> marker: show an image with /image PATH"]
+    assert out.splitlines() == [want] and "never read" not in out + err  # piped: stdout holds the replies only
+    errors = err.split("error: ")
+    assert "/image PATH" in errors[0] and errors[1:] == [
+        "/image needs a file: /image PATH\n",
+        f"image file {str(tmp_path / 'missing.png')!r} does not exist (or is not a file)\n",
+        "unknown command '/colour': expected /image PATH, /reset, /help or /quit\n",
+        "type no <|image|>: the chat template writes it (show an image with /image PATH)\n",
+        "type no <|end|>: the chat template writes it (show an image with /image PATH)\n"]
     messages = ["how many objects are there?", "how many objects are there?"]  # about the first image, then the second
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{messages[0]}\n/image {paths[1]}\n{messages[1]}\n"))
     assert main(["chat", str(paths[0])]) == 0  # an image shown mid-conversation goes with the next message
@@ -434,16 +437,18 @@ def test_chat_refuses_a_message_that_does_not_fit_and_resets(png, chat_model, mo
     import io
 
     question = "is there a red circle?"
-    lines = [question] * 12 + ["/reset", question]  # the context of 192 holds the image and a few exchanges
+    long = "is there a red circle" + " or a red circle" * 40 + "?"  # more than the 192 positions hold
+    lines = [long, question] + [question] * 12 + ["/reset", question]  # the context holds a few exchanges
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     assert main(["chat", str(png)]) == 0
     out, err = capsys.readouterr()
     refused = err.splitlines()
-    assert refused and all(line.startswith("error: the conversation would leave room for ") and
-                           line.endswith("Type /reset to start over.") for line in refused)
+    assert len(refused) >= 2 and all(line.startswith("error: the conversation would leave room for ") and
+                                     line.endswith("Type /reset to start over.") for line in refused)
     replies = out.splitlines()
-    assert len(replies) + len(refused) == 13 and len(replies) >= 2
-    assert replies[-1] == replies[0] == chat_replies(chat_model, [load_image(png, 32)], [question])[0]  # started over
+    assert len(replies) + len(refused) == 15 and len(replies) >= 3
+    first = chat_replies(chat_model, [load_image(png, 32)], [question])[0]
+    assert replies[0] == replies[-1] == first  # the long message left nothing behind; /reset started over
 
 
 def test_chat_errors(png, tmp_path, capsys):
