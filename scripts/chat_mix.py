@@ -12,8 +12,8 @@ float16, as shipped models are stored, and scored by `chat.chat_scores` (1,000 h
 dialogues, two-image questions and POPE questions) and by `chat.text_perplexity` on chapter 04's
 1,000 held-out descriptions (chapter 12 measures the same for chapter 04's LM and chapter 06's,
 from which every row starts). A text-only row scores its 128 tokens, a conversation only its
-replies (about 10 to 30 tokens), so text takes about half of the loss although it is a sixth of
-the rows. Results: data/results/chat_mix.json, which chapter 12 prints and checks on every seed.
+replies, so text is about two thirds of the scored tokens although it is a sixth of the rows
+(chapter 12 counts them). Results: data/results/chat_mix.json, which chapter 12 prints and checks on every seed.
 """
 
 from __future__ import annotations

@@ -59,11 +59,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def header() -> dict:
+    return {"what": "chapter 12's chat model before and after DPO (scripts/dpo_seeds.py)",
+            "recipe": DPORecipe().to_dict(), "sizes": {**CHAT_EVAL, "pope_binding": CHAT_EVAL["pope"]}}
+
+
 def main(argv: list[str] | None = None) -> int:
     return search_rows.main(
-        argv, __doc__, ["before DPO"] + [f"DPO seed {s}" for s in ROWS[1:]], run, RESULTS,
-        header=lambda: {"what": "chapter 12's chat model before and after DPO (scripts/dpo_seeds.py)",
-                        "recipe": DPORecipe().to_dict(), "sizes": {**CHAT_EVAL, "pope_binding": CHAT_EVAL["pope"]}},
+        argv, __doc__, ["before DPO"] + [f"DPO seed {s}" for s in ROWS[1:]], run, RESULTS, header=header,
         table=table,
         summary=lambda r: f" per turn {r['dialogue']['turns']:.3f}, POPE {r['pope']['accuracy']:.3f}, "
                           f"binding {r['pope_binding']['accuracy']:.3f} (yes {r['pope_binding']['yes_ratio']:.2f})",
