@@ -20,11 +20,12 @@ The pieces an instruction-tuned VLM adds to the one-question models of chapters 
   every token, mixed into the chat data (`ChatRecipe.text_only`) so that the LM keeps its text
   ability (`text_perplexity`), as MM1 mixes text-only data into its pretraining.
 - **A hallucination check** in the style of POPE (`pope_questions`, `pope_scores`): yes/no
-  questions about objects that are present and, as often, objects that are absent,
-  scored as accuracy, precision, recall and the share of "yes" answers.
-- **Preference tuning** (`dpo_loss`): Direct Preference Optimization on pairs whose
-  rejected answer perturbs the right one (`rejected_answer`: a wrong colour, a "yes"
-  about an absent object).
+  questions about objects that are present and, as often, objects that are absent (near
+  misses, or binding misses: `binding_misses`), scored as accuracy, precision, recall and the
+  share of "yes" answers.
+- **Preference tuning** (`dpo_loss`, `train_dpo`): Direct Preference Optimization on pairs
+  whose rejected answer perturbs the right one (`rejected_answer`: a wrong colour, a "yes"
+  about an absent object), with the chosen answers' next-token loss added (`DPORecipe.sft_weight`).
 """
 
 from __future__ import annotations

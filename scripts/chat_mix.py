@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chapter 12's data-mix ablation: the chat recipe with and without text-only rows, three seeds each.
 
-    python scripts/chat_mix.py              # every row (about 20 min each on one CPU thread)
+    python scripts/chat_mix.py              # every row (17-20 min each beside three other runs)
     python scripts/chat_mix.py --rows 3 4   # some rows only (merged into the results file)
 
 Each row tunes chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS, text_only=..., seed=...)`:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chapter 12's preference tuning: the chat model before DPO, and after `DPORecipe()` on three seeds.
 
-    python scripts/dpo_seeds.py              # every row (the first a few minutes; the others about 15 min each)
+    python scripts/dpo_seeds.py              # every row (the first 2 min; the others 10-13 min each beside other runs)
     python scripts/dpo_seeds.py --rows 1 2   # some rows only (merged into the results file)
 
 Row 0 is the shipped chat model as it is. Rows 1-3 tune it with `DPORecipe(seed=s)`, s = 0, 1, 2
