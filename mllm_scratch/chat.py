@@ -470,6 +470,16 @@ class DialogueDataset(_SplitDataset):
         return to_tensor(render(scene))[None], d.turns, d.skills
 
 
+def _second_scene(rng: Rng, first: Scene, same: bool, config: ShapeWorldConfig, split: str) -> Scene | None:
+    """The next scene of `rng`'s stream with as many objects as `first` (same=True) or another number; None if
+    none comes within _MAX_ATTEMPTS draws."""
+    for _ in range(_MAX_ATTEMPTS):
+        second = _sample_scene(rng, config, split)
+        if (len(second.objects) == len(first.objects)) == same:
+            return second
+    return None
+
+
 class TwoImageDataset(_SplitDataset):
     """(images (2, 3, H, W), turns, skills): two scenes and the `two_image_question` about them.
 
@@ -492,11 +502,10 @@ class TwoImageDataset(_SplitDataset):
     def _scenes(self, rng: Rng, i: int) -> tuple[Scene, Scene]:
         first = _sample_scene(rng, self.config, self.split)
         same = i % 2 == 0
-        for _ in range(_MAX_ATTEMPTS):
-            second = _sample_scene(rng, self.config, self.split)
-            if (len(second.objects) == len(first.objects)) == same:
-                return first, second
-        raise RuntimeError(f"no second scene with {'the same' if same else 'another'} number of objects for item {i}")
+        second = _second_scene(rng, first, same, self.config, self.split)
+        if second is None:
+            raise RuntimeError(f"no second scene with {'the same' if same else 'another'} number of objects for item {i}")
+        return first, second
 
     def _make(self, rng: Rng, i: int) -> tuple:
         first, second = self._scenes(rng, i)
@@ -885,8 +894,7 @@ class PreferenceDataset(_SplitDataset):
                 qa = next(q for q in pope_questions(scene, rng, self.config, self.kind) if q.answer == want)
             elif skill == "two images":
                 same = (i // 2 // len(PREFERENCE_SKILLS)) % 2 == 0  # "yes" and "no" in turn
-                second = next((t for t in (_sample_scene(rng, self.config, self.split) for _ in range(_MAX_ATTEMPTS))
-                               if (len(t.objects) == len(scene.objects)) == same), None)
+                second = _second_scene(rng, scene, same, self.config, self.split)
                 if second is None:
                     continue
                 qa = two_image_question(scene, second)
@@ -930,9 +938,9 @@ def preference_logprobs(model: UnifiedVLM, batch: ChatBatch) -> tuple[torch.Tens
 class DPORecipe:
     """Direct Preference Optimization of a chat model's LM on `PreferenceDataset` pairs (the tower and projector frozen).
 
-    `sft_weight` adds that multiple of the chosen answers' mean next-token loss to DPO's (Llama 3's
-    post-training and RPO do the same): DPO alone can raise the chosen answer over the rejected one
-    by lowering both, and the greedy reply then drifts. `pope_kind` is the `PreferenceDataset`'s."""
+    `sft_weight` adds that multiple of the chosen answers' mean next-token loss to DPO's, as iterative
+    RPO does (weight 1; Llama 3's post-training uses 0.2): DPO alone can raise the chosen answer over
+    the rejected one by lowering both. `pope_kind` is the `PreferenceDataset`'s."""
 
     pairs: int = 10_000
     steps: int = 200
