@@ -425,22 +425,29 @@ def _load_model(kind: str, checkpoint: str | None):
     return load_vlm(checkpoint)
 
 
+def _read_image(path: str, read):
+    """`read()`, which reads the image file `path`, with its failures as a CLIError: a missing file, a file that is
+    not an image, an unreadable one (permissions, a truncated file)."""
+    if not Path(path).is_file():
+        raise CLIError(f"image file {str(path)!r} does not exist (or is not a file)")
+    try:
+        return read()
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    except OSError as err:
+        raise CLIError(f"cannot read image {str(path)!r}: {err}") from None
+
+
 def _load(args: argparse.Namespace):
     """The model and the image, resized to the model's input size (1, 3, size, size)."""
     from mllm_scratch.images import load_image
 
-    if not Path(args.image).is_file():
-        raise CLIError(f"image file {str(args.image)!r} does not exist (or is not a file)")
+    _read_image(args.image, lambda: None)  # a missing file fails before the model loads
     model = _load_model(args.model, args.checkpoint)
-    try:
-        if args.model == "tiled":  # any size and shape: fitted into the model's grid of tiles, aspect ratio kept
-            image = _fitted(args.image, model)
-        else:
-            image = load_image(args.image, model.config.vision.image_size)  # (3, size, size) in [0, 1]
-    except (FileNotFoundError, ValueError) as err:
-        raise CLIError(str(err)) from None
-    except OSError as err:  # unreadable: permissions, a truncated file
-        raise CLIError(f"cannot read image {str(args.image)!r}: {err}") from None
+    if args.model == "tiled":  # any size and shape: fitted into the model's grid of tiles, aspect ratio kept
+        image = _read_image(args.image, lambda: _fitted(args.image, model))
+    else:  # (3, size, size) in [0, 1]
+        image = _read_image(args.image, lambda: load_image(args.image, model.config.vision.image_size))
     return model, image[None]
 
 
@@ -527,20 +534,6 @@ CHAT_HELP = """Type a message and press Enter; the assistant replies with the wh
 MIN_CHAT_REPLY = 4  # reply tokens a message must leave room for (a one-word answer and its <|end|>, with room to spare)
 
 
-def _chat_image(path: str, size: int) -> "torch.Tensor":
-    """An image file as the chat model reads it: (3, size, size) in [0, 1]; a missing or unreadable file: CLIError."""
-    from mllm_scratch.images import load_image
-
-    if not Path(path).is_file():
-        raise CLIError(f"image file {str(path)!r} does not exist (or is not a file)")
-    try:
-        return load_image(path, size)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
-    except OSError as err:  # unreadable: permissions, a truncated file
-        raise CLIError(f"cannot read image {str(path)!r}: {err}") from None
-
-
 def _chat_text(message: str) -> str:
     """A message as the chat model was trained on them: lowercase, single spaces, a request ending in "." ("describe
     the image.") and anything else in "?"."""
@@ -569,7 +562,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-new-tokens {args.max_new_tokens} is invalid: expected an int >= 1")
     model = load_chat_vlm(args.checkpoint)  # CheckpointError names the file and how to rebuild it
     size = model.config.vision.image_size
-    first = [_chat_image(path, size) for path in args.images]  # every file checked before the first message
+    from mllm_scratch.images import load_image
+
+    first = [_read_image(path, lambda path=path: load_image(path, size)) for path in args.images]  # all checked first
     template = ChatTemplate(load_tokenizer(), model.num_image_tokens)
     context = model.config.lm.context_length
     special = (USER, ASSISTANT, END, IMAGE)  # the template's tokens: a user cannot type them
@@ -604,7 +599,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print("error: /image needs a file: /image PATH", file=sys.stderr)
                 continue
             try:
-                pending.append(_chat_image(path, size))
+                pending.append(_read_image(path, lambda: load_image(path, size)))
             except CLIError as err:  # a bad file mid-conversation: say so and go on
                 print(f"error: {err}", file=sys.stderr)
             continue
