@@ -441,14 +441,20 @@ def dialogue(scene: Scene, rng: Rng | random.Random | int, config: ShapeWorldCon
 SAME_COUNT = "do the two images have the same number of objects?"
 
 
-def two_image_question(first: Scene, second: Scene) -> QA:
+def two_image_question(first: Scene, second: Scene, counts: bool = False) -> QA:
     """A question that needs both images: do they hold the same number of objects? ("yes" or "no").
+
+    `counts=True`: the answer says the two counts before its verdict ("three and two, so no"), a
+    chain of thought the model then reads back instead of comparing two images in one step.
 
     Neither image alone decides it when the data set asks it as `TwoImageDataset` does: for each
     item the answer is fixed first ("yes" for even items) and the second scene drawn to fit, so
     whatever the first image holds, "yes" and "no" are equally likely. (A question such as "which
     image has more circles?" can mostly be answered from one image: one with no circle loses.)"""
-    return QA(SAME_COUNT, "yes" if len(first.objects) == len(second.objects) else "no", "two images")
+    verdict = "yes" if len(first.objects) == len(second.objects) else "no"
+    if counts:
+        verdict = f"{NUMBER_WORDS[len(first.objects)]} and {NUMBER_WORDS[len(second.objects)]}, so {verdict}"
+    return QA(SAME_COUNT, verdict, "two images")
 
 
 class DialogueDataset(_SplitDataset):
@@ -486,11 +492,13 @@ class TwoImageDataset(_SplitDataset):
     The user turn is "<|image|><|image|>do the two images have the same number of objects?". Item i's
     answer is "yes" for even i and "no" for odd i: the first scene is drawn, then the second is
     re-drawn from the same seed's stream until it fits that answer, so the answer does not depend on
-    what the first image shows (`scenes(i)` gives the two scenes)."""
+    what the first image shows (`scenes(i)` gives the two scenes). `counts=True` gives the answers
+    that say both counts first (`two_image_question`)."""
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
-                 offset: int = 0) -> None:
+                 offset: int = 0, counts: bool = False) -> None:
         super().__init__(split, size, config, cache, offset)
+        self.counts = bool(counts)
 
     def scenes(self, i: int) -> tuple[Scene, Scene]:
         """Item i's two scenes."""
@@ -509,7 +517,7 @@ class TwoImageDataset(_SplitDataset):
 
     def _make(self, rng: Rng, i: int) -> tuple:
         first, second = self._scenes(rng, i)
-        qa = two_image_question(first, second)
+        qa = two_image_question(first, second, self.counts)
         images = torch.stack([to_tensor(render(first)), to_tensor(render(second))])
         return images, (Turn("user", IMAGE * 2 + qa.question), Turn("assistant", qa.answer)), (qa.skill,)
 
@@ -772,6 +780,8 @@ class ChatRecipe:
     two_image: int = 5_000
     # Text-only rows (`TextOnlyDataset`, 6 descriptions each) mixed in; stored only when set
     text_only: int = field(default=0, metadata=SWITCH)
+    # Two-image answers that say both counts before the verdict (`two_image_question(counts=True)`); stored only when set
+    two_image_counts: bool = field(default=False, metadata=SWITCH)
     describe: float = 0.5
     max_questions: int = 3
     context_length: int = 192
@@ -786,6 +796,8 @@ class ChatRecipe:
         _check_fields(self, ("dialogues", "max_questions", "context_length", "steps", "batch_size"),
                       ("two_image", "text_only", "warmup_steps", "seed"), ("lr", "lm_lr"))
         _check_dialogue(self.max_questions, self.describe)
+        if not isinstance(self.two_image_counts, bool):
+            raise ValueError(f"two_image_counts {self.two_image_counts!r} is invalid: expected True or False")
 
     def to_dict(self) -> dict:
         from mllm_scratch.vit import config_dict
@@ -801,7 +813,8 @@ def chat_dataset(recipe: ChatRecipe, config: ShapeWorldConfig | None = None):
     parts = [DialogueDataset("train", recipe.dialogues, config, describe=recipe.describe,
                              max_questions=recipe.max_questions, cache=True, offset=CHAT_OFFSET)]
     if recipe.two_image:
-        parts.append(TwoImageDataset("train", recipe.two_image, config, cache=True, offset=TWO_IMAGE_OFFSET))
+        parts.append(TwoImageDataset("train", recipe.two_image, config, cache=True, offset=TWO_IMAGE_OFFSET,
+                                     counts=recipe.two_image_counts))
     if recipe.text_only:
         parts.append(TextOnlyDataset("train", recipe.text_only, config, cache=True, offset=TEXT_OFFSET))
     return ConcatDataset(parts)
@@ -940,7 +953,12 @@ class DPORecipe:
 
     `sft_weight` adds that multiple of the chosen answers' mean next-token loss to DPO's, as iterative
     RPO does (weight 1; Llama 3's post-training uses 0.2): DPO alone can raise the chosen answer over
-    the rejected one by lowering both. `pope_kind` is the `PreferenceDataset`'s."""
+    the rejected one by lowering both. `pope_kind` is the `PreferenceDataset`'s.
+
+    `replay` rows of the chat model's own instruction data (`chat_dataset(ChatRecipe())`) join every
+    step, their next-token loss added at weight 1: the skills the pairs do not cover keep a gradient,
+    as InstructGPT's PPO-ptx mixed pretraining gradients into its RL to pay back the "alignment tax".
+    Stored only when set, so recipes from before it keep their manifest."""
 
     pairs: int = 10_000
     steps: int = 200
@@ -951,9 +969,10 @@ class DPORecipe:
     pope_kind: str = "binding"
     warmup_steps: int = 20
     seed: int = 0
+    replay: int = field(default=0, metadata=SWITCH)
 
     def __post_init__(self) -> None:
-        _check_fields(self, ("pairs", "steps", "batch_size"), ("warmup_steps", "seed"), ("lr", "beta"))
+        _check_fields(self, ("pairs", "steps", "batch_size"), ("warmup_steps", "seed", "replay"), ("lr", "beta"))
         w = self.sft_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"sft_weight {w!r} is invalid: expected a number >= 0")
@@ -968,9 +987,15 @@ class DPORecipe:
 
 def dpo_objective(reference: UnifiedVLM, beta: float, sft_weight: float = 0.0):
     """The `loss_fn` for `train`: `dpo_loss` of the policy being trained against the frozen `reference`, plus
-    `sft_weight` times the mean next-token loss of the chosen answers (their tokens and <|end|>)."""
+    `sft_weight` times the mean next-token loss of the chosen answers (their tokens and <|end|>).
 
-    def loss_fn(policy: UnifiedVLM, batch: ChatBatch) -> torch.Tensor:
+    A batch may also be a pair (preference batch, replay batch): the replay `ChatBatch`'s `chat_loss` is
+    then added (`DPORecipe.replay`)."""
+
+    def loss_fn(policy: UnifiedVLM, batch) -> torch.Tensor:
+        if isinstance(batch, tuple) and not isinstance(batch, ChatBatch):
+            batch, replayed = batch
+            return loss_fn(policy, batch) + chat_loss(policy, replayed)
         chosen, rejected = preference_logprobs(policy, batch)
         with torch.no_grad():
             ref_chosen, ref_rejected = preference_logprobs(reference, batch)
@@ -1010,9 +1035,12 @@ def train_dpo(model: UnifiedVLM, recipe: DPORecipe | None = None, tokenizer: Tok
     data = batches(PreferenceDataset("train", recipe.pairs, base_scene_config(model), cache=True,
                                      offset=PREFERENCE_OFFSET, kind=recipe.pope_kind),
                    recipe.batch_size, seed=recipe.seed, collate_fn=PreferenceCollator(template))
+    if recipe.replay:  # the instruction data the chat model was tuned on, in its own order for this seed
+        data = zip(data, batches(chat_dataset(ChatRecipe(), base_scene_config(model)), recipe.replay,
+                                 seed=recipe.seed, collate_fn=ChatCollator(template)))
     reference.to(device)  # beside the policy, which train() moves there
     history = train(policy, data, dpo_objective(reference, recipe.beta, recipe.sft_weight), config, device=device,
-                    batch_size_of=lambda b: b.ids.shape[0] // 2)
+                    batch_size_of=lambda b: (b[0] if recipe.replay else b).ids.shape[0] // 2)
     return policy.requires_grad_(False).eval(), history
 
 
@@ -1031,38 +1059,67 @@ def _chat_checkpoint_path():
 
 
 def two_image_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset: "TwoImageDataset", *,
-                       control: str | None = None, max_new_tokens: int = 4) -> float:
-    """Exact-match accuracy on `TwoImageDataset` questions.
+                       control: str | None = None, max_new_tokens: int | None = None) -> float:
+    """Exact-match accuracy on `TwoImageDataset` questions: of the verdict, the reply's last word, when the
+    dataset's answers say the counts first (`counts=True`; `chat_scores` also scores the counts said).
 
     `control="one image"` gives the model the first image in both places: a model that compares
     the two then always finds the same number and says "yes", right on half of the items, as a
     guess is; a model that answers from some shortcut in the first image keeps its score."""
     if control not in (None, "one image"):
         raise ValueError(f"control {control!r} is invalid: expected None or 'one image'")
-    right = []
+    return _two_image_scores(model, template, dataset, control, max_new_tokens)[0]
+
+
+def _two_image_scores(model, template, dataset, control=None, max_new_tokens=None) -> tuple[float, dict | None]:
+    """(verdict accuracy, or None for answers without counts: the share of replies whose counts are both right
+    ("both"), whose first and second count are right ("first", "second"), and the share of counts right
+    when the two images hold the same number ("same") and when they do not ("differ"))."""
+    counts = getattr(dataset, "counts", False)
+    max_new_tokens = max_new_tokens or (10 if counts else 4)
+    right, said = [], []
     for images, turns, _ in dataset:
         if control == "one image":
             images = images[:1].expand(2, -1, -1, -1)
-        right.append(reply(model, template, images, turns[:1], max_new_tokens=max_new_tokens).strip() == turns[1].text)
+        out = reply(model, template, images, turns[:1], max_new_tokens=max_new_tokens).strip()
+        if counts:
+            right.append(out.split(" ")[-1] == turns[1].text.split(" ")[-1])
+            true, got = (text.split(", so ")[0].split(" and ") for text in (turns[1].text, out))  # "three and two, so no"
+            said.append((got == true, got[:1] == true[:1], got[1:2] == true[1:2], true[0] == true[1]))
+        else:
+            right.append(out == turns[1].text)
     if not right:
         raise ValueError("the dataset is empty: expected at least one two-image question")
-    return sum(right) / len(right)
+    if not counts:
+        return sum(right) / len(right), None
+    scores = {k: sum(s[j] for s in said) / len(said) for j, k in enumerate(("both", "first", "second"))}
+    for name, same in (("same", True), ("differ", False)):  # each count, on items whose counts are equal or not
+        counted = [c for s in said if s[3] == same for c in s[1:3]]
+        scores[name] = sum(counted) / len(counted) if counted else None
+    return sum(right) / len(right), scores
 
 
-def chat_scores(model: UnifiedVLM, tokenizer: Tokenizer | None = None, sizes: dict[str, int] | None = None) -> dict:
+def chat_scores(model: UnifiedVLM, tokenizer: Tokenizer | None = None, sizes: dict[str, int] | None = None, *,
+                two_image_counts: bool = False) -> dict:
     """The chat model's held-out scores: per-turn accuracy on dialogues without a caption (`describe=0`), by skill
-    and by turn; two-image questions, with the one-image control; and POPE on near-miss objects."""
+    and by turn; two-image questions, with the one-image control; and POPE on near-miss objects.
+
+    `two_image_counts`: the model was taught answers that say the counts first; its two-image score is
+    then the verdict's, and "counts" the shares of replies whose two counts, first and second count are right."""
     from mllm_scratch.tokenizer import load_tokenizer
 
     sizes = {**CHAT_EVAL, **(sizes or {})}
     tokenizer = tokenizer or load_tokenizer()
     template = ChatTemplate(tokenizer, model.num_image_tokens)
     config = base_scene_config(model)
-    two = TwoImageDataset("test", sizes["two_image"], config)
+    two = TwoImageDataset("test", sizes["two_image"], config, counts=two_image_counts)
+    verdicts, said = _two_image_scores(model, template, two)
+    two_image = {"accuracy": verdicts, "one_image": two_image_accuracy(model, template, two, control="one image")}
+    if two_image_counts:
+        two_image["counts"] = said
     return {"sizes": sizes,
             "dialogue": dialogue_accuracy(model, template, DialogueDataset("test", sizes["dialogues"], config, describe=0.0)),
-            "two_image": {"accuracy": two_image_accuracy(model, template, two),
-                          "one_image": two_image_accuracy(model, template, two, control="one image")},
+            "two_image": two_image,
             "pope": pope_accuracy(model, template, PopeDataset("test", sizes["pope"], config))}
 
 

@@ -164,6 +164,20 @@ def test_two_image_questions_need_both_images():
         data.scenes(600)
 
 
+def test_two_image_answers_with_counts_say_both_counts_then_the_same_verdict():
+    from mllm_scratch.chat import TwoImageDataset
+    from mllm_scratch.shapeworld import NUMBER_WORDS
+
+    plain, counted = TwoImageDataset("test", 40), TwoImageDataset("test", 40, counts=True)
+    for i in range(len(plain)):
+        first, second = counted.scenes(i)
+        assert (first, second) == plain.scenes(i)  # the same two scenes: only the answer's words differ
+        answer = counted[i][1][1].text
+        assert answer == f"{NUMBER_WORDS[len(first.objects)]} and {NUMBER_WORDS[len(second.objects)]}, so {plain[i][1][1].text}"
+        assert torch.equal(counted[i][0], plain[i][0]) and counted[i][1][0] == plain[i][1][0]
+    assert two_image_question(first, first, counts=True).answer.endswith(", so yes")
+
+
 def test_pope_questions_are_balanced_and_true():
     config = ShapeWorldConfig()
     for seed in range(100):
@@ -447,12 +461,23 @@ def test_train_chat_vlm_runs_and_trains_only_the_projector_and_lm(tok):
 @pytest.mark.parametrize("field, value, message", [
     ("steps", 0, "steps 0 is invalid"), ("lm_lr", float("nan"), "lm_lr nan"), ("describe", -1, "describe -1"),
     ("batch_size", 2.5, "batch_size 2.5"), ("text_only", -1, "text_only -1"),
+    ("two_image_counts", "yes", "two_image_counts 'yes' is invalid: expected True or False"),
 ])
 def test_chat_recipe_errors_name_the_value(field, value, message):
     from mllm_scratch.chat import ChatRecipe
 
     with pytest.raises(ValueError, match=message):
         ChatRecipe(**{field: value})
+
+
+def test_recipe_switches_are_stored_only_when_set():
+    from mllm_scratch.chat import ChatRecipe, DPORecipe, chat_dataset
+
+    assert "two_image_counts" not in ChatRecipe().to_dict() and "replay" not in DPORecipe().to_dict()
+    assert ChatRecipe(two_image_counts=True).to_dict()["two_image_counts"] is True
+    assert DPORecipe(replay=16).to_dict()["replay"] == 16
+    parts = chat_dataset(ChatRecipe(dialogues=2, two_image=2, two_image_counts=True)).datasets
+    assert parts[1].counts and parts[1][1][1][1].text.endswith(", so no")
 
 
 def test_text_only_rows_are_chapter_04s_text_scored_on_every_token(tok, template):
@@ -522,6 +547,7 @@ def test_preference_pairs_hold_a_right_and_a_wrong_answer():
 
 def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(tok, template):
     from mllm_scratch.chat import (
+        DialogueDataset,
         DPORecipe,
         PreferenceCollator,
         PreferenceDataset,
@@ -547,6 +573,9 @@ def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(to
     scored = sum(len(template._body(item[2])) + 1 for item in items)  # each chosen answer's tokens and its <|end|>
     with_sft = dpo_objective(model, beta=0.5, sft_weight=2.0)(model, batch)
     assert with_sft.item() == pytest.approx(math.log(2) - 2.0 * chosen_logp.sum().item() / scored, rel=1e-5)
+    replayed = ChatCollator(template)([(im, turns) for im, turns, _ in DialogueDataset("train", 4)])
+    with_replay = dpo_objective(model, beta=0.5, sft_weight=2.0)(model, (batch, replayed))
+    assert with_replay.item() == pytest.approx(with_sft.item() + chat_loss(model, replayed).item(), rel=1e-6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     policy, history = train_dpo(model, DPORecipe(pairs=8, batch_size=8, lr=3e-3, beta=0.5, warmup_steps=0), tok,
                                 steps=8, log_every=0, progress=False)
@@ -558,6 +587,11 @@ def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(to
     assert ((chosen - ref_chosen) - (rejected - ref_rejected)).mean() > 0
     changed = {k.split(".")[0] for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"lm"}  # only the LM trains
+    _, replay_history = train_dpo(model, DPORecipe(pairs=8, batch_size=8, lr=3e-3, beta=0.5, warmup_steps=0, replay=4),
+                                  tok, steps=2, log_every=0, progress=False)
+    assert replay_history.examples == 16 and replay_history.loss[0] > history.loss[0]  # pairs counted; the replay's loss added
+    with pytest.raises(ValueError, match="replay -1 is invalid"):
+        DPORecipe(replay=-1)
     with pytest.raises(ValueError, match="beta 0 is invalid"):
         DPORecipe(beta=0)
     with pytest.raises(ValueError, match="sft_weight -1 is invalid: expected a number >= 0"):
@@ -615,3 +649,27 @@ def test_two_image_accuracy_scores_exact_replies_and_its_control_shows_one_image
     assert two_image_accuracy(None, template, data) == 0.5
     with pytest.raises(ValueError, match="control 'swapped' is invalid"):
         two_image_accuracy(None, template, data, control="swapped")
+
+
+def test_two_image_answers_with_counts_are_scored_on_the_verdict_and_the_counts_apart(tok, monkeypatch):
+    import mllm_scratch.chat as chat
+    from mllm_scratch.chat import TwoImageDataset, _two_image_scores, two_image_accuracy
+
+    data = TwoImageDataset("test", 8, counts=True)
+    truth = [turns[1].text for _, turns, _ in data]
+    budgets = []
+
+    def wrong_counts_right_verdict(model, template, images, turns, max_new_tokens=32):
+        budgets.append(max_new_tokens)
+        i = (len(budgets) - 1) % len(truth)
+        return ("nine and nine, so " + truth[i].split(" ")[-1]) if i % 2 else truth[i]  # both counts wrong on odd i
+
+    monkeypatch.setattr(chat, "reply", wrong_counts_right_verdict)
+    template = ChatTemplate(tok, N)
+    assert [t.endswith("yes") for t in truth] == [True, False] * 4  # equal counts on even items, all said right
+    assert _two_image_scores(None, template, data) == (1.0, {"both": 0.5, "first": 0.5, "second": 0.5, "same": 1.0,
+                                                             "differ": 0.0})
+    longest = max(len(tok.encode_ordinary(" " + t)) for t in truth)
+    assert min(budgets) > longest  # room for the counts, the verdict and <|end|>
+    monkeypatch.setattr(chat, "reply", lambda *a, **k: "yes")  # a bare verdict: right half the time
+    assert two_image_accuracy(None, template, data) == 0.5
