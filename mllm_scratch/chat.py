@@ -1072,11 +1072,15 @@ def two_image_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset: "TwoI
 
 
 def _two_image_scores(model, template, dataset, control=None, max_new_tokens=None) -> tuple[float, dict | None]:
-    """(verdict accuracy, or None for answers without counts: the share of replies whose counts are both right
-    ("both"), whose first and second count are right ("first", "second"), and the share of counts right
-    when the two images hold the same number ("same") and when they do not ("differ"))."""
+    """(verdict accuracy, and for answers that say the counts first a dict, else None).
+
+    The dict: the share of replies whose two counts are both right ("both"), whose first and second count
+    are right ("first", "second"); each count's share on items whose two images hold the same number
+    ("same", "first same", "second same") and on those that do not ("differ", "first differ", "second
+    differ"); and "agree", the share of replies whose verdict is the one their own two counts give."""
     counts = getattr(dataset, "counts", False)
-    max_new_tokens = max_new_tokens or (10 if counts else 4)
+    if max_new_tokens is None:  # the longest answer's tokens and <|end|>, with room to spare
+        max_new_tokens = 10 if counts else 4
     right, said = [], []
     for images, turns, _ in dataset:
         if control == "one image":
@@ -1085,17 +1089,21 @@ def _two_image_scores(model, template, dataset, control=None, max_new_tokens=Non
         if counts:
             right.append(out.split(" ")[-1] == turns[1].text.split(" ")[-1])
             true, got = (text.split(", so ")[0].split(" and ") for text in (turns[1].text, out))  # "three and two, so no"
-            said.append((got == true, got[:1] == true[:1], got[1:2] == true[1:2], true[0] == true[1]))
+            agree = len(got) == 2 and out.split(" ")[-1] == ("yes" if got[0] == got[1] else "no")
+            said.append((got == true, got[:1] == true[:1], got[1:2] == true[1:2], true[0] == true[1], agree))
         else:
             right.append(out == turns[1].text)
     if not right:
         raise ValueError("the dataset is empty: expected at least one two-image question")
     if not counts:
         return sum(right) / len(right), None
-    scores = {k: sum(s[j] for s in said) / len(said) for j, k in enumerate(("both", "first", "second"))}
+    share = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    scores = {k: share([s[j] for s in said]) for j, k in enumerate(("both", "first", "second"))}
     for name, same in (("same", True), ("differ", False)):  # each count, on items whose counts are equal or not
-        counted = [c for s in said if s[3] == same for c in s[1:3]]
-        scores[name] = sum(counted) / len(counted) if counted else None
+        scores[name] = share([c for s in said if s[3] == same for c in s[1:3]])
+        for j, which in ((1, "first"), (2, "second")):
+            scores[f"{which} {name}"] = share([s[j] for s in said if s[3] == same])
+    scores["agree"] = share([s[4] for s in said])
     return sum(right) / len(right), scores
 
 

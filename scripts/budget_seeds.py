@@ -7,7 +7,7 @@
 Row i trains `tiling.train_budget_vlm(SHIPPED_RECIPE with seed s, connector)`: the same tower, the
 same pretrained GPT, the same stages, data and steps as chapter 06's model, but a connector that
 turns the tower's 64 patch vectors into 16 image tokens (pixel shuffle on three seeds; 2 x 2
-average pooling and a C-Abstractor on seed 0, 16 learned queries on seeds 0-2), and pixel
+average pooling on seed 0, a C-Abstractor and 16 learned queries on seeds 0-2), and pixel
 shuffle of 4 x 4 blocks into 4 tokens (seed 0). A row records its `image_tokens`, and the header's `row_settings`
 lists (connector, seed, factor) for every row. A trained row is rounded to float16, as a shipped
 file is stored, and answers 1,000 test and 1,000 compositional questions
@@ -31,7 +31,7 @@ from mllm_scratch.vlm import SHIPPED_RECIPE  # noqa: E402
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "budget_seeds.json"
 ROWS = (("pixelshuffle", 0, 2), ("pixelshuffle", 1, 2), ("pixelshuffle", 2, 2),  # (connector, seed, factor)
         ("avgpool", 0, 2), ("cabstractor", 0, 2), ("queries", 0, 2), ("pixelshuffle", 0, 4),
-        ("queries", 1, 2), ("queries", 2, 2))
+        ("queries", 1, 2), ("queries", 2, 2), ("cabstractor", 1, 2), ("cabstractor", 2, 2))
 
 
 def run(i: int) -> dict:

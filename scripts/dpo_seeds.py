@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chapter 12's preference tuning: the chat model before DPO, and after DPO with and without replay on three seeds.
 
-    python scripts/dpo_seeds.py              # every row (the first 2 min; the others 6-13 min each beside another run)
+    python scripts/dpo_seeds.py              # every row (the first 2 min; rows 1-3 10-13 min each, rows 4-6 7-9 min)
     python scripts/dpo_seeds.py --rows 1 2   # some rows only (merged into the results file)
 
 Row 0 is the shipped chat model as it is. Rows 1-3 tune it with `DPORecipe(seed=s)`, s = 0, 1, 2

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Chapter 12's two-image questions answered with the counts first, on three seeds.
+"""Chapter 12's two-image questions answered with the counts first, on three seeds, with 5,000 and 20,000 of them.
 
-    python scripts/two_image_counts.py              # every row (about 20 min each beside another run)
+    python scripts/two_image_counts.py              # every row (11-12 min each beside another run)
     python scripts/two_image_counts.py --rows 1 2   # some rows only (merged into the results file)
 
-Each row tunes chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS, two_image_counts=True,
+Rows 0-2 tune chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS, two_image_counts=True,
 seed=s)`, s = 0, 1, 2: the recipe of `chat_mix.py`'s rows without text-only data, except that
 the 5,000 two-image answers say both counts before the verdict ("three and two, so no"). So each
-row has a twin in data/results/chat_mix.json that differs only in that switch. A trained row is
+row has a twin in data/results/chat_mix.json that differs only in that switch. Rows 3-5 are the
+same with 20,000 two-image questions beside the 20,000 dialogues (`two_image=20_000`). A trained row is
 rounded to float16, as shipped models are stored, and scored by `chat.chat_scores(two_image_counts=True)`:
 1,000 held-out dialogues, 1,000 two-image questions (the verdict, the counts said, and the
 one-image control) and 1,000 POPE questions. Results: data/results/two_image_counts.json, which
@@ -26,11 +27,12 @@ from chat_mix import MIX_STEPS  # noqa: E402
 from mllm_scratch.chat import CHAT_EVAL, ChatRecipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "two_image_counts.json"
-SEEDS = (0, 1, 2)
+ROWS = [(two_image, seed) for two_image in (5_000, 20_000) for seed in (0, 1, 2)]  # (two-image questions, seed)
 
 
 def recipe(i: int) -> ChatRecipe:
-    return ChatRecipe(steps=MIX_STEPS, two_image_counts=True, seed=SEEDS[i])
+    two_image, seed = ROWS[i]
+    return ChatRecipe(steps=MIX_STEPS, two_image=two_image, two_image_counts=True, seed=seed)
 
 
 def run(i: int) -> dict:
@@ -46,19 +48,20 @@ def run(i: int) -> dict:
         round_to_dtype(model, torch.float16)
         return {"loss": round(history.loss[-1], 4), **chat_scores(model, tokenizer, two_image_counts=True)}
 
-    return search_rows.timed_row(i, {"seed": SEEDS[i]}, compute)
+    return search_rows.timed_row(i, {"two_image_rows": ROWS[i][0], "seed": ROWS[i][1]}, compute)
 
 
 def header() -> dict:
     return {"what": "chapter 12's two-image answers with the counts first (scripts/two_image_counts.py)",
-            "recipe": recipe(0).to_dict(), "sizes": CHAT_EVAL}
+            "recipes": {f"two_image {n}": recipe(ROWS.index((n, 0))).to_dict() for n in (5_000, 20_000)},
+            "sizes": CHAT_EVAL}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["seed  per turn  two images  counts said: both  first  second  (counts equal, not)  one image"]
+    lines = ["two-image rows  seed  per turn  two images  counts said: both  first  second  (counts equal, not)  one image"]
     for r in sorted(rows, key=lambda r: r["row"]):
         t, c = r["two_image"], r["two_image"]["counts"]
-        lines.append(f"{r['seed']:4d}  {r['dialogue']['turns']:8.3f}  {t['accuracy']:10.3f}  {c['both']:17.3f}"
+        lines.append(f"{r['two_image_rows']:14,d}  {r['seed']:4d}  {r['dialogue']['turns']:8.3f}  {t['accuracy']:10.3f}  {c['both']:17.3f}"
                      f"  {c['first']:5.3f}  {c['second']:6.3f}  ({c['same']:.3f}, {c['differ']:.3f})"
                      f"          {t['one_image']:9.3f}")
     return "\n".join(lines)
@@ -66,7 +69,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return search_rows.main(
-        argv, __doc__, [f"seed {s}" for s in SEEDS], run, RESULTS, header=header, table=table,
+        argv, __doc__, [f"two-image rows {n}, seed {s}" for n, s in ROWS], run, RESULTS, header=header, table=table,
         summary=lambda r: f" per turn {r['dialogue']['turns']:.3f}, two images {r['two_image']['accuracy']:.3f}"
                           f" (counts {r['two_image']['counts']['both']:.3f})",
     )

@@ -667,8 +667,10 @@ def test_two_image_answers_with_counts_are_scored_on_the_verdict_and_the_counts_
     monkeypatch.setattr(chat, "reply", wrong_counts_right_verdict)
     template = ChatTemplate(tok, N)
     assert [t.endswith("yes") for t in truth] == [True, False] * 4  # equal counts on even items, all said right
-    assert _two_image_scores(None, template, data) == (1.0, {"both": 0.5, "first": 0.5, "second": 0.5, "same": 1.0,
-                                                             "differ": 0.0})
+    assert _two_image_scores(None, template, data) == (1.0, {
+        "both": 0.5, "first": 0.5, "second": 0.5, "same": 1.0, "first same": 1.0, "second same": 1.0,
+        "differ": 0.0, "first differ": 0.0, "second differ": 0.0,
+        "agree": 0.5})  # "nine and nine, so no" contradicts itself
     longest = max(len(tok.encode_ordinary(" " + t)) for t in truth)
     assert min(budgets) > longest  # room for the counts, the verdict and <|end|>
     monkeypatch.setattr(chat, "reply", lambda *a, **k: "yes")  # a bare verdict: right half the time
