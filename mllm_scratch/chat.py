@@ -957,8 +957,10 @@ class DPORecipe:
 
     `replay` rows of the chat model's own instruction data (`chat_dataset(ChatRecipe())`) join every
     step, their next-token loss added at weight 1: the skills the pairs do not cover keep a gradient,
-    as InstructGPT's PPO-ptx mixed pretraining gradients into its RL to pay back the "alignment tax".
-    Stored only when set, so recipes from before it keep their manifest."""
+    as InstructGPT's PPO-ptx mixed pretraining gradients into its RL to reduce the "alignment tax".
+    The rows are `ChatRecipe()`'s whatever model is tuned, shuffled by `seed` (with seed 0, in the
+    order the shipped chat model was tuned on them). Stored only when set, so recipes from before it
+    keep their manifest."""
 
     pairs: int = 10_000
     steps: int = 200
