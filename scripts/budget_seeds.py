@@ -60,13 +60,14 @@ def budget_table(rows: list[dict]) -> str:
                      for r in sorted(rows, key=lambda r: r["row"]))
 
 
+def header() -> dict:
+    return {"what": "chapter 06's shipped recipe with a token-reducing connector (scripts/budget_seeds.py)",
+            "recipe": SHIPPED_RECIPE.to_dict(), "row_settings": [list(r) for r in ROWS], "questions_per_skill": 1000}
+
+
 def main(argv: list[str] | None = None) -> int:
     return search_rows.main(
-        argv, __doc__, [f"{c}, seed {s}, {64 // f**2} tokens" for c, s, f in ROWS], run, RESULTS,
-        header=lambda: {"what": "chapter 06's shipped recipe with a token-reducing connector "
-                                "(scripts/budget_seeds.py)",
-                        "recipe": SHIPPED_RECIPE.to_dict(), "row_settings": [list(r) for r in ROWS],
-                        "questions_per_skill": 1000},
+        argv, __doc__, [f"{c}, seed {s}, {64 // f**2} tokens" for c, s, f in ROWS], run, RESULTS, header=header,
         table=budget_table,
         summary=lambda r: " test " + ", ".join(f"{k} {v:.2f}" for k, v in r["test"]["accuracy"].items()),
     )
