@@ -16,6 +16,9 @@ The pieces an instruction-tuned VLM adds to the one-question models of chapters 
 - **Questions about two images** (`two_image_question`): do the two hold the same number of
   objects? Asked so that neither image alone decides the answer, a model that sees one image
   can only guess.
+- **"What changed?"** (`edit_scene`, `ChangeDataset`): a scene and the same scene after one
+  edit (an object changes colour, disappears, or a new one appears), answered by naming the edit
+  ("the red circle turned blue"): the answer needs what the first image held and what the second holds.
 - **Text-only rows** (`TextDocument`, `TextOnlyDataset`): chapter 04's kind of text, scored on
   every token, mixed into the chat data (`ChatRecipe.text_only`) so that the LM keeps its text
   ability (`text_perplexity`), as MM1 mixes text-only data into its pretraining.
@@ -42,12 +45,15 @@ from mllm_scratch.shapeworld import (
     _MAX_ATTEMPTS,
     NUMBER_WORDS,
     QA,
+    SIZES,
     SPLIT_SEEDS,
     Rng,
     Scene,
+    ShapeObject,
     ShapeWorldConfig,
     _a,
     _as_rng,
+    _place,
     _sample_scene,
     _SplitDataset,
     asked_pair,
@@ -522,6 +528,113 @@ class TwoImageDataset(_SplitDataset):
         return images, (Turn("user", IMAGE * 2 + qa.question), Turn("assistant", qa.answer)), (qa.skill,)
 
 
+WHAT_CHANGED = "what changed?"
+CHANGE_KINDS = ("colour", "gone", "added")  # item i of a ChangeDataset makes edit CHANGE_KINDS[i % 3]
+
+
+def _allowed_pairs(config: ShapeWorldConfig, split: str | None) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a scene of `split` may hold: the train pairs, or every pair for the compositional
+    split and for no split."""
+    if split in (None, "compositional"):
+        return [(c, s) for c in config.colours for s in config.shapes]
+    return config.train_pairs()
+
+
+def edit_scene(scene: Scene, kind: str, rng: Rng | random.Random | int, config: ShapeWorldConfig | None = None,
+               split: str | None = None) -> tuple[Scene, QA] | None:
+    """`scene` after one edit of `kind`, and the "what changed?" question whose answer names it; None if `scene`
+    does not allow that edit.
+
+    - "colour": one object takes another colour ("the red circle turned blue");
+    - "gone": one object is removed ("the blue square is gone"), from scenes of two objects or more;
+    - "added": a new object appears in a free place ("a green cross appeared"), in scenes with fewer than
+      `config.max_objects`.
+
+    A scene never holds one (colour, shape) pair twice, so "the red circle" names one object, before and after.
+    New pairs obey `split`'s held-out rule, and the other objects, the text and their places stay as they were."""
+    from dataclasses import replace
+
+    if kind not in CHANGE_KINDS:
+        raise ValueError(f"kind {kind!r} is invalid: expected one of {', '.join(CHANGE_KINDS)}")
+    rng, config = _as_rng(rng), config or ShapeWorldConfig()
+    objects = list(scene.objects)
+    present = {(o.colour, o.shape) for o in objects}
+    allowed = [p for p in _allowed_pairs(config, split) if p not in present]
+    if kind == "colour":
+        if not objects:
+            return None
+        j = rng.below(len(objects))
+        old = objects[j]
+        colours = [c for c, shape in allowed if shape == old.shape]
+        if not colours:
+            return None
+        objects[j] = replace(old, colour=rng.choice(colours))
+        answer = f"the {old.name} turned {objects[j].colour}"
+    elif kind == "gone":
+        if len(objects) < 2:
+            return None
+        old = objects.pop(rng.below(len(objects)))
+        answer = f"the {old.name} is gone"
+    else:
+        if len(objects) >= config.max_objects or not allowed:
+            return None
+        colour, shape = rng.choice(allowed)
+        size = rng.choice(SIZES)
+        side = config.sides[size]
+        taken = [o.box for o in objects] + ([scene.text_box] if scene.text_box else [])
+        corner = _place(rng, side, side, taken, (config.height, config.width), config.gap, config.snap)
+        if corner is None:
+            return None
+        objects.append(ShapeObject(shape, colour, size, corner[0], corner[1], side))
+        answer = f"{_a(colour)} {colour} {shape} appeared"
+    return replace(scene, objects=tuple(objects)), QA(WHAT_CHANGED, answer, "what changed")
+
+
+def change_kind(answer: str) -> str | None:
+    """The kind of edit an answer names ("colour", "gone" or "added"), or None if it names none."""
+    words = answer.split()
+    if len(words) == 5 and words[0] == "the" and words[3] == "turned":
+        return "colour"
+    if len(words) == 5 and words[0] == "the" and words[3:] == ["is", "gone"]:
+        return "gone"
+    if len(words) == 4 and words[0] in ("a", "an") and words[3] == "appeared":
+        return "added"
+    return None
+
+
+class ChangeDataset(_SplitDataset):
+    """(images (2, 3, H, W), turns, skills): a scene, the same scene after one `edit_scene`, and "what changed?".
+
+    The user turn is "<|image|><|image|>what changed?". Item i makes the edit CHANGE_KINDS[i % 3], so the
+    three kinds are equally common: its first scene is drawn again from the seed's stream until it
+    allows that edit (`scenes(i)` gives the two scenes and the question)."""
+
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
+                 offset: int = 0) -> None:
+        super().__init__(split, size, config, cache, offset)
+
+    def scenes(self, i: int) -> tuple[Scene, Scene, QA]:
+        """Item i's scene before and after the edit, and its question."""
+        if not -self.size <= i < self.size:
+            raise IndexError(f"index {i} out of range for a dataset of size {self.size}")
+        i %= self.size
+        return self._scenes(Rng(SPLIT_SEEDS[self.split][0] + self.offset + i), i)
+
+    def _scenes(self, rng: Rng, i: int) -> tuple[Scene, Scene, QA]:
+        kind = CHANGE_KINDS[i % len(CHANGE_KINDS)]
+        for _ in range(_MAX_ATTEMPTS):
+            first = _sample_scene(rng, self.config, self.split)
+            edited = edit_scene(first, kind, rng, self.config, self.split)
+            if edited is not None:
+                return first, *edited
+        raise RuntimeError(f"no scene allowed the edit {kind!r} for item {i} in {_MAX_ATTEMPTS} draws")
+
+    def _make(self, rng: Rng, i: int) -> tuple:
+        first, second, qa = self._scenes(rng, i)
+        images = torch.stack([to_tensor(render(first)), to_tensor(render(second))])
+        return images, (Turn("user", IMAGE * 2 + qa.question), Turn("assistant", qa.answer)), (qa.skill,)
+
+
 class TextOnlyDataset(_SplitDataset):
     """(None, TextDocument, ("text",)): `per_row` ShapeWorld descriptions of scenes of the split, the text chapter 04's
     LM was pretrained on (`shapeworld.description`, never rendered); item i's from the split's seed i (plus `offset`)."""
@@ -764,6 +877,7 @@ def _check_fields(recipe: object, counts: Sequence[str], zero_or_more: Sequence[
 
 CHAT_OFFSET = 6_000_000  # where the dialogues' scenes start among the train seeds: scenes of their own
 TWO_IMAGE_OFFSET = 7_000_000  # and the two-image questions' (two scenes each)
+CHANGE_OFFSET = 7_500_000  # and the "what changed?" questions'
 TEXT_OFFSET = 9_000_000  # and the text-only rows' (six descriptions each)
 
 
@@ -782,6 +896,8 @@ class ChatRecipe:
     text_only: int = field(default=0, metadata=SWITCH)
     # Two-image answers that say both counts before the verdict (`two_image_question(counts=True)`); stored only when set
     two_image_counts: bool = field(default=False, metadata=SWITCH)
+    # "What changed?" questions (`ChangeDataset`); stored only when set
+    what_changed: int = field(default=0, metadata=SWITCH)
     describe: float = 0.5
     max_questions: int = 3
     context_length: int = 192
@@ -794,7 +910,7 @@ class ChatRecipe:
 
     def __post_init__(self) -> None:
         _check_fields(self, ("dialogues", "max_questions", "context_length", "steps", "batch_size"),
-                      ("two_image", "text_only", "warmup_steps", "seed"), ("lr", "lm_lr"))
+                      ("two_image", "text_only", "what_changed", "warmup_steps", "seed"), ("lr", "lm_lr"))
         _check_dialogue(self.max_questions, self.describe)
         if not isinstance(self.two_image_counts, bool):
             raise ValueError(f"two_image_counts {self.two_image_counts!r} is invalid: expected True or False")
@@ -806,8 +922,8 @@ class ChatRecipe:
 
 
 def chat_dataset(recipe: ChatRecipe, config: ShapeWorldConfig | None = None):
-    """The training rows: `recipe.dialogues` dialogues, `recipe.two_image` two-image questions and `recipe.text_only`
-    text-only rows."""
+    """The training rows: `recipe.dialogues` dialogues, `recipe.two_image` two-image questions, `recipe.what_changed`
+    "what changed?" questions and `recipe.text_only` text-only rows."""
     from torch.utils.data import ConcatDataset
 
     parts = [DialogueDataset("train", recipe.dialogues, config, describe=recipe.describe,
@@ -815,6 +931,8 @@ def chat_dataset(recipe: ChatRecipe, config: ShapeWorldConfig | None = None):
     if recipe.two_image:
         parts.append(TwoImageDataset("train", recipe.two_image, config, cache=True, offset=TWO_IMAGE_OFFSET,
                                      counts=recipe.two_image_counts))
+    if recipe.what_changed:
+        parts.append(ChangeDataset("train", recipe.what_changed, config, cache=True, offset=CHANGE_OFFSET))
     if recipe.text_only:
         parts.append(TextOnlyDataset("train", recipe.text_only, config, cache=True, offset=TEXT_OFFSET))
     return ConcatDataset(parts)
@@ -1109,16 +1227,45 @@ def _two_image_scores(model, template, dataset, control=None, max_new_tokens=Non
     return sum(right) / len(right), scores
 
 
+@torch.no_grad()
+def change_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset: ChangeDataset, *,
+                    control: str | None = None, max_new_tokens: int = 12) -> dict:
+    """Scores on "what changed?" questions: {"accuracy": exact match, "kind": the share of replies that name
+    the right kind of edit (`change_kind`), "by_kind": {kind: exact match}}.
+
+    `control="one image"` gives the model the first image in both places, as `two_image_accuracy` does:
+    nothing changed then, so a model that compares the two images cannot name the edit, and one that
+    names it anyway is reading something else."""
+    if control not in (None, "one image"):
+        raise ValueError(f"control {control!r} is invalid: expected None or 'one image'")
+    right, kind_right, by_kind = [], [], {k: [] for k in CHANGE_KINDS}
+    for images, turns, _ in dataset:
+        if control == "one image":
+            images = images[:1].expand(2, -1, -1, -1)
+        out = reply(model, template, images, turns[:1], max_new_tokens=max_new_tokens).strip()
+        truth = turns[1].text
+        right.append(out == truth)
+        kind_right.append(change_kind(out) == change_kind(truth))
+        by_kind[change_kind(truth)].append(out == truth)
+    if not right:
+        raise ValueError("the dataset is empty: expected at least one question")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"accuracy": mean(right), "kind": mean(kind_right),
+            "by_kind": {k: mean(v) for k, v in by_kind.items() if v}}
+
+
 def chat_scores(model: UnifiedVLM, tokenizer: Tokenizer | None = None, sizes: dict[str, int] | None = None, *,
-                two_image_counts: bool = False) -> dict:
+                two_image_counts: bool = False, what_changed: bool = False) -> dict:
     """The chat model's held-out scores: per-turn accuracy on dialogues without a caption (`describe=0`), by skill
     and by turn; two-image questions, with the one-image control; and POPE on near-miss objects.
 
     `two_image_counts`: the model was taught answers that say the counts first; its two-image score is
-    then the verdict's, and "counts" the shares of replies whose two counts, first and second count are right."""
+    then the verdict's, and "counts" the shares of replies whose two counts, first and second count are right.
+    `what_changed`: also score `sizes["what_changed"]` (1,000 unless given) "what changed?" questions
+    (`change_accuracy`), with the one-image control."""
     from mllm_scratch.tokenizer import load_tokenizer
 
-    sizes = {**CHAT_EVAL, **(sizes or {})}
+    sizes = {**CHAT_EVAL, **({"what_changed": CHAT_EVAL["two_image"]} if what_changed else {}), **(sizes or {})}
     tokenizer = tokenizer or load_tokenizer()
     template = ChatTemplate(tokenizer, model.num_image_tokens)
     config = base_scene_config(model)
@@ -1127,10 +1274,15 @@ def chat_scores(model: UnifiedVLM, tokenizer: Tokenizer | None = None, sizes: di
     two_image = {"accuracy": verdicts, "one_image": two_image_accuracy(model, template, two, control="one image")}
     if two_image_counts:
         two_image["counts"] = said
-    return {"sizes": sizes,
-            "dialogue": dialogue_accuracy(model, template, DialogueDataset("test", sizes["dialogues"], config, describe=0.0)),
-            "two_image": two_image,
-            "pope": pope_accuracy(model, template, PopeDataset("test", sizes["pope"], config))}
+    scores = {"sizes": sizes,
+              "dialogue": dialogue_accuracy(model, template, DialogueDataset("test", sizes["dialogues"], config, describe=0.0)),
+              "two_image": two_image,
+              "pope": pope_accuracy(model, template, PopeDataset("test", sizes["pope"], config))}
+    if what_changed:
+        changes = ChangeDataset("test", sizes["what_changed"], config)
+        scores["what_changed"] = {**change_accuracy(model, template, changes),
+                                  "one_image": change_accuracy(model, template, changes, control="one image")["accuracy"]}
+    return scores
 
 
 def save_chat_vlm(path, model: UnifiedVLM, *, recipe: dict | None = None, metrics: dict | None = None,

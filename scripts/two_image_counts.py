@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Chapter 12's two-image questions answered with the counts first, on three seeds, with 5,000 and 20,000 of them.
+"""Chapter 12's two-image questions answered with the counts first, on three seeds, with 5,000 and 20,000 of them;
+and the one-word answers with 20,000, to tell what the counts do from what the data does.
 
     python scripts/two_image_counts.py              # every row (11-13 min each beside another run)
     python scripts/two_image_counts.py --rows 1 2   # some rows only (merged into the results file)
@@ -8,8 +9,10 @@ Rows 0-2 tune chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS, two_i
 seed=s)`, s = 0, 1, 2: the recipe of `chat_mix.py`'s rows without text-only data, except that
 the 5,000 two-image answers say both counts before the verdict ("three and two, so no"). So each
 row has a twin in data/results/chat_mix.json that differs only in that switch. Rows 3-5 are the
-same with 20,000 two-image questions beside the 20,000 dialogues (`two_image=20_000`). A trained row is
-rounded to float16, as shipped models are stored, and scored by `chat.chat_scores(two_image_counts=True)`:
+same with 20,000 two-image questions beside the 20,000 dialogues (`two_image=20_000`). Rows 6-8 are
+rows 3-5 with one-word answers ("no"), `two_image_counts=False`: they differ from rows 3-5 only in
+the answer's words, and from chat_mix.json's twins only in the number of two-image questions. A trained row is
+rounded to float16, as shipped models are stored, and scored by `chat.chat_scores(two_image_counts=...)` as it was trained:
 1,000 held-out dialogues, 1,000 two-image questions (the verdict, the counts said, and the
 one-image control) and 1,000 POPE questions. Results: data/results/two_image_counts.json, which
 chapter 12 prints and checks on every seed.
@@ -27,12 +30,14 @@ from chat_mix import MIX_STEPS  # noqa: E402
 from mllm_scratch.chat import CHAT_EVAL, ChatRecipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "two_image_counts.json"
-ROWS = [(two_image, seed) for two_image in (5_000, 20_000) for seed in (0, 1, 2)]  # (two-image questions, seed)
+# (two-image questions, counts said first, seed)
+ROWS = [(two_image, True, seed) for two_image in (5_000, 20_000) for seed in (0, 1, 2)] + [
+    (20_000, False, seed) for seed in (0, 1, 2)]
 
 
 def recipe(i: int) -> ChatRecipe:
-    two_image, seed = ROWS[i]
-    return ChatRecipe(steps=MIX_STEPS, two_image=two_image, two_image_counts=True, seed=seed)
+    two_image, counts, seed = ROWS[i]
+    return ChatRecipe(steps=MIX_STEPS, two_image=two_image, two_image_counts=counts, seed=seed)
 
 
 def run(i: int) -> dict:
@@ -46,32 +51,36 @@ def run(i: int) -> dict:
         tokenizer = load_tokenizer()
         model, history = train_chat_vlm(recipe(i), tokenizer, progress=False, device="cpu")
         round_to_dtype(model, torch.float16)
-        return {"loss": round(history.loss[-1], 4), **chat_scores(model, tokenizer, two_image_counts=True)}
+        return {"loss": round(history.loss[-1], 4), **chat_scores(model, tokenizer, two_image_counts=ROWS[i][1])}
 
-    return search_rows.timed_row(i, {"two_image_rows": ROWS[i][0], "seed": ROWS[i][1]}, compute)
+    two_image, counts, seed = ROWS[i]
+    return search_rows.timed_row(i, {"two_image_rows": two_image, "counts_first": counts, "seed": seed}, compute)
 
 
 def header() -> dict:
-    return {"what": "chapter 12's two-image answers with the counts first (scripts/two_image_counts.py)",
-            "recipes": {f"two_image {n}": recipe(ROWS.index((n, 0))).to_dict() for n in (5_000, 20_000)},
+    return {"what": "chapter 12's two-image answers with the counts first, and one-word twins (scripts/two_image_counts.py)",
+            "recipes": {f"two_image {n}{'' if counts else ' one word'}": recipe(ROWS.index((n, counts, 0))).to_dict()
+                        for n, counts in ((5_000, True), (20_000, True), (20_000, False))},
             "sizes": CHAT_EVAL}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["two-image rows  seed  per turn  two images  counts said: both  first  second  (counts equal, not)  one image"]
+    lines = ["two-image rows  answer        seed  per turn  two images  one image  counts said: both  first  second"
+             "  (counts equal, not)"]
     for r in sorted(rows, key=lambda r: r["row"]):
-        t, c = r["two_image"], r["two_image"]["counts"]
-        lines.append(f"{r['two_image_rows']:14,d}  {r['seed']:4d}  {r['dialogue']['turns']:8.3f}  {t['accuracy']:10.3f}  {c['both']:17.3f}"
-                     f"  {c['first']:5.3f}  {c['second']:6.3f}  ({c['same']:.3f}, {c['differ']:.3f})"
-                     f"          {t['one_image']:9.3f}")
+        t, c = r["two_image"], r["two_image"].get("counts")
+        said = (f"  {c['both']:17.3f}  {c['first']:5.3f}  {c['second']:6.3f}  ({c['same']:.3f}, {c['differ']:.3f})"
+                if c else "")
+        lines.append(f"{r['two_image_rows']:14,d}  {'counts first' if r['counts_first'] else 'one word':12s}  {r['seed']:4d}"
+                     f"  {r['dialogue']['turns']:8.3f}  {t['accuracy']:10.3f}  {t['one_image']:9.3f}{said}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     return search_rows.main(
-        argv, __doc__, [f"two-image rows {n}, seed {s}" for n, s in ROWS], run, RESULTS, header=header, table=table,
+        argv, __doc__, [f"two-image rows {n}, {'counts first' if c else 'one word'}, seed {s}" for n, c, s in ROWS], run, RESULTS, header=header, table=table,
         summary=lambda r: f" per turn {r['dialogue']['turns']:.3f}, two images {r['two_image']['accuracy']:.3f}"
-                          f" (counts {r['two_image']['counts']['both']:.3f})",
+                          + (f" (counts {r['two_image']['counts']['both']:.3f})" if r["counts_first"] else ""),
     )
 
 

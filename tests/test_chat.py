@@ -178,6 +178,63 @@ def test_two_image_answers_with_counts_say_both_counts_then_the_same_verdict():
     assert two_image_question(first, first, counts=True).answer.endswith(", so yes")
 
 
+def test_what_changed_pairs_differ_by_exactly_the_edit_their_answer_names():
+    from collections import Counter
+
+    from mllm_scratch.chat import CHANGE_KINDS, WHAT_CHANGED, ChangeDataset, change_kind
+
+    config = ShapeWorldConfig()
+    data = ChangeDataset("test", 300)
+    kinds = Counter()
+    for i in range(len(data)):
+        first, second, qa = data.scenes(i)
+        kind = change_kind(qa.answer)
+        assert qa.question == WHAT_CHANGED and kind == CHANGE_KINDS[i % 3]
+        kinds[kind] += 1
+        assert (first.text, first.text_box) == (second.text, second.text_box)  # the text stays
+        before, after = set(first.objects), set(second.objects)
+        gone, new = before - after, after - before
+        words = qa.answer.split()
+        if kind == "colour":  # one object, in the same place, of another colour
+            (old,), (now,) = gone, new
+            assert (old.shape, old.size, old.x, old.y) == (now.shape, now.size, now.x, now.y) and old.colour != now.colour
+            assert qa.answer == f"the {old.colour} {old.shape} turned {now.colour}"
+        elif kind == "gone":
+            (old,) = gone
+            assert not new and qa.answer == f"the {old.name} is gone" and len(second.objects) >= 1
+        else:  # a new object, clear of the others and of the text
+            (now,) = new
+            assert not gone and words[1:3] == [now.colour, now.shape] and words[0] == ("an" if now.colour[0] in "aeiou" else "a")
+            assert len(second.objects) <= config.max_objects
+            for box in [o.box for o in first.objects] + ([first.text_box] if first.text_box else []):
+                assert now.box[2] + config.gap <= box[0] or box[2] + config.gap <= now.box[0] \
+                    or now.box[3] + config.gap <= box[1] or box[3] + config.gap <= now.box[1], (now, box)
+        pairs = [(o.colour, o.shape) for o in second.objects]
+        assert len(set(pairs)) == len(pairs)  # so "the red circle" names one object
+        assert not set(pairs) & set(config.held_out)  # the test split's rule holds after the edit
+    assert kinds == {k: 100 for k in CHANGE_KINDS}
+    images, turns, skills = data[2]
+    assert images.shape == (2, 3, 32, 32) and check_conversation(turns, num_images=2) == turns
+    assert turns[0].text == IMAGE * 2 + WHAT_CHANGED and skills == ("what changed",)
+    assert not torch.equal(images[0], images[1])
+    assert change_kind("the red circle") is None and change_kind("yes") is None
+
+
+def test_edit_scene_refuses_edits_a_scene_cannot_take():
+    from mllm_scratch.chat import edit_scene
+    from mllm_scratch.shapeworld import Scene, ShapeObject
+
+    one = Scene((ShapeObject("circle", "red", "small", 4, 4, 6),), None, 32)
+    assert edit_scene(one, "gone", 0) is None  # never an empty image
+    full = Scene(tuple(ShapeObject(s, "red", "small", 4 + 9 * j, 4, 6) for j, s in enumerate(("circle", "square", "cross"))),
+                 None, 32)
+    assert edit_scene(full, "added", 0) is None  # max_objects is 3
+    scene, qa = edit_scene(one, "colour", 0)
+    assert scene.objects[0].colour != "red" and qa.answer.startswith("the red circle turned ")
+    with pytest.raises(ValueError, match="kind 'moved' is invalid: expected one of colour, gone, added"):
+        edit_scene(one, "moved", 0)
+
+
 def test_pope_questions_are_balanced_and_true():
     config = ShapeWorldConfig()
     for seed in range(100):
@@ -448,7 +505,7 @@ def test_train_chat_vlm_runs_and_trains_only_the_projector_and_lm(tok):
 
     base = tiny_chat_model(tok)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    recipe = ChatRecipe(dialogues=16, two_image=8, context_length=128, batch_size=4, warmup_steps=1)
+    recipe = ChatRecipe(dialogues=16, two_image=8, what_changed=8, context_length=128, batch_size=4, warmup_steps=1)
     model, history = train_chat_vlm(recipe, tok, base=base, steps=3, log_every=0, progress=False)
     assert len(history.loss) == 1 and math.isfinite(history.loss[0])
     after = model.state_dict()
@@ -462,6 +519,7 @@ def test_train_chat_vlm_runs_and_trains_only_the_projector_and_lm(tok):
     ("steps", 0, "steps 0 is invalid"), ("lm_lr", float("nan"), "lm_lr nan"), ("describe", -1, "describe -1"),
     ("batch_size", 2.5, "batch_size 2.5"), ("text_only", -1, "text_only -1"),
     ("two_image_counts", "yes", "two_image_counts 'yes' is invalid: expected True or False"),
+    ("what_changed", -5, "what_changed -5 is invalid: expected an int >= 0"),
 ])
 def test_chat_recipe_errors_name_the_value(field, value, message):
     from mllm_scratch.chat import ChatRecipe
@@ -478,6 +536,9 @@ def test_recipe_switches_are_stored_only_when_set():
     assert DPORecipe(replay=16).to_dict()["replay"] == 16
     parts = chat_dataset(ChatRecipe(dialogues=2, two_image=2, two_image_counts=True)).datasets
     assert parts[1].counts and parts[1][1][1][1].text.endswith(", so no")
+    assert "what_changed" not in ChatRecipe().to_dict() and ChatRecipe(what_changed=3).to_dict()["what_changed"] == 3
+    parts = chat_dataset(ChatRecipe(dialogues=2, two_image=2, what_changed=3)).datasets
+    assert len(parts) == 3 and len(parts[2]) == 3 and parts[2][0][1][0].text.endswith("what changed?")
 
 
 def test_text_only_rows_are_chapter_04s_text_scored_on_every_token(tok, template):
@@ -649,6 +710,47 @@ def test_two_image_accuracy_scores_exact_replies_and_its_control_shows_one_image
     assert two_image_accuracy(None, template, data) == 0.5
     with pytest.raises(ValueError, match="control 'swapped' is invalid"):
         two_image_accuracy(None, template, data, control="swapped")
+
+
+def test_change_accuracy_scores_exact_replies_by_kind_and_its_control_shows_one_image_twice(tok, monkeypatch):
+    import mllm_scratch.chat as chat
+    from mllm_scratch.chat import ChangeDataset, change_accuracy
+
+    data = ChangeDataset("test", 9)
+    truth = [turns[1].text for _, turns, _ in data]
+    seen, budgets = [], []
+
+    def right_but_colours_named_wrong(model, template, images, turns, max_new_tokens=32):  # stands in for a model
+        seen.append(images.clone())
+        budgets.append(max_new_tokens)
+        i = (len(seen) - 1) % len(truth)
+        return "the pink circle turned grey" if i % 3 == 0 else truth[i]  # colour items: the right kind, wrong words
+
+    monkeypatch.setattr(chat, "reply", right_but_colours_named_wrong)
+    template = ChatTemplate(tok, N)
+    assert change_accuracy(None, template, data) == {
+        "accuracy": 6 / 9, "kind": 1.0, "by_kind": {"colour": 0.0, "gone": 1.0, "added": 1.0}}
+    change_accuracy(None, template, data, control="one image")
+    assert all(torch.equal(b, a[:1].expand(2, -1, -1, -1)) for a, b in zip(seen[:9], seen[9:]))  # the first image, twice
+    assert min(budgets) > max(len(tok.encode_ordinary(" " + t)) for t in truth)  # room for the answer and <|end|>
+    monkeypatch.setattr(chat, "reply", lambda *a, **k: "nothing")
+    assert change_accuracy(None, template, data)["kind"] == 0.0
+    with pytest.raises(ValueError, match="control 'swapped' is invalid"):
+        change_accuracy(None, template, data, control="swapped")
+
+
+def test_chat_scores_hold_every_measure_and_what_changed_only_when_asked(tok):
+    from mllm_scratch.chat import chat_scores
+
+    model = tiny_chat_model(tok)
+    sizes = {"dialogues": 2, "two_image": 2, "pope": 2}
+    plain = chat_scores(model, tok, sizes)
+    assert plain["sizes"] == sizes and set(plain) == {"sizes", "dialogue", "two_image", "pope"}
+    scores = chat_scores(model, tok, {**sizes, "what_changed": 3}, what_changed=True)
+    assert scores["sizes"]["what_changed"] == 3
+    changed = scores["what_changed"]
+    assert set(changed) == {"accuracy", "kind", "by_kind", "one_image"} and set(changed["by_kind"]) == {"colour", "gone", "added"}
+    assert all(0 <= v <= 1 for v in (changed["accuracy"], changed["kind"], changed["one_image"]))
 
 
 def test_two_image_answers_with_counts_are_scored_on_the_verdict_and_the_counts_apart(tok, monkeypatch):
