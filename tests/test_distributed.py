@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,27 @@ WORKER = textwrap.dedent('''
 ''') % {"steps": STEPS, "batch": GLOBAL_BATCH}
 
 
-def torchrun(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 ARGV` (it picks a free port); never hangs the suite."""
+def torchrun(*argv: str, timeout: float = 300, clean=None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGV` (it picks a free port); never hangs the suite.
+
+    A rank that aborts inside gloo's C++ as the processes end ("terminate called without an active
+    exception", SIGABRT) gets one retry, after `clean()` empties what the first launch wrote. It was seen
+    in two full suites on loaded 2-core machines, each time as the ranks ended (once after rank 0 had
+    written its model), and the same launches passed when run again. A wrong result, a second abort or any
+    other failure still fails; the retry is reported as a warning."""
+    result = _torchrun_once(argv, timeout)
+    if result.returncode != 0 and GLOO_ABORT in result.stdout + result.stderr and "SIGABRT" in result.stderr:
+        warnings.warn(f"torchrun {' '.join(argv[:3])}: a rank aborted in gloo ({GLOO_ABORT!r}); launched it again")
+        if clean is not None:
+            clean()
+        result = _torchrun_once(argv, timeout)
+    return result
+
+
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def _torchrun_once(argv, timeout: float) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
     # Its own process group, so that a stall kills torchrun and both ranks, never leaving a rank behind.
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
@@ -110,15 +130,11 @@ def two_ranks(tmp_path_factory) -> Path:
     script = out / "worker.py"
     script.write_text(WORKER)
     for strategy in ("ddp", "fsdp"):
-        result = torchrun(str(script), str(out), strategy)
-        if result.returncode != 0 and "Signal 6 (SIGABRT)" in result.stderr:
-            # Once in a full suite on a loaded 2-core machine, a rank aborted inside gloo's C++
-            # ("terminate called without an active exception") before writing anything; the
-            # same run then passed. One retry for that crash only, from a clean folder: a wrong
-            # result still fails below.
+        def clean(strategy=strategy):  # what a launch that aborted may have written
             for stale in out.glob(f"{strategy}_*.pt"):
                 stale.unlink()
-            result = torchrun(str(script), str(out), strategy)
+
+        result = torchrun(str(script), str(out), strategy, clean=clean)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -154,13 +170,32 @@ def test_train_vlm_under_torchrun_writes_one_model_from_rank_0(tmp_path):
             "--batch-size", "8", "--stage1-steps", "2", "--stage2-steps", "2", "--eval", "12", "--no-progress",
             "--threads", "1", "--device", "cpu"]
     out = tmp_path / "vlm.pt"
-    result = torchrun("-m", "mllm_scratch", "train-vlm", "--out", str(out), *tiny, "--grad-accum", "2")
+    clean = lambda: [p.unlink() for p in tmp_path.iterdir()]  # noqa: E731  (a launch that aborted may have written)
+    result = torchrun("-m", "mllm_scratch", "train-vlm", "--out", str(out), *tiny, "--grad-accum", "2", clean=clean)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("train-vlm: encoder patches") == 1 and result.stdout.count("wrote ") == 1  # rank 0 only
     assert "batch 8 = 2 processes (ddp) x 2 micro-batches x 2" in result.stdout
     assert "test VQA accuracy: colour" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm.json", "vlm.pt"]  # no training state left behind
     assert load_vlm(out).config.projector == "linear"
+
+
+def test_torchrun_retries_a_gloo_abort_once_after_cleaning_and_fails_on_a_second(monkeypatch):
+    here = sys.modules[__name__]  # this module, whose single launch the test stands in for
+
+    def launch(code: int, text: str = ""):
+        return subprocess.CompletedProcess([], code, "", text)
+
+    abort = launch(1, f"{GLOO_ABORT}\nSignal 6 (SIGABRT) received by PID 7")
+    for outcomes, code, cleans in (([abort, launch(0)], 0, 1), ([abort, abort], 1, 1),
+                                   ([launch(1, "Signal 6 (SIGABRT)")], 1, 0), ([launch(1, "RuntimeError")], 1, 0)):
+        calls, cleaned = iter(outcomes), []
+        monkeypatch.setattr(here, "_torchrun_once", lambda argv, timeout: next(calls))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert here.torchrun("x", clean=lambda: cleaned.append(1)).returncode == code
+        assert len(cleaned) == cleans and len(seen) == cleans  # a retry only for gloo's abort, said as a warning
+        assert next(calls, None) is None  # every outcome used: no third launch
 
 
 # --- no processes needed: the sharding, the environment, the errors -------------------------
