@@ -21,7 +21,9 @@ The pieces an instruction-tuned VLM adds to the one-question models of chapters 
   ("the red circle turned blue"): the answer needs what the first image held and what the second holds.
 - **Text-only rows** (`TextDocument`, `TextOnlyDataset`): chapter 04's kind of text, scored on
   every token, mixed into the chat data (`ChatRecipe.text_only`) so that the LM keeps its text
-  ability (`text_perplexity`), as MM1 mixes text-only data into its pretraining.
+  ability (`text_perplexity`), as MM1 mixes text-only data into its pretraining; and **interleaved
+  documents** (`InterleavedDocument`, `InterleavedDataset`, `ChatRecipe.interleaved`): images, each
+  followed by its description, the text scored, as MM1 mixes image-text documents from the web.
 - **A hallucination check** in the style of POPE (`pope_questions`, `pope_scores`): yes/no
   questions about objects that are present and, as often, objects that are absent (near
   misses, or binding misses: `binding_misses`), scored as accuracy, precision, recall and the
@@ -254,11 +256,29 @@ class TextDocument:
             raise ValueError(f"texts {self.texts!r} is invalid: expected a non-empty tuple of non-empty strings")
 
 
+INTERLEAVED_WINDOW = 192  # an interleaved document's ids at most: the chat recipe's context
+
+
+@dataclass(frozen=True)
+class InterleavedDocument:
+    """Images and text in turn, as a web page holds them (MM1's interleaved image-text documents): after one
+    <|endoftext|>, image j's slots, then text j and <|endoftext|>, for each of the item's images. Every
+    text token and <|endoftext|> is scored, the image slots are not. `ChatCollator` writes it as a row of
+    at most INTERLEAVED_WINDOW ids (a longer last text is cut there)."""
+
+    texts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.texts, str) or not self.texts or not all(isinstance(t, str) and t for t in self.texts):
+            raise ValueError(f"texts {self.texts!r} is invalid: expected a non-empty tuple of non-empty strings")
+
+
 class ChatCollator:
     """Collate (images (k, 3, H, W) or None, turns[, skills]) items into a `ChatBatch`, right-padded with <|pad|>.
 
     An item whose turns are a `TextDocument` (and whose images are None) is a text-only row: its ids are
-    the texts with <|endoftext|> around each, at most TEXT_WINDOW + 1 of them, all scored."""
+    the texts with <|endoftext|> around each, at most TEXT_WINDOW + 1 of them, all scored. One whose turns
+    are an `InterleavedDocument` holds one image before each text, the image slots unscored."""
 
     def __init__(self, template: ChatTemplate):
         self.template = template
@@ -283,6 +303,10 @@ class ChatCollator:
                 ids = ids[: TEXT_WINDOW + 1]
                 encoded.append((ids, ids))  # every token scored: the first predicts the second, and so on
                 continue
+            if isinstance(turns, InterleavedDocument):
+                encoded.append(self._interleaved(i, images_k, turns))
+                images.append(images_k)
+                continue
             try:
                 encoded.append(self.template.encode(turns, num_images=k))
             except ValueError as e:
@@ -296,6 +320,23 @@ class ChatCollator:
             ids[row, : len(x)] = torch.tensor(x)
             labels[row, : len(y)] = torch.tensor(y)
         return ChatBatch(torch.cat(images) if images else None, ids, labels)
+
+    def _interleaved(self, i: int, images: torch.Tensor | None, document: InterleavedDocument) -> tuple[list, list]:
+        k, n = (0 if images is None else len(images)), len(document.texts)
+        if k != n:
+            raise ValueError(f"item {i}: an InterleavedDocument of {n} text{'s' * (n != 1)} with {k} image"
+                             f"{'s' * (k != 1)}: expected one image before each text")
+        tokenizer, slots = self.template.tokenizer, self.template.num_image_tokens
+        ids, labels = [tokenizer.eot_id], [tokenizer.eot_id]
+        for text in document.texts:
+            words = tokenizer.encode_ordinary(text) + [tokenizer.eot_id]
+            ids += [tokenizer.image_id] * slots + words
+            labels += [IGNORE_INDEX] * slots + words
+        last_image = len(ids) - 1 - ids[::-1].index(tokenizer.image_id)
+        if last_image >= INTERLEAVED_WINDOW:
+            raise ValueError(f"item {i}: an InterleavedDocument whose images end at position {last_image}: expected "
+                             f"them within the first {INTERLEAVED_WINDOW} ids (fewer or shorter texts, or fewer images)")
+        return ids[:INTERLEAVED_WINDOW], labels[:INTERLEAVED_WINDOW]
 
 
 def splice_images(model: UnifiedVLM, ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
@@ -651,6 +692,24 @@ class TextOnlyDataset(_SplitDataset):
         return None, TextDocument(texts), ("text",)
 
 
+class InterleavedDataset(_SplitDataset):
+    """(images (per_row, 3, H, W), InterleavedDocument, ("interleaved",)): `per_row` scenes of the split, each image
+    followed by its `description`, the kind of text chapter 04's LM was pretrained on, here beside the image it
+    describes; item i's from the split's seed i (plus `offset`)."""
+
+    def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, per_row: int = 2,
+                 cache: bool = False, offset: int = 0) -> None:
+        super().__init__(split, size, config, cache, offset)
+        if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row < 1:
+            raise ValueError(f"per_row {per_row!r} is invalid: expected an int >= 1")
+        self.per_row = per_row
+
+    def _make(self, rng: Rng, i: int) -> tuple:
+        scenes = [_sample_scene(rng, self.config, self.split) for _ in range(self.per_row)]
+        images = torch.stack([to_tensor(render(s)) for s in scenes])
+        return images, InterleavedDocument(tuple(description(s) for s in scenes)), ("interleaved",)
+
+
 def text_perplexity(lm, tokenizer: Tokenizer | None = None, size: int | None = None) -> float:
     """The perplexity of an LM (a `GPT`, e.g. `model.lm`) on chapter 04's held-out text: `size` (default
     `PretrainRecipe().val_texts`) "val" descriptions packed into windows of its context, as chapter 04 measures it."""
@@ -879,6 +938,7 @@ CHAT_OFFSET = 6_000_000  # where the dialogues' scenes start among the train see
 TWO_IMAGE_OFFSET = 7_000_000  # and the two-image questions' (two scenes each)
 CHANGE_OFFSET = 7_500_000  # and the "what changed?" questions'
 TEXT_OFFSET = 9_000_000  # and the text-only rows' (six descriptions each)
+INTERLEAVED_OFFSET = 9_500_000  # and the interleaved documents' (two scenes each)
 
 
 @dataclass(frozen=True)
@@ -898,6 +958,8 @@ class ChatRecipe:
     two_image_counts: bool = field(default=False, metadata=SWITCH)
     # "What changed?" questions (`ChangeDataset`); stored only when set
     what_changed: int = field(default=0, metadata=SWITCH)
+    # Interleaved documents (`InterleavedDataset`: two images, each followed by its description); stored only when set
+    interleaved: int = field(default=0, metadata=SWITCH)
     describe: float = 0.5
     max_questions: int = 3
     context_length: int = 192
@@ -910,10 +972,13 @@ class ChatRecipe:
 
     def __post_init__(self) -> None:
         _check_fields(self, ("dialogues", "max_questions", "context_length", "steps", "batch_size"),
-                      ("two_image", "text_only", "what_changed", "warmup_steps", "seed"), ("lr", "lm_lr"))
+                      ("two_image", "text_only", "what_changed", "interleaved", "warmup_steps", "seed"), ("lr", "lm_lr"))
         _check_dialogue(self.max_questions, self.describe)
         if not isinstance(self.two_image_counts, bool):
             raise ValueError(f"two_image_counts {self.two_image_counts!r} is invalid: expected True or False")
+        if self.interleaved and self.context_length < INTERLEAVED_WINDOW:
+            raise ValueError(f"context_length {self.context_length} is too short for interleaved documents: expected "
+                             f"at least {INTERLEAVED_WINDOW}")
 
     def to_dict(self) -> dict:
         from mllm_scratch.vit import config_dict
@@ -923,7 +988,7 @@ class ChatRecipe:
 
 def chat_dataset(recipe: ChatRecipe, config: ShapeWorldConfig | None = None):
     """The training rows: `recipe.dialogues` dialogues, `recipe.two_image` two-image questions, `recipe.what_changed`
-    "what changed?" questions and `recipe.text_only` text-only rows."""
+    "what changed?" questions, `recipe.text_only` text-only rows and `recipe.interleaved` interleaved documents."""
     from torch.utils.data import ConcatDataset
 
     parts = [DialogueDataset("train", recipe.dialogues, config, describe=recipe.describe,
@@ -935,6 +1000,8 @@ def chat_dataset(recipe: ChatRecipe, config: ShapeWorldConfig | None = None):
         parts.append(ChangeDataset("train", recipe.what_changed, config, cache=True, offset=CHANGE_OFFSET))
     if recipe.text_only:
         parts.append(TextOnlyDataset("train", recipe.text_only, config, cache=True, offset=TEXT_OFFSET))
+    if recipe.interleaved:
+        parts.append(InterleavedDataset("train", recipe.interleaved, config, cache=True, offset=INTERLEAVED_OFFSET))
     return ConcatDataset(parts)
 
 

@@ -520,6 +520,7 @@ def test_train_chat_vlm_runs_and_trains_only_the_projector_and_lm(tok):
     ("batch_size", 2.5, "batch_size 2.5"), ("text_only", -1, "text_only -1"),
     ("two_image_counts", "yes", "two_image_counts 'yes' is invalid: expected True or False"),
     ("what_changed", -5, "what_changed -5 is invalid: expected an int >= 0"),
+    ("interleaved", 1.5, "interleaved 1.5 is invalid: expected an int >= 0"),
 ])
 def test_chat_recipe_errors_name_the_value(field, value, message):
     from mllm_scratch.chat import ChatRecipe
@@ -567,6 +568,50 @@ def test_text_only_rows_are_chapter_04s_text_scored_on_every_token(tok, template
     assert "text_only" not in ChatRecipe().to_dict()  # the shipped recipe's manifest is unchanged
     mixed = chat_dataset(ChatRecipe(dialogues=4, two_image=2, text_only=3))
     assert len(mixed) == 9 and isinstance(mixed[8][1], TextDocument) and ChatRecipe(text_only=3).to_dict()["text_only"] == 3
+
+
+def test_interleaved_documents_put_each_image_before_its_text_and_score_only_the_text(tok, template):
+    from mllm_scratch.chat import (INTERLEAVED_WINDOW, ChatRecipe, InterleavedDataset, InterleavedDocument,
+                                   chat_dataset, splice_images)
+
+    data = InterleavedDataset("train", 3)
+    images, doc, skills = data[1]
+    assert images.shape == (2, 3, 32, 32) and len(doc.texts) == 2 and skills == ("interleaved",)
+    assert all(t.startswith("there ") and t.endswith(".") for t in doc.texts)  # descriptions, as chapter 04's
+    assert InterleavedDataset("train", 3, offset=1)[0][1] == doc
+    two = InterleavedDocument(("a small red circle.", "there is one object."))
+    pictures = torch.rand(3, 3, 32, 32)
+    chat_row = (pictures[2:], (Turn("user", IMAGE + "hi"), Turn("assistant", "yes")))
+    batch = ChatCollator(template)([(pictures[:2], two), chat_row])
+    eot, slot = tok.eot_id, [tok.image_id] * N
+    first, second = (tok.encode_ordinary(t) + [eot] for t in two.texts)
+    want = [eot] + slot + first + slot + second
+    assert batch.ids[0, : len(want)].tolist() == want
+    assert batch.labels[0, : len(want)].tolist() == [eot] + [IGNORE_INDEX] * N + first + [IGNORE_INDEX] * N + second
+    model = tiny_chat_model(tok)  # the images are spliced in order: the document's two, then the conversation's
+    with torch.no_grad():
+        spliced, tokens = splice_images(model, batch.ids, batch.images), model.image_tokens(pictures)
+    slots = [(batch.ids[row] == tok.image_id).nonzero().flatten() for row in range(2)]
+    torch.testing.assert_close(spliced[0, slots[0]], tokens[:2].flatten(0, 1))
+    torch.testing.assert_close(spliced[1, slots[1]], tokens[2])
+    with pytest.raises(ValueError, match="item 0: an InterleavedDocument of 2 texts with 1 image: expected one image before each text"):
+        ChatCollator(template)([(pictures[:1], two)])
+    with pytest.raises(ValueError, match="item 0: an InterleavedDocument of 2 texts with 0 images"):
+        ChatCollator(template)([(None, two)])
+    long = InterleavedDocument(("there is one object. " * 50, "a small red circle."))
+    with pytest.raises(ValueError, match=f"images end at position .*: expected them within the first {INTERLEAVED_WINDOW}"):
+        ChatCollator(template)([(pictures[:2], long)])
+    tail = InterleavedDocument(("a small red circle.", "there is one object. " * 50))
+    assert ChatCollator(template)([(pictures[:2], tail)]).ids.shape == (1, INTERLEAVED_WINDOW)  # the last text cut
+    with pytest.raises(ValueError, match="expected a non-empty tuple of non-empty strings"):
+        InterleavedDocument(())
+    with pytest.raises(ValueError, match="per_row 0 is invalid"):
+        InterleavedDataset("train", 3, per_row=0)
+    with pytest.raises(ValueError, match="context_length 128 is too short for interleaved documents: expected at least 192"):
+        ChatRecipe(interleaved=5, context_length=128)
+    assert "interleaved" not in ChatRecipe().to_dict() and ChatRecipe(interleaved=3).to_dict()["interleaved"] == 3
+    mixed = chat_dataset(ChatRecipe(dialogues=4, two_image=2, interleaved=3))
+    assert len(mixed) == 9 and isinstance(mixed[8][1], InterleavedDocument)
 
 
 def test_text_perplexity_is_chapter_04s_measure():
