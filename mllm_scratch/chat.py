@@ -1298,14 +1298,16 @@ def _two_image_scores(model, template, dataset, control=None, max_new_tokens=Non
 def change_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset: ChangeDataset, *,
                     control: str | None = None, max_new_tokens: int = 12) -> dict:
     """Scores on "what changed?" questions: {"accuracy": exact match, "kind": the share of replies that name
-    the right kind of edit (`change_kind`), "by_kind": {kind: exact match}}.
+    the right kind of edit (`change_kind`), "object": the share that name the right kind and the right object
+    (the one that changed colour or is gone, or the one that appeared: "the red circle", "a green cross"),
+    "by_kind": {kind: exact match}}.
 
     `control="one image"` gives the model the first image in both places, as `two_image_accuracy` does:
     nothing changed then, so a model that compares the two images cannot name the edit, and one that
     names it anyway is reading something else."""
     if control not in (None, "one image"):
         raise ValueError(f"control {control!r} is invalid: expected None or 'one image'")
-    right, kind_right, by_kind = [], [], {k: [] for k in CHANGE_KINDS}
+    right, kind_right, object_right, by_kind = [], [], [], {k: [] for k in CHANGE_KINDS}
     for images, turns, _ in dataset:
         if control == "one image":
             images = images[:1].expand(2, -1, -1, -1)
@@ -1313,11 +1315,12 @@ def change_accuracy(model: UnifiedVLM, template: ChatTemplate, dataset: ChangeDa
         truth = turns[1].text
         right.append(out == truth)
         kind_right.append(change_kind(out) == change_kind(truth))
+        object_right.append(kind_right[-1] and out.split()[1:3] == truth.split()[1:3])  # its colour and shape
         by_kind[change_kind(truth)].append(out == truth)
     if not right:
         raise ValueError("the dataset is empty: expected at least one question")
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"accuracy": mean(right), "kind": mean(kind_right),
+    return {"accuracy": mean(right), "kind": mean(kind_right), "object": mean(object_right),
             "by_kind": {k: mean(v) for k, v in by_kind.items() if v}}
 
 

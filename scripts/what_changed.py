@@ -11,7 +11,8 @@ appears, a third of the items each). So each row has a twin in data/results/chat
 differs only in those questions. A trained row is rounded to float16, as shipped models are stored,
 and scored by `chat.chat_scores(what_changed=True)`: 1,000 held-out dialogues, 1,000 two-image
 questions, 1,000 POPE questions and 1,000 "what changed?" questions, each of the last two kinds with its
-one-image control. Results: data/results/what_changed.json, which chapter 12 prints and checks on every seed.
+one-image control, and the share of replies that name the right kind of edit and the right object.
+Results: data/results/what_changed.json, which chapter 12 prints and checks on every seed.
 """
 
 from __future__ import annotations
@@ -56,12 +57,13 @@ def header() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["seed  per turn  two images  what changed  (colour  gone  added)  kind named  one image"]
+    lines = ["seed  per turn  two images  what changed  (colour  gone  added)  kind named  object named  one image"]
     for r in sorted(rows, key=lambda r: r["row"]):
         w = r["what_changed"]
         k = w["by_kind"]
         lines.append(f"{r['seed']:4d}  {r['dialogue']['turns']:8.3f}  {r['two_image']['accuracy']:10.3f}  {w['accuracy']:12.3f}"
-                     f"  ({k['colour']:.3f}  {k['gone']:.3f}  {k['added']:.3f})  {w['kind']:10.3f}  {w['one_image']:9.3f}")
+                     f"  ({k['colour']:.3f}  {k['gone']:.3f}  {k['added']:.3f})  {w['kind']:10.3f}  {w['object']:12.3f}"
+                     f"  {w['one_image']:9.3f}")
     return "\n".join(lines)
 
 

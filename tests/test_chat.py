@@ -774,12 +774,17 @@ def test_change_accuracy_scores_exact_replies_by_kind_and_its_control_shows_one_
     monkeypatch.setattr(chat, "reply", right_but_colours_named_wrong)
     template = ChatTemplate(tok, N)
     assert change_accuracy(None, template, data) == {
-        "accuracy": 6 / 9, "kind": 1.0, "by_kind": {"colour": 0.0, "gone": 1.0, "added": 1.0}}
+        "accuracy": 6 / 9, "kind": 1.0, "object": 6 / 9, "by_kind": {"colour": 0.0, "gone": 1.0, "added": 1.0}}
     change_accuracy(None, template, data, control="one image")
     assert all(torch.equal(b, a[:1].expand(2, -1, -1, -1)) for a, b in zip(seen[:9], seen[9:]))  # the first image, twice
     assert min(budgets) > max(len(tok.encode_ordinary(" " + t)) for t in truth)  # room for the answer and <|end|>
     monkeypatch.setattr(chat, "reply", lambda *a, **k: "nothing")
-    assert change_accuracy(None, template, data)["kind"] == 0.0
+    assert change_accuracy(None, template, data)["kind"] == change_accuracy(None, template, data)["object"] == 0.0
+    first = truth[1].split()  # "the <colour> <shape> is gone": the right object, named as gone, turned or appeared
+    for said, kind, obj in (([*first[:3], "turned", "red"], 1 / 3, 0.0), (first, 1 / 3, 1 / 9)):
+        monkeypatch.setattr(chat, "reply", lambda *a, said=said, **k: " ".join(said))
+        scores = change_accuracy(None, template, data)
+        assert (scores["kind"], scores["object"]) == pytest.approx((kind, obj)), said
     with pytest.raises(ValueError, match="control 'swapped' is invalid"):
         change_accuracy(None, template, data, control="swapped")
 
@@ -794,7 +799,7 @@ def test_chat_scores_hold_every_measure_and_what_changed_only_when_asked(tok):
     scores = chat_scores(model, tok, {**sizes, "what_changed": 3}, what_changed=True)
     assert scores["sizes"]["what_changed"] == 3
     changed = scores["what_changed"]
-    assert set(changed) == {"accuracy", "kind", "by_kind", "one_image"} and set(changed["by_kind"]) == {"colour", "gone", "added"}
+    assert set(changed) == {"accuracy", "kind", "object", "by_kind", "one_image"} and set(changed["by_kind"]) == {"colour", "gone", "added"}
     assert all(0 <= v <= 1 for v in (changed["accuracy"], changed["kind"], changed["one_image"]))
 
 
