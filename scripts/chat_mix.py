@@ -2,7 +2,7 @@
 """Chapter 12's data-mix ablation: the chat recipe with no text, with text-only rows, and with interleaved documents,
 three seeds each.
 
-    python scripts/chat_mix.py              # every row (17-20 min each beside three other runs)
+    python scripts/chat_mix.py              # every row (17-20 min each beside three other runs; 12-13 min beside one)
     python scripts/chat_mix.py --rows 3 4   # some rows only (merged into the results file)
 
 Each row tunes chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS, text_only=..., seed=...)`:

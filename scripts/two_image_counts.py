@@ -2,7 +2,7 @@
 """Chapter 12's two-image questions answered with the counts first, on three seeds, with 5,000 and 20,000 of them;
 and the one-word answers with 20,000, to tell what the counts do from what the data does.
 
-    python scripts/two_image_counts.py              # every row (11-13 min each beside another run)
+    python scripts/two_image_counts.py              # every row (10-16 min each beside another run)
     python scripts/two_image_counts.py --rows 1 2   # some rows only (merged into the results file)
 
 Rows 0-2 tune chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS, two_image_counts=True,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chapter 12's "what changed?" questions: a scene, the same scene after one edit, and the edit named, on three seeds.
 
-    python scripts/what_changed.py              # every row (about 13 min each beside another run)
+    python scripts/what_changed.py              # every row (11-12 min each beside another run)
     python scripts/what_changed.py --rows 1 2   # some rows only (merged into the results file)
 
 Row s (s = 0, 1, 2) tunes chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS,
