@@ -243,6 +243,11 @@ class ChatBatch(NamedTuple):
 TEXT_WINDOW = 128  # a text-only row's tokens, as chapter 04's LM read them (its context), plus the first <|endoftext|>
 
 
+def _check_texts(texts) -> None:
+    if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ValueError(f"texts {texts!r} is invalid: expected a non-empty tuple of non-empty strings")
+
+
 @dataclass(frozen=True)
 class TextDocument:
     """Text for the LM alone, without an image or roles: each text followed by <|endoftext|>, after one in front, as
@@ -252,8 +257,7 @@ class TextDocument:
     texts: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if isinstance(self.texts, str) or not self.texts or not all(isinstance(t, str) and t for t in self.texts):
-            raise ValueError(f"texts {self.texts!r} is invalid: expected a non-empty tuple of non-empty strings")
+        _check_texts(self.texts)
 
 
 INTERLEAVED_WINDOW = 192  # an interleaved document's ids at most: the chat recipe's context
@@ -269,8 +273,7 @@ class InterleavedDocument:
     texts: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if isinstance(self.texts, str) or not self.texts or not all(isinstance(t, str) and t for t in self.texts):
-            raise ValueError(f"texts {self.texts!r} is invalid: expected a non-empty tuple of non-empty strings")
+        _check_texts(self.texts)
 
 
 class ChatCollator:
@@ -676,6 +679,12 @@ class ChangeDataset(_SplitDataset):
         return images, (Turn("user", IMAGE * 2 + qa.question), Turn("assistant", qa.answer)), (qa.skill,)
 
 
+def _check_per_row(per_row: int) -> int:
+    if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row < 1:
+        raise ValueError(f"per_row {per_row!r} is invalid: expected an int >= 1")
+    return per_row
+
+
 class TextOnlyDataset(_SplitDataset):
     """(None, TextDocument, ("text",)): `per_row` ShapeWorld descriptions of scenes of the split, the text chapter 04's
     LM was pretrained on (`shapeworld.description`, never rendered); item i's from the split's seed i (plus `offset`)."""
@@ -683,9 +692,7 @@ class TextOnlyDataset(_SplitDataset):
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, per_row: int = 6,
                  cache: bool = False, offset: int = 0) -> None:
         super().__init__(split, size, config, cache, offset)
-        if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row < 1:
-            raise ValueError(f"per_row {per_row!r} is invalid: expected an int >= 1")
-        self.per_row = per_row
+        self.per_row = _check_per_row(per_row)
 
     def _make(self, rng: Rng, i: int) -> tuple:
         texts = tuple(description(_sample_scene(rng, self.config, self.split)) for _ in range(self.per_row))
@@ -700,9 +707,7 @@ class InterleavedDataset(_SplitDataset):
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, per_row: int = 2,
                  cache: bool = False, offset: int = 0) -> None:
         super().__init__(split, size, config, cache, offset)
-        if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row < 1:
-            raise ValueError(f"per_row {per_row!r} is invalid: expected an int >= 1")
-        self.per_row = per_row
+        self.per_row = _check_per_row(per_row)
 
     def _make(self, rng: Rng, i: int) -> tuple:
         scenes = [_sample_scene(rng, self.config, self.split) for _ in range(self.per_row)]
