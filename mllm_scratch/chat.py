@@ -55,6 +55,7 @@ from mllm_scratch.shapeworld import (
     ShapeWorldConfig,
     _a,
     _as_rng,
+    _check_split,
     _place,
     _sample_scene,
     _SplitDataset,
@@ -267,8 +268,9 @@ INTERLEAVED_WINDOW = 192  # an interleaved document's ids at most: the chat reci
 class InterleavedDocument:
     """Images and text in turn, as a web page holds them (MM1's interleaved image-text documents): after one
     <|endoftext|>, image j's slots, then text j and <|endoftext|>, for each of the item's images. Every
-    text token and <|endoftext|> is scored, the image slots are not. `ChatCollator` writes it as a row of
-    at most INTERLEAVED_WINDOW ids (a longer last text is cut there)."""
+    text token and <|endoftext|> is scored (but the first <|endoftext|>, which nothing comes before), the image
+    slots are not. `ChatCollator` writes it as a row of at most INTERLEAVED_WINDOW ids: a longer last text is cut there (about 2% of `InterleavedDataset`'s documents
+    at 64 image tokens lose the end of their second description)."""
 
     texts: tuple[str, ...]
 
@@ -366,10 +368,11 @@ def splice_images(model: UnifiedVLM, ids: torch.Tensor, images: torch.Tensor | N
 
 
 def chat_loss(model: UnifiedVLM, batch: ChatBatch) -> torch.Tensor:
-    """The `loss_fn` for `train`: next-token loss on the labels the collator scores (the assistant turns, and every
-    token of a text-only row)."""
+    """The `loss_fn` for `train`: next-token loss on the labels the collator scores (the assistant turns, every
+    token of a text-only row, and the text of an interleaved document)."""
     if checked_on_host(batch.labels) and not bool((batch.labels != IGNORE_INDEX).any()):
-        raise ValueError("the batch holds nothing to score: expected an assistant reply or a text-only row in at least one row")
+        raise ValueError("the batch holds nothing to score: expected an assistant reply, a text-only row or an "
+                         "interleaved document in at least one row")
     logits = model.lm(inputs_embeds=splice_images(model, batch.ids, batch.images))[:, :-1]
     return next_token_loss(logits, batch.labels[:, 1:], ignore_index=IGNORE_INDEX)
 
@@ -595,12 +598,17 @@ def edit_scene(scene: Scene, kind: str, rng: Rng | random.Random | int, config: 
       `config.max_objects`.
 
     A scene never holds one (colour, shape) pair twice, so "the red circle" names one object, before and after.
-    New pairs obey `split`'s held-out rule, and the other objects, the text and their places stay as they were."""
+    New pairs obey `split`'s held-out rule (a compositional scene keeps a held-out pair), and the other
+    objects, the text and their places stay as they were. `config` must be the one the scene was drawn with."""
     from dataclasses import replace
 
     if kind not in CHANGE_KINDS:
         raise ValueError(f"kind {kind!r} is invalid: expected one of {', '.join(CHANGE_KINDS)}")
+    _check_split(split)
     rng, config = _as_rng(rng), config or ShapeWorldConfig()
+    if (scene.image_size, scene.canvas) != (config.image_size, config.canvas):
+        raise ValueError(f"the scene is {scene.image_size} px (canvas {scene.canvas}) but config is {config.image_size} px "
+                         f"(canvas {config.canvas}): expected the config the scene was drawn with")
     objects = list(scene.objects)
     present = {(o.colour, o.shape) for o in objects}
     allowed = [p for p in _allowed_pairs(config, split) if p not in present]
@@ -631,6 +639,8 @@ def edit_scene(scene: Scene, kind: str, rng: Rng | random.Random | int, config: 
             return None
         objects.append(ShapeObject(shape, colour, size, corner[0], corner[1], side))
         answer = f"{_a(colour)} {colour} {shape} appeared"
+    if split == "compositional" and not any((o.colour, o.shape) in config.held_out for o in objects):
+        return None  # the split's scenes each hold a held-out pair
     return replace(scene, objects=tuple(objects)), QA(WHAT_CHANGED, answer, "what changed")
 
 
@@ -1340,6 +1350,9 @@ def chat_scores(model: UnifiedVLM, tokenizer: Tokenizer | None = None, sizes: di
     (`change_accuracy`), with the one-image control."""
     from mllm_scratch.tokenizer import load_tokenizer
 
+    if sizes and "what_changed" in sizes and not what_changed:
+        raise ValueError(f"sizes gives what_changed={sizes['what_changed']} but what_changed=False: expected "
+                         "what_changed=True to score those questions")
     sizes = {**CHAT_EVAL, **({"what_changed": CHAT_EVAL["two_image"]} if what_changed else {}), **(sizes or {})}
     tokenizer = tokenizer or load_tokenizer()
     template = ChatTemplate(tokenizer, model.num_image_tokens)

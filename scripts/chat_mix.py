@@ -5,10 +5,10 @@ three seeds each.
     python scripts/chat_mix.py              # every row (17-20 min each beside three other runs; 12-13 min beside one)
     python scripts/chat_mix.py --rows 3 4   # some rows only (merged into the results file)
 
-Each row tunes chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS, text_only=..., seed=...)`:
-a third of the shipped recipe's steps, so that six rows fit in a session. The two mixes differ
-only in `text_only` (0, or TEXT_ROWS rows of six ShapeWorld descriptions each, the kind of text
-chapter 04's LM was pretrained on, beside the 25,000 conversations). Rows 6-8 add instead
+Each row tunes chapter 06's shipped model with `ChatRecipe(steps=MIX_STEPS, text_only=...,
+interleaved=..., seed=...)`: a third of the shipped recipe's steps, so that the rows fit in a few
+sessions. Rows 0-5 differ only in `text_only` (0, or TEXT_ROWS rows of six ShapeWorld descriptions
+each, the kind of text chapter 04's LM was pretrained on, beside the 25,000 conversations). Rows 6-8 add instead
 INTERLEAVED_ROWS interleaved documents (`ChatRecipe(interleaved=...)`: two images, each followed by
 its description, the text scored), the same kind of text beside the images it describes. A trained row is rounded to
 float16, as shipped models are stored, and scored by `chat.chat_scores` (1,000 held-out

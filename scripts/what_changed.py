@@ -10,8 +10,9 @@ what_changed=10_000, seed=s)`: the recipe of `chat_mix.py`'s rows without text-o
 appears, a third of the items each). So each row has a twin in data/results/chat_mix.json that
 differs only in those questions. A trained row is rounded to float16, as shipped models are stored,
 and scored by `chat.chat_scores(what_changed=True)`: 1,000 held-out dialogues, 1,000 two-image
-questions, 1,000 POPE questions and 1,000 "what changed?" questions, each of the last two kinds with its
-one-image control, and the share of replies that name the right kind of edit and the right object.
+questions, 1,000 POPE questions and 1,000 "what changed?" questions (the two-image and "what changed?"
+questions each with its one-image control), and the share of replies that name the right kind of edit and
+the right object.
 Results: data/results/what_changed.json, which chapter 12 prints and checks on every seed.
 """
 

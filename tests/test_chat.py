@@ -235,6 +235,31 @@ def test_edit_scene_refuses_edits_a_scene_cannot_take():
         edit_scene(one, "moved", 0)
 
 
+def test_edit_scene_keeps_new_objects_on_the_canvas_and_the_compositional_rule():
+    from mllm_scratch.chat import ChangeDataset, edit_scene
+
+    wide = ShapeWorldConfig(canvas=(32, 64), snap=4)
+    added = 0
+    for seed in range(200):
+        scene = generate_scene(seed, wide, "train")
+        edited = edit_scene(scene, "added", seed, wide, "train")
+        if edited is None:
+            continue
+        added += 1
+        (new,) = set(edited[0].objects) - set(scene.objects)
+        x0, y0, x1, y1 = new.box
+        assert 0 <= x0 and x1 <= 64 and 0 <= y0 and y1 <= 32 and x0 % 4 == 0 and y0 % 4 == 0, new
+    assert added > 50
+    config = ShapeWorldConfig()
+    data = ChangeDataset("compositional", 60)
+    for i in range(len(data)):  # every edited compositional scene still holds a held-out pair
+        assert any((o.colour, o.shape) in config.held_out for o in data.scenes(i)[1].objects), i
+    with pytest.raises(ValueError, match=r"the scene is 32 px \(canvas None\) but config is 32 px \(canvas \(32, 64\)\)"):
+        edit_scene(generate_scene(0), "colour", 0, wide)
+    with pytest.raises(ValueError, match="split 'tset' is unknown"):
+        edit_scene(generate_scene(0), "colour", 0, split="tset")
+
+
 def test_pope_questions_are_balanced_and_true():
     config = ShapeWorldConfig()
     for seed in range(100):
@@ -601,6 +626,15 @@ def test_interleaved_documents_put_each_image_before_its_text_and_score_only_the
     long = InterleavedDocument(("there is one object. " * 50, "a small red circle."))
     with pytest.raises(ValueError, match=f"images end at position .*: expected them within the first {INTERLEAVED_WINDOW}"):
         ChatCollator(template)([(pictures[:2], long)])
+    def of_tokens(n):  # a text of exactly n tokens
+        return next(t for m in range(n + 2) if len(tok.encode_ordinary(t := " ".join(["red"] * m))) == n)
+
+    last = 1 + N + (INTERLEAVED_WINDOW - 2 * N - 2) + 1 + N - 1  # the last image slot, for a first text of that length
+    assert last == INTERLEAVED_WINDOW - 1
+    fits = InterleavedDocument((of_tokens(INTERLEAVED_WINDOW - 2 * N - 2), "red"))
+    assert ChatCollator(template)([(pictures[:2], fits)]).ids.shape == (1, INTERLEAVED_WINDOW)  # at position 191: fits
+    with pytest.raises(ValueError, match=f"images end at position {INTERLEAVED_WINDOW}:"):
+        ChatCollator(template)([(pictures[:2], InterleavedDocument((of_tokens(INTERLEAVED_WINDOW - 2 * N - 1), "red")))])
     tail = InterleavedDocument(("a small red circle.", "there is one object. " * 50))
     assert ChatCollator(template)([(pictures[:2], tail)]).ids.shape == (1, INTERLEAVED_WINDOW)  # the last text cut
     with pytest.raises(ValueError, match="expected a non-empty tuple of non-empty strings"):
@@ -800,7 +834,10 @@ def test_chat_scores_hold_every_measure_and_what_changed_only_when_asked(tok):
     assert scores["sizes"]["what_changed"] == 3
     changed = scores["what_changed"]
     assert set(changed) == {"accuracy", "kind", "object", "by_kind", "one_image"} and set(changed["by_kind"]) == {"colour", "gone", "added"}
-    assert all(0 <= v <= 1 for v in (changed["accuracy"], changed["kind"], changed["one_image"]))
+    assert all(0 <= v <= 1 for v in (changed["accuracy"], changed["kind"], changed["object"], changed["one_image"]))
+    assert changed["accuracy"] <= changed["object"] <= changed["kind"]  # each asks for less than the one before
+    with pytest.raises(ValueError, match="sizes gives what_changed=3 but what_changed=False"):
+        chat_scores(model, tok, {**sizes, "what_changed": 3})
 
 
 def test_two_image_answers_with_counts_are_scored_on_the_verdict_and_the_counts_apart(tok, monkeypatch):

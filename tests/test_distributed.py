@@ -188,7 +188,8 @@ def test_torchrun_retries_a_gloo_abort_once_after_cleaning_and_fails_on_a_second
 
     abort = launch(1, f"{GLOO_ABORT}\nSignal 6 (SIGABRT) received by PID 7")
     for outcomes, code, cleans in (([abort, launch(0)], 0, 1), ([abort, abort], 1, 1),
-                                   ([launch(1, "Signal 6 (SIGABRT)")], 1, 0), ([launch(1, "RuntimeError")], 1, 0)):
+                                   ([launch(1, "Signal 6 (SIGABRT)")], 1, 0), ([launch(1, GLOO_ABORT)], 1, 0),
+                                   ([launch(1, "RuntimeError")], 1, 0)):
         calls, cleaned = iter(outcomes), []
         monkeypatch.setattr(here, "_torchrun_once", lambda argv, timeout: next(calls))
         with warnings.catch_warnings(record=True) as seen:
