@@ -1076,6 +1076,7 @@ def base_scene_config(model: UnifiedVLM) -> ShapeWorldConfig:
 
 PREFERENCE_OFFSET = 8_000_000  # where the preference pairs' scenes start among the train seeds
 PREFERENCE_SKILLS = ("colour", "shape", "count", "spatial", "existence", "two images")
+PREFERENCE_POPE_KINDS = (*POPE_KINDS, "both")  # "both": near-miss and binding POPE pairs in turn
 
 
 class PreferenceDataset(_SplitDataset):
@@ -1084,16 +1085,18 @@ class PreferenceDataset(_SplitDataset):
     Even items are `pope_questions` of `kind` ("binding" by default): items 0, 4, 8, ... ask about
     an absent object (chosen "no", rejected "yes": the hallucination preference tuning is meant to
     remove), items 2, 6, 10, ... about an object that is there (chosen "yes", rejected "no"), so
-    that the model is not simply taught to say "no". As in `PopeDataset`, both draw scenes that
-    have a binding miss, so that the kind of scene does not give the answer away. Odd items cycle
+    that the model is not simply taught to say "no". As in `PopeDataset`, binding questions of both
+    answers draw scenes that have a binding miss, so that the kind of scene does not give the answer
+    away. `kind="both"` alternates near-miss and binding questions, each with both answers (items 0
+    and 2 near, 4 and 6 binding, and so on). Odd items cycle
     through `PREFERENCE_SKILLS`, the rejected answer from `rejected_answer`; "two images" items are
     `TwoImageDataset`'s question about two scenes (k = 2), "yes" and "no" equally often."""
 
     def __init__(self, split: str, size: int, config: ShapeWorldConfig | None = None, *, cache: bool = False,
                  offset: int = 0, kind: str = "binding") -> None:
         super().__init__(split, size, config, cache, offset)
-        if kind not in POPE_KINDS:
-            raise ValueError(f"kind {kind!r} is invalid: expected one of {POPE_KINDS}")
+        if kind not in PREFERENCE_POPE_KINDS:
+            raise ValueError(f"kind {kind!r} is invalid: expected one of {PREFERENCE_POPE_KINDS}")
         self.kind = kind
 
     def _make(self, rng: Rng, i: int) -> tuple:
@@ -1101,10 +1104,11 @@ class PreferenceDataset(_SplitDataset):
         for _ in range(_MAX_ATTEMPTS):  # re-sample from the same seed's stream until the question applies
             scene = _sample_scene(rng, self.config, self.split)
             if skill == "pope":
-                if self.kind == "binding" and not binding_misses(scene, self.config):
+                kind = self.kind if self.kind != "both" else POPE_KINDS[(i // 4) % 2]
+                if kind == "binding" and not binding_misses(scene, self.config):
                     continue
                 want = "no" if i % 4 == 0 else "yes"
-                qa = next(q for q in pope_questions(scene, rng, self.config, self.kind) if q.answer == want)
+                qa = next(q for q in pope_questions(scene, rng, self.config, kind) if q.answer == want)
             elif skill == "two images":
                 same = (i // 2 // len(PREFERENCE_SKILLS)) % 2 == 0  # "yes" and "no" in turn
                 second = _second_scene(rng, scene, same, self.config, self.split)
@@ -1153,7 +1157,8 @@ class DPORecipe:
 
     `sft_weight` adds that multiple of the chosen answers' mean next-token loss to DPO's, as iterative
     RPO does (weight 1; Llama 3's post-training uses 0.2): DPO alone can raise the chosen answer over
-    the rejected one by lowering both. `pope_kind` is the `PreferenceDataset`'s.
+    the rejected one by lowering both. `pope_kind` is the `PreferenceDataset`'s: "binding", "near", or
+    "both" in turn.
 
     `replay` rows of the chat model's own instruction data (`chat_dataset(ChatRecipe())`) join every
     step, their next-token loss added at weight 1: the skills the pairs do not cover keep a gradient,
@@ -1178,8 +1183,8 @@ class DPORecipe:
         w = self.sft_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"sft_weight {w!r} is invalid: expected a number >= 0")
-        if self.pope_kind not in POPE_KINDS:
-            raise ValueError(f"pope_kind {self.pope_kind!r} is invalid: expected one of {POPE_KINDS}")
+        if self.pope_kind not in PREFERENCE_POPE_KINDS:
+            raise ValueError(f"pope_kind {self.pope_kind!r} is invalid: expected one of {PREFERENCE_POPE_KINDS}")
 
     def to_dict(self) -> dict:
         from mllm_scratch.vit import config_dict

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Chapter 12's preference tuning: the chat model before DPO, and after DPO with and without replay on three seeds.
 
-    python scripts/dpo_seeds.py              # every row (the first 2 min; rows 1-3 10-13 min each, rows 4-6 7-9 min)
+    python scripts/dpo_seeds.py              # every row (the first 2 min; rows 1-3 10-13 min each, rows 4-9 7-9 min)
     python scripts/dpo_seeds.py --rows 1 2   # some rows only (merged into the results file)
 
 Row 0 is the shipped chat model as it is. Rows 1-3 tune it with `DPORecipe(seed=s)`, s = 0, 1, 2
 (the order of the pairs), on `PreferenceDataset` pairs, in float32; rows 4-6 with `REPLAY`, the
 same recipe with rows of the chat model's own instruction data replayed at every step
-(`DPORecipe.replay`). Every row is scored by
+(`DPORecipe.replay`); rows 7-9 with replay and POPE pairs about near misses as well as binding
+misses, in turn (`DPORecipe(pope_kind="both")`). Every row is scored by
 `chat.chat_scores` (1,000 held-out dialogues without a caption, two-image questions and POPE
 questions about near misses) and on 1,000 POPE questions about binding misses
 (`PopeDataset(kind="binding")`). Results: data/results/dpo_seeds.json, which chapter 12 prints
@@ -27,7 +28,8 @@ from mllm_scratch.chat import CHAT_EVAL, DPORecipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "dpo_seeds.json"
 REPLAY = DPORecipe(replay=32)
-RECIPES = {"DPO": DPORecipe(), "DPO + replay": REPLAY}
+RECIPES = {"DPO": DPORecipe(), "DPO + replay": REPLAY,
+           "DPO + replay, near and binding pairs": DPORecipe(replay=32, pope_kind="both")}
 ROWS = [(None, None)] + [(name, seed) for name in RECIPES for seed in (0, 1, 2)]  # (recipe, seed); None: before DPO
 
 

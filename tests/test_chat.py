@@ -683,6 +683,13 @@ def test_preference_pairs_hold_a_right_and_a_wrong_answer():
     assert [t[2] for t in near][::2] == ["no", "yes", "no", "yes"] and [t[1] for t in near] != [t[1] for t in data][:8]
     with pytest.raises(ValueError, match="kind 'far' is invalid"):
         PreferenceDataset("test", 8, kind="far")
+    both = PreferenceDataset("test", 24, kind="both")
+    by_kind = {k: PreferenceDataset("test", 24, kind=k) for k in ("near", "binding")}
+    for i in range(24):  # near-miss and binding pairs in turn; each item is the one its own kind's dataset makes
+        kind = ("near", "binding")[(i // 4) % 2] if i % 2 == 0 else "binding"  # other skills' pairs: any kind's
+        (a_images, *a), (b_images, *b) = both[i], by_kind[kind][i]
+        assert torch.equal(a_images, b_images) and a == b, (i, kind)
+    assert [both[i][2] for i in range(0, 24, 2)] == ["no", "yes"] * 6
 
 
 def test_dpo_starts_at_log_2_and_training_raises_the_chosen_over_the_rejected(tok, template):
