@@ -268,9 +268,10 @@ INTERLEAVED_WINDOW = 192  # an interleaved document's ids at most: the chat reci
 class InterleavedDocument:
     """Images and text in turn, as a web page holds them (MM1's interleaved image-text documents): after one
     <|endoftext|>, image j's slots, then text j and <|endoftext|>, for each of the item's images. Every
-    text token and <|endoftext|> is scored (but the first <|endoftext|>, which nothing comes before), the image
-    slots are not. `ChatCollator` writes it as a row of at most INTERLEAVED_WINDOW ids: a longer last text is cut there (about 2% of `InterleavedDataset`'s documents
-    at 64 image tokens lose the end of their second description)."""
+    text token and <|endoftext|> is scored, except the first <|endoftext|> (nothing comes before it); the
+    image slots are not. `ChatCollator` writes it as a row of at most INTERLEAVED_WINDOW ids: a longer last
+    text is cut there (about 2% of `InterleavedDataset`'s documents at 64 image tokens lose the end of their
+    second description)."""
 
     texts: tuple[str, ...]
 
