@@ -530,6 +530,14 @@ class DialogueDataset(_SplitDataset):
         return to_tensor(render(scene))[None], d.turns, d.skills
 
 
+def _item_rng(dataset: _SplitDataset, i: int) -> tuple[Rng, int]:
+    """The random stream item i of a split dataset is made from, as `__getitem__` makes it, and i in 0..size-1."""
+    if not -dataset.size <= i < dataset.size:
+        raise IndexError(f"index {i} out of range for a dataset of size {dataset.size}")
+    i %= dataset.size
+    return Rng(SPLIT_SEEDS[dataset.split][0] + dataset.offset + i), i
+
+
 def _second_scene(rng: Rng, first: Scene, same: bool, config: ShapeWorldConfig, split: str) -> Scene | None:
     """The next scene of `rng`'s stream with as many objects as `first` (same=True) or another number; None if
     none comes within _MAX_ATTEMPTS draws."""
@@ -556,10 +564,7 @@ class TwoImageDataset(_SplitDataset):
 
     def scenes(self, i: int) -> tuple[Scene, Scene]:
         """Item i's two scenes."""
-        if not -self.size <= i < self.size:
-            raise IndexError(f"index {i} out of range for a dataset of size {self.size}")
-        i %= self.size
-        return self._scenes(Rng(SPLIT_SEEDS[self.split][0] + self.offset + i), i)
+        return self._scenes(*_item_rng(self, i))
 
     def _scenes(self, rng: Rng, i: int) -> tuple[Scene, Scene]:
         first = _sample_scene(rng, self.config, self.split)
@@ -670,10 +675,7 @@ class ChangeDataset(_SplitDataset):
 
     def scenes(self, i: int) -> tuple[Scene, Scene, QA]:
         """Item i's scene before and after the edit, and its question."""
-        if not -self.size <= i < self.size:
-            raise IndexError(f"index {i} out of range for a dataset of size {self.size}")
-        i %= self.size
-        return self._scenes(Rng(SPLIT_SEEDS[self.split][0] + self.offset + i), i)
+        return self._scenes(*_item_rng(self, i))
 
     def _scenes(self, rng: Rng, i: int) -> tuple[Scene, Scene, QA]:
         kind = CHANGE_KINDS[i % len(CHANGE_KINDS)]
